@@ -1,0 +1,179 @@
+"""IAPTConfig: the validated, JSON-serialisable description of one IAPT adapter."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+RATIONAL_INITS = ("gelu", "relu", "silu", "tanh", "identity")
+RATIONAL_VERSIONS = ("A", "B")
+POOL_INPUTS = ("hidden", "normed")
+CONFIG_NAME = "adapter_config.json"
+# A callable initialiser cannot be written to JSON; its fitted coefficients live in the weights
+# file, so a saved adapter records "custom" and the loader takes the coefficients from there.
+CUSTOM_INIT = "custom"
+
+
+@dataclass
+class IAPTConfig:
+    """Hyper-parameters of one IAPT adapter (DESIGN §1).
+
+    Args:
+        num_soft_tokens: T, soft tokens generated per layer (paper: 4).
+        bottleneck_dim: m, the generator's bottleneck. ``None`` picks ``max(8, 5 * d // 64)``
+            when the model is wrapped (320 for d = 4096, as in the paper).
+        rational_degrees: (p, q), numerator and denominator degrees of the rational activation.
+        rational_version: "B" (safe PAU, the paper's) or "A".
+        rational_init: function the rational is least-squares fitted to at construction:
+            "gelu", "relu", "silu", "tanh", "identity" or a callable on float64 tensors.
+        rational_fit_interval: interval of that fit.
+        target_layers: decoder layers that get a generator; ``None`` means all. Negative
+            indices count from the end.
+        pool_input: "hidden" pools the raw input of the layer (the paper); "normed" pools the
+            layer's own input norm of it (bounded scale at every depth).
+        init_std_up: standard deviation of W_up at initialisation (never exactly zero).
+        base_model_name_or_path: informational, written to adapter_config.json.
+    """
+
+    num_soft_tokens: int = 4
+    bottleneck_dim: int | None = None
+    rational_degrees: tuple[int, int] = (6, 5)
+    rational_version: str = "B"
+    rational_init: str | Callable[..., Any] = "gelu"
+    rational_fit_interval: tuple[float, float] = (-3.0, 3.0)
+    target_layers: list[int] | None = None
+    pool_input: str = "hidden"
+    init_std_up: float = 0.02
+    base_model_name_or_path: str | None = None
+    peft_type: str = field(default="IAPT", init=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if not _is_int(self.num_soft_tokens) or self.num_soft_tokens < 1:
+            raise ValueError(f"num_soft_tokens must be a positive int, got {self.num_soft_tokens!r}")
+        if self.bottleneck_dim is not None and (not _is_int(self.bottleneck_dim) or self.bottleneck_dim < 1):
+            raise ValueError(f"bottleneck_dim must be a positive int or None, got {self.bottleneck_dim!r}")
+        degrees = self.rational_degrees
+        if (
+            not isinstance(degrees, Sequence)
+            or len(degrees) != 2
+            or not all(_is_int(v) for v in degrees)
+            or degrees[0] < 0
+            or degrees[1] < 1
+        ):
+            raise ValueError(
+                f"rational_degrees must be (p, q) with int p >= 0 and int q >= 1, got {degrees!r}"
+            )
+        self.rational_degrees = (int(degrees[0]), int(degrees[1]))
+        if self.rational_version not in RATIONAL_VERSIONS:
+            raise ValueError(f"rational_version must be one of {RATIONAL_VERSIONS}, got {self.rational_version!r}")
+        init = self.rational_init
+        if not callable(init) and init not in RATIONAL_INITS + (CUSTOM_INIT,):
+            raise ValueError(
+                f"rational_init must be one of {RATIONAL_INITS} or a callable, got {init!r}"
+            )
+        interval = self.rational_fit_interval
+        if (
+            not isinstance(interval, Sequence)
+            or len(interval) != 2
+            or not all(isinstance(v, (int, float)) for v in interval)
+            or not float(interval[0]) < float(interval[1])
+        ):
+            raise ValueError(f"rational_fit_interval must be (lo, hi) with lo < hi, got {interval!r}")
+        self.rational_fit_interval = (float(interval[0]), float(interval[1]))
+        if self.target_layers is not None:
+            layers = self.target_layers
+            if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not all(_is_int(v) for v in layers):
+                raise ValueError(f"target_layers must be None or a list of ints, got {layers!r}")
+            if len(layers) == 0:
+                raise ValueError("target_layers must not be empty (use None for all layers)")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"target_layers has duplicates: {list(layers)!r}")
+            self.target_layers = [int(v) for v in layers]
+        if self.pool_input not in POOL_INPUTS:
+            raise ValueError(f"pool_input must be one of {POOL_INPUTS}, got {self.pool_input!r}")
+        if not isinstance(self.init_std_up, (int, float)) or not self.init_std_up > 0:
+            raise ValueError(f"init_std_up must be a float > 0 (never zero, DESIGN §8), got {self.init_std_up!r}")
+
+    # ------------------------------------------------------------------ derived values
+    def resolved_bottleneck(self, hidden_size: int) -> int:
+        """m for a model of hidden size ``hidden_size``."""
+        if self.bottleneck_dim is not None:
+            return self.bottleneck_dim
+        return max(8, 5 * hidden_size // 64)
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        """Sorted, non-negative target layer indices for a model with ``num_layers`` layers."""
+        if self.target_layers is None:
+            return list(range(num_layers))
+        out = []
+        for v in self.target_layers:
+            idx = v + num_layers if v < 0 else v
+            if not 0 <= idx < num_layers:
+                raise ValueError(f"target_layers entry {v} is out of range for a model with {num_layers} layers")
+            out.append(idx)
+        if len(set(out)) != len(out):
+            raise ValueError(f"target_layers {self.target_layers} name the same layer twice")
+        return sorted(out)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if callable(self.rational_init):
+            out["rational_init"] = CUSTOM_INIT
+        out["rational_degrees"] = list(self.rational_degrees)
+        out["rational_fit_interval"] = list(self.rational_fit_interval)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IAPTConfig":
+        data = dict(data)
+        peft_type = data.pop("peft_type", "IAPT")
+        if peft_type != "IAPT":
+            raise ValueError(f"peft_type must be 'IAPT', got {peft_type!r}")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown IAPTConfig fields: {unknown}")
+        for key in ("rational_degrees", "rational_fit_interval"):
+            if key in data and isinstance(data[key], list):
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "IAPTConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"adapter config is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError("adapter config JSON must be an object")
+        return cls.from_dict(data)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "IAPTConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_json_string(fh.read())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

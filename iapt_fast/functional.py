@@ -1,0 +1,165 @@
+"""``prompt_generator``: THE single entry point to the generator math (DESIGN §3).
+
+Validates every argument, then dispatches to the PyTorch reference or the Triton kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["prompt_generator", "triton_available", "resolve_backend", "MAX_SOFT_TOKENS"]
+
+BACKENDS = ("auto", "torch", "triton")
+HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted by the reference only: it is how tests build their oracle.
+REFERENCE_ONLY_DTYPES = (torch.float64,)
+# The kernels keep the T soft tokens in one padded register tile (DESIGN §4).
+MAX_SOFT_TOKENS = 16
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run: triton imports and CUDA or the interpreter is on."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to a concrete backend for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def prompt_generator(
+    hidden: Tensor,
+    mask: Tensor,
+    w_down: Tensor,
+    w_pool: Tensor,
+    rat_num: Tensor,
+    rat_den: Tensor,
+    w_up: Tensor,
+    adapter_ids: Tensor | None = None,
+    backend: str = "auto",
+    rational_version: str = "B",
+) -> Tensor:
+    """Generate the soft tokens of every row of a (mixed-adapter) batch.
+
+    Args:
+        hidden: [B, N, d] float32 / float16 / bfloat16 layer inputs.
+        mask: [B, N] bool or integer; nonzero = instruction token to pool over.
+        w_down: [A, d, m]. w_pool: [A, m, T]. rat_num: [A, p+1] (a_0..a_p).
+        rat_den: [A, q] (b_1..b_q). w_up: [A, m, d]. The five weights share one float dtype,
+            which may differ from ``hidden.dtype`` (e.g. float32 master weights).
+        adapter_ids: [B] integer ids in [0, A): row b uses adapter adapter_ids[b].
+            None means A == 1.
+        backend: "auto" (Triton for CUDA tensors, the reference otherwise), "torch" or "triton".
+        rational_version: "B" (safe PAU, default) or "A".
+    Returns:
+        [B, T, d] in ``hidden.dtype``; float32 accumulation. A row whose mask is all zeros
+        gives zeros. Differentiable w.r.t. ``hidden`` and every weight on both backends.
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    chosen = resolve_backend(backend, hidden.device if isinstance(hidden, Tensor) else torch.device("cpu"))
+    mask, adapter_ids = _validate(
+        hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, chosen, rational_version
+    )
+    if chosen == "torch":
+        return reference.prompt_generator(
+            hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version
+        )
+    if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+            f"imported to run the kernels in the interpreter; got hidden on {hidden.device}"
+        )
+    try:
+        from .kernels import triton_prompt_generator
+    except ImportError as err:  # triton missing on this platform
+        raise ValueError(f"backend='triton' is unavailable: {err}") from err
+    return triton_prompt_generator(
+        hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version
+    )
+
+
+def _validate(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, backend, version):
+    if version not in ("A", "B"):
+        raise ValueError(f"rational_version must be 'A' or 'B', got {version!r}")
+    tensors = {"hidden": hidden, "mask": mask, "w_down": w_down, "w_pool": w_pool,
+               "rat_num": rat_num, "rat_den": rat_den, "w_up": w_up}
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    allowed = HIDDEN_DTYPES + (REFERENCE_ONLY_DTYPES if backend == "torch" else ())
+    if hidden.dtype not in allowed:
+        raise TypeError(f"hidden must have dtype in {_names(allowed)} for backend={backend!r}, got {hidden.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, N, d], got shape {tuple(hidden.shape)}")
+    batch, seq, dim = hidden.shape
+    if dim == 0:
+        raise ValueError("hidden must have d >= 1")
+
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool or an integer dtype (1 = instruction token), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, seq):
+        raise ValueError(f"mask must be [B, N] = {(batch, seq)} to match hidden, got {tuple(mask.shape)}")
+
+    weights = {"w_down": w_down, "w_pool": w_pool, "rat_num": rat_num, "rat_den": rat_den, "w_up": w_up}
+    wdtype = w_down.dtype
+    for name, value in weights.items():
+        if value.dtype not in allowed:
+            raise TypeError(f"{name} must have dtype in {_names(allowed)}, got {value.dtype}")
+        if value.dtype != wdtype:
+            raise TypeError(f"all generator weights must share one dtype; w_down is {wdtype}, {name} is {value.dtype}")
+    for name, value in {**weights, "mask": mask}.items():
+        if value.device != hidden.device:
+            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+
+    if w_down.dim() != 3 or w_down.shape[1] != dim:
+        raise ValueError(f"w_down must be [A, d={dim}, m], got shape {tuple(w_down.shape)}")
+    num_adapters, _, bottleneck = w_down.shape
+    if num_adapters < 1 or bottleneck < 1:
+        raise ValueError(f"w_down must have A >= 1 and m >= 1, got shape {tuple(w_down.shape)}")
+    if w_pool.dim() != 3 or tuple(w_pool.shape[:2]) != (num_adapters, bottleneck) or w_pool.shape[2] < 1:
+        raise ValueError(f"w_pool must be [A={num_adapters}, m={bottleneck}, T>=1], got shape {tuple(w_pool.shape)}")
+    num_tokens = w_pool.shape[2]
+    if backend == "triton" and num_tokens > MAX_SOFT_TOKENS:
+        raise ValueError(f"w_pool has T={num_tokens} soft tokens; the Triton backend supports T <= {MAX_SOFT_TOKENS}")
+    if rat_num.dim() != 2 or rat_num.shape[0] != num_adapters or rat_num.shape[1] < 1:
+        raise ValueError(f"rat_num must be [A={num_adapters}, p+1>=1], got shape {tuple(rat_num.shape)}")
+    if rat_den.dim() != 2 or rat_den.shape[0] != num_adapters or rat_den.shape[1] < 1:
+        raise ValueError(f"rat_den must be [A={num_adapters}, q>=1], got shape {tuple(rat_den.shape)}")
+    if w_up.dim() != 3 or tuple(w_up.shape) != (num_adapters, bottleneck, dim):
+        raise ValueError(f"w_up must be [A={num_adapters}, m={bottleneck}, d={dim}], got shape {tuple(w_up.shape)}")
+
+    if adapter_ids is None:
+        if num_adapters != 1:
+            raise ValueError(f"adapter_ids is required when the weights hold A={num_adapters} > 1 adapters")
+    else:
+        if not isinstance(adapter_ids, Tensor):
+            raise TypeError(f"adapter_ids must be a torch.Tensor or None, got {type(adapter_ids).__name__}")
+        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+            raise TypeError(f"adapter_ids must be an integer tensor (int64), got {adapter_ids.dtype}")
+        if adapter_ids.dim() != 1 or adapter_ids.shape[0] != batch:
+            raise ValueError(f"adapter_ids must be [B={batch}], got shape {tuple(adapter_ids.shape)}")
+        if adapter_ids.device != hidden.device:
+            raise ValueError(f"adapter_ids is on {adapter_ids.device} but hidden is on {hidden.device}")
+        if batch > 0:
+            lo, hi = (int(v) for v in torch.aminmax(adapter_ids))
+            if lo < 0 or hi >= num_adapters:
+                raise ValueError(f"adapter_ids must lie in [0, {num_adapters}), got values in [{lo}, {hi}]")
+        adapter_ids = adapter_ids.to(torch.long)
+    return mask.to(torch.bool), adapter_ids
+
+
+def _names(dtypes) -> str:
+    return "(" + ", ".join(str(d).replace("torch.", "") for d in dtypes) + ")"

@@ -1,0 +1,142 @@
+"""Parameters of the IAPT prompt generators: every target layer × every adapter.
+
+Each adapter owns its own Parameters (so training one adapter, with weight decay, never
+touches another, and adapters can be added or deleted without rebuilding optimiser state of
+the others). A forward stacks the adapters a batch uses into the [A, ...] layout of
+DESIGN §3; stacking one adapter is a view, not a copy.
+
+Initialisation (every parameter gets a non-zero gradient on the first backward):
+    W_down ~ N(0, 1/d)      X has the scale of H
+    W_pool ~ N(0, 1/m)      the pooling starts near uniform but not exactly uniform
+    rational                least-squares fit to ``config.rational_init``
+    W_up   ~ N(0, init_std_up²)   small, never exactly zero: zero soft tokens give NaN
+                                  gradients through RMSNorm (DESIGN §8)
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .config import CUSTOM_INIT, IAPTConfig
+from .rational import fit_rational
+
+__all__ = ["LayerGenerator", "AdapterGenerators", "GeneratorBank", "WEIGHT_NAMES"]
+
+WEIGHT_NAMES = ("w_down", "w_pool", "rat_num", "rat_den", "w_up")
+
+
+class LayerGenerator(nn.Module):
+    """The generator of one layer for one adapter.
+
+    Parameters: w_down [d, m], w_pool [m, T], rat_num [p+1], rat_den [q], w_up [m, d].
+    """
+
+    def __init__(self, hidden_size: int, config: IAPTConfig, rat_num: Tensor, rat_den: Tensor,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        d = hidden_size
+        m = config.resolved_bottleneck(hidden_size)
+        t = config.num_soft_tokens
+        self.w_down = nn.Parameter(torch.randn(d, m, generator=generator) / math.sqrt(d))
+        self.w_pool = nn.Parameter(torch.randn(m, t, generator=generator) / math.sqrt(m))
+        self.rat_num = nn.Parameter(rat_num.clone().float())
+        self.rat_den = nn.Parameter(rat_den.clone().float())
+        self.w_up = nn.Parameter(torch.randn(m, d, generator=generator) * config.init_std_up)
+
+    def weights(self) -> dict[str, Tensor]:
+        """This layer's weights with a leading adapter axis of size 1 (views, no copies)."""
+        return {name: getattr(self, name).unsqueeze(0) for name in WEIGHT_NAMES}
+
+    @property
+    def shape_key(self) -> tuple[int, ...]:
+        """Adapters whose generators share this key can be stacked into one launch."""
+        return (*self.w_down.shape, self.w_pool.shape[1], self.rat_num.numel(), self.rat_den.numel())
+
+
+class AdapterGenerators(nn.Module):
+    """All target layers of one adapter: ``layers[str(layer_index)]`` is a LayerGenerator."""
+
+    def __init__(self, config: IAPTConfig, hidden_size: int, num_layers: int, seed: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.layer_indices = config.resolved_layers(num_layers)
+        init = "identity" if config.rational_init == CUSTOM_INIT else config.rational_init
+        num, den, err = fit_rational(init, config.rational_degrees, config.rational_version,
+                                     config.rational_fit_interval)
+        self.rational_fit_error = err
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.layers = nn.ModuleDict(
+            {str(i): LayerGenerator(hidden_size, config, num, den, gen) for i in self.layer_indices}
+        )
+
+    def __getitem__(self, layer: int) -> LayerGenerator:
+        return self.layers[str(layer)]
+
+    def __contains__(self, layer: int) -> bool:
+        return str(layer) in self.layers
+
+
+class GeneratorBank(nn.Module):
+    """Generators of every adapter loaded on one backbone.
+
+    Args:
+        hidden_size: d of the backbone.
+        num_layers: number of decoder layers of the backbone.
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.adapters = nn.ModuleDict()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def add_adapter(self, name: str, config: IAPTConfig, seed: int | None = None) -> AdapterGenerators:
+        """Create a freshly initialised adapter called ``name``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        adapter = AdapterGenerators(config, self.hidden_size, self.num_layers, seed=seed)
+        self.adapters[name] = adapter
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        del self.adapters[name]
+
+    def __getitem__(self, name: str) -> AdapterGenerators:
+        self._require(name)
+        return self.adapters[name]
+
+    def _require(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; loaded adapters: {self.adapter_names}")
+
+    def stacked_weights(self, layer: int, names: Iterable[str]) -> dict[str, Tensor]:
+        """Weights of ``layer`` for ``names``, stacked as [A, ...] in that order (DESIGN §3).
+
+        All named adapters must share one shape key at this layer. One name gives views.
+        """
+        names = list(names)
+        if not names:
+            raise ValueError("names must name at least one adapter")
+        gens = []
+        for name in names:
+            adapter = self[name]
+            if layer not in adapter:
+                raise ValueError(f"adapter {name!r} has no generator at layer {layer}")
+            gens.append(adapter[layer])
+        if len(gens) == 1:
+            return gens[0].weights()
+        keys = {g.shape_key for g in gens}
+        if len(keys) != 1:
+            raise ValueError(f"adapters {names} have different generator shapes at layer {layer}: {sorted(keys)}")
+        return {w: torch.stack([getattr(g, w) for g in gens]) for w in WEIGHT_NAMES}

@@ -1,0 +1,1 @@
+"""Triton kernels of iapt_fast, installed as ``iapt_fast.kernels`` (see setup.py)."""
