@@ -1,0 +1,306 @@
+"""`python -m iapt_fast.train` / `iapt-train`: train an IAPT adapter on local data.
+
+Example (a sentiment classifier from a CSV of reviews):
+
+    iapt-train --model ./SmolLM2-135M-Instruct --train-file reviews.csv \\
+        --prompt-template "Review: {text}\\nSentiment:" --response-template " {label}" \\
+        --max-steps 200 --batch-size 8 --lr 1e-3 --bilevel --output-dir runs/sentiment
+
+Everything is checked before the model is loaded: files readable, fields present, no empty
+instruction or response. The adapter lands in --output-dir (``save_pretrained`` format, load
+it with ``IAPTModel.from_pretrained(base_model, path)``), with ``metrics.json`` and
+``history.jsonl``; ``--resume auto`` continues the latest checkpoint exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+__all__ = ["build_parser", "main", "parse_args"]
+
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
+
+
+def _unescape(text: str | None) -> str | None:
+    """Shells pass "\\n" literally; a template that says \\n means a newline."""
+    if text is None:
+        return None
+    out, i = [], 0
+    while i < len(text):
+        pair = text[i:i + 2]
+        if pair in _ESCAPES:
+            out.append(_ESCAPES[pair])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iapt-train",
+        description="Train an IAPT (Instruction-Aware Prompt Tuning) adapter on a local causal LM and local data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="local folder of a transformers causal LM (config.json + weights)")
+    g.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: --model)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="backbone dtype; trainable generator weights always stay float32")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--attn-implementation", default=None, help="e.g. sdpa or eager (default: the model's)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train-file", nargs="+", required=True, help="JSON, JSONL, CSV/TSV or Parquet file(s)")
+    g.add_argument("--eval-file", nargs="+", default=None, help="evaluation file(s) (default: --eval-fraction of train)")
+    g.add_argument("--dev-file", nargs="+", default=None,
+                   help="bi-level dev file(s) for the rational coefficients (default: --dev-fraction of train)")
+    g.add_argument("--eval-fraction", type=_fraction, default=0.0, help="share of train held out for evaluation")
+    g.add_argument("--dev-fraction", type=_fraction, default=0.1, help="share of train held out as the bi-level dev split")
+    g.add_argument("--instruction-field", default="instruction", help="field holding the instruction (prompt)")
+    g.add_argument("--response-field", default="response", help="field holding the response (target)")
+    g.add_argument("--prompt-template", default=None,
+                   help='prompt as a format string over the fields, e.g. "Review: {text}\\nSentiment:" (\\n = newline); '
+                        "overrides --instruction-field")
+    g.add_argument("--response-template", default=None,
+                   help='response as a format string, e.g. " {label}" (lead with the separating space); '
+                        "overrides --response-field")
+    g.add_argument("--max-length", type=_positive_int, default=512,
+                   help="max tokens per example; the prompt is cut first, the response kept")
+    g.add_argument("--prompt-truncation", choices=("left", "right"), default="left",
+                   help="which end of a too-long prompt to drop")
+    g.add_argument("--no-eos", action="store_true", help="do not end responses with EOS")
+    g.add_argument("--choices", default="auto",
+                   help='classification labels for eval accuracy: "auto" (detected from few distinct responses), '
+                        '"none", or a JSON list of response strings')
+    g.add_argument("--cache-dir", default=None, help="datasets cache folder")
+
+    g = p.add_argument_group("adapter")
+    g.add_argument("--num-soft-tokens", type=_positive_int, default=4, help="T, soft tokens per layer")
+    g.add_argument("--bottleneck-dim", type=_positive_int, default=None, help="m (default: max(8, 5·d/64))")
+    g.add_argument("--rational-init", default="gelu", help="gelu, relu, silu, tanh or identity")
+    g.add_argument("--pool-input", choices=("hidden", "normed"), default="hidden",
+                   help="pool the raw layer input (paper) or the layer's input norm of it")
+    g.add_argument("--target-layers", default=None, help="comma-separated layer indices (default: all)")
+    g.add_argument("--init-std-up", type=float, default=0.02, help="std of W_up at initialisation")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (default: from --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the train data when --max-steps is unset")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch")
+    g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=32)
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the generator weights")
+    g.add_argument("--rational-lr", type=float, default=None,
+                   help="learning rate of the rational coefficients (default: 1e-6 with --bilevel, else --lr)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on rational coefficients)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: --warmup-ratio)")
+    g.add_argument("--warmup-ratio", type=float, default=0.06, help="warm-up share of the steps, then linear decay to 0")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    g.add_argument("--bilevel", action="store_true",
+                   help="the paper's bi-level mode: rational coefficients on the dev split (own LR), "
+                        "other generator weights on train, alternating steps; default is joint training")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", required=True, help="where the adapter, checkpoints and metrics go")
+    g.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate every N steps (and at the end)")
+    g.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every N steps")
+    g.add_argument("--save-total-limit", type=_positive_int, default=2, help="checkpoints kept")
+    g.add_argument("--resume", default=None, help='checkpoint folder to resume, or "auto" for the latest in --output-dir')
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.prompt_template = _unescape(args.prompt_template)
+    args.response_template = _unescape(args.response_template)
+    if args.epochs <= 0:
+        parser.error("--epochs must be > 0")
+    if args.lr <= 0:
+        parser.error("--lr must be > 0")
+    if args.rational_lr is not None and args.rational_lr < 0:
+        parser.error("--rational-lr must be >= 0")
+    if not 0 <= args.warmup_ratio < 1:
+        parser.error("--warmup-ratio must lie in [0, 1)")
+    if args.target_layers is not None:
+        try:
+            args.target_layers = [int(v) for v in args.target_layers.split(",") if v.strip()]
+        except ValueError:
+            parser.error(f"--target-layers must be comma-separated integers, got {args.target_layers!r}")
+    if args.choices not in ("auto", "none"):
+        try:
+            choices = json.loads(args.choices)
+        except json.JSONDecodeError:
+            choices = None
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            parser.error('--choices must be "auto", "none" or a JSON list of at least two strings')
+        args.choices = choices
+    if not os.path.isdir(args.model) or not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"--model {args.model!r} is not a local model folder (no config.json); hub names are not fetched")
+    return args
+
+
+def _prepare_data(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
+    """Load, validate and tokenize every split; all data errors surface here, before the model loads."""
+    from .data import PromptFormat, detect_choices, format_records, load_records, split_records, tokenize_records
+
+    fmt = PromptFormat(args.instruction_field, args.response_field, args.prompt_template, args.response_template)
+
+    def read(paths: list[str]) -> list[tuple[str, str]]:
+        return format_records(load_records(paths, cache_dir=args.cache_dir), fmt, source=", ".join(paths))
+
+    train = read(args.train_file)
+    evals = read(args.eval_file) if args.eval_file else None
+    dev = read(args.dev_file) if args.dev_file else None
+    if evals is None and args.eval_fraction > 0:
+        train, evals = split_records(train, args.eval_fraction, args.seed)
+    if args.bilevel and dev is None:
+        if args.dev_fraction <= 0:
+            raise ValueError("--bilevel needs a dev split: give --dev-file or a --dev-fraction > 0")
+        train, dev = split_records(train, args.dev_fraction, args.seed + 1)
+
+    def tok(pairs):
+        return tokenize_records(tokenizer, pairs, args.max_length, add_eos=not args.no_eos,
+                                prompt_truncation=args.prompt_truncation)
+
+    if args.choices == "auto":
+        choices = detect_choices([r for _, r in train])
+    elif args.choices == "none":
+        choices = None
+    else:
+        choices = args.choices
+    return {
+        "train": tok(train), "eval": tok(evals) if evals else None, "dev": tok(dev) if dev else None,
+        "eval_pairs": evals, "choices": choices,
+    }
+
+
+def _choice_eval_fn(tokenizer, pairs, choices, batch_size: int, max_length: int):
+    from .evaluation import score_choices
+
+    gold, prompts = [], []
+    for prompt, response in pairs:
+        if response in choices:
+            prompts.append(prompt)
+            gold.append(choices.index(response))
+    if not prompts:
+        return None
+
+    def fn(model) -> dict[str, float]:
+        import torch
+        scores = score_choices(model, tokenizer, prompts, choices, batch_size=batch_size, max_length=max_length)
+        acc = (scores.argmax(1) == torch.tensor(gold)).float().mean().item()
+        return {"accuracy": acc}
+
+    return fn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``iapt-train``; returns the process exit status."""
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import IAPTConfig
+    from .data import IAPTCollator
+    from .trainer import TrainConfig, Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    try:
+        data = _prepare_data(args, tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"iapt-train: error: {err}", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(
+        output_dir=args.output_dir, max_steps=args.max_steps, num_epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size, lr=args.lr, rational_lr=args.rational_lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm or None, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, bilevel=args.bilevel, eval_every=args.eval_every,
+        save_every=args.save_every, save_total_limit=args.save_total_limit, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    adapter_cfg = IAPTConfig(
+        num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, rational_init=args.rational_init,
+        pool_input=args.pool_input, target_layers=args.target_layers, init_std_up=args.init_std_up,
+        base_model_name_or_path=os.path.abspath(args.model),
+    )
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model = load_iapt_model(args.model, adapter_cfg, args.precision, device, args.attn_implementation, args.seed)
+
+    eval_fn = None
+    if data["choices"] and data["eval_pairs"]:
+        eval_fn = _choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"], args.eval_batch_size, args.max_length)
+    collator = IAPTCollator.from_tokenizer(tokenizer, padding_side="right")
+    trainer = Trainer(model, cfg, data["train"], collator, eval_examples=data["eval"], dev_examples=data["dev"],
+                      eval_fn=eval_fn)
+    if cfg.eval_every is None and data["eval"]:
+        cfg.eval_every = trainer.max_steps  # evaluate once, at the end
+    t0 = time.perf_counter()
+    trainer.train(resume_from=args.resume)
+    elapsed = time.perf_counter() - t0
+    os.makedirs(args.output_dir, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    trainer.save_history()
+    final = trainer.evaluate() if (data["eval"] or eval_fn) else {}
+    metrics = {
+        "steps": trainer.step, "train_seconds": elapsed, "bilevel": args.bilevel,
+        "train_examples": len(data["train"]), "dev_examples": len(data["dev"] or []),
+        "eval_examples": len(data["eval"] or []), "choices": data["choices"],
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "final_train_loss": next((h["loss"] for h in reversed(trainer.history) if "loss" in h), None),
+        **final,
+    }
+    with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2)
+    print(json.dumps(metrics))
+    return 0
+
+
+def load_iapt_model(path: str, adapter_config, precision: str, device, attn_implementation: str | None = None,
+                    seed: int | None = None):
+    """Backbone from a local folder (in the precision's dtype), wrapped with a fresh float32 adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import get_iapt_model
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if precision == "bf16" else torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = get_iapt_model(base, adapter_config)
+    # The backbone may be bf16; the trained weights stay float32 master weights (trainer.py).
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model.to(device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
