@@ -1,0 +1,1 @@
+"""Benchmarks of iapt_fast. The one entry point is ``python benchmarks/run.py``."""

@@ -1,0 +1,422 @@
+"""Writers of benchmark results: stdout table, results.json, results.md and PNG plots.
+
+Also collects what names the machine (CPU model, GPU card, library versions, date, commit).
+Ratios are computed from the rows here, once, so that every output shows the same numbers;
+a ratio whose inputs failed is shown as n/a with the reason, never dropped.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+import torch
+
+LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "numpy", "matplotlib", "iapt_fast")
+STATUS_ORDER = ("ok", "failed", "skipped")
+
+
+# ---------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _git(*args: str) -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """CPU model, cores, threads, memory, GPU card (if used), library versions, date, git commit."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    versions["torch_runtime"] = torch.__version__
+    info: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": _mem_total_gb(),
+        "device": device,
+        "gpu": None,
+        "versions": versions,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                       "memory_gb": round(props.total_memory / 2**30, 1),
+                       "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda}
+    return info
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    gpu = machine.get("gpu")
+    where = f"GPU {gpu['name']} (sm_{gpu['capability'].replace('.', '')}, CUDA {gpu['cuda']})" if gpu else \
+        f"CPU {machine['cpu_model']} ({machine['cpu_count']} cores, {machine['torch_threads']} torch threads)"
+    v = machine["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "transformers", "peft") if v.get(k))
+    return f"{where}; {libs}; python {v['python']}; {machine['date_utc']}; commit {(machine.get('git_commit') or '?')[:10]}" \
+           + (" (dirty)" if machine.get("git_dirty") else "")
+
+
+# ---------------------------------------------------------------------------- ratios
+def _index(rows: list[dict[str, Any]], suite: str) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["case"], r["method"]): r for r in rows if r["suite"] == suite}
+
+
+def _ratio(name: str, suite: str, case: str, num: dict | None, den: dict | None, key: str,
+           target: tuple[str, float] | None = None, invert: bool = False, minus_one: bool = False,
+           num_key: str | None = None) -> dict[str, Any]:
+    """num[key] / den[key] (den/num when ``invert``), minus one when ``minus_one``."""
+    out: dict[str, Any] = {"suite": suite, "case": case, "name": name, "value": None,
+                           "target": _target_text(target), "met": None, "note": None}
+    missing = [f"{r['method']} {r['status']}" + (f": {r['error']}" if r.get("error") else "")
+               for r in (num, den) if r is not None and r["status"] != "ok"]
+    if num is None or den is None:
+        out["note"] = "not measured in this run"
+        return out
+    if missing:
+        out["note"] = "; ".join(missing)[:300]
+        return out
+    a, b = num["metrics"].get(num_key or key), den["metrics"].get(key)
+    if a is None or b is None or (b == 0 if not invert else a == 0):
+        out["note"] = f"{key} missing"
+        return out
+    value = b / a if invert else a / b
+    if minus_one:
+        value -= 1.0
+    out["value"] = value
+    if target is not None:
+        op, ref = target
+        out["met"] = {"ge": value >= ref, "le": value <= ref, "gt": value > ref}[op]
+    return out
+
+
+def _target_text(target: tuple[str, float] | None) -> str | None:
+    if target is None:
+        return None
+    op, ref = target
+    return {"ge": "≥ ", "le": "≤ ", "gt": "> "}[op] + f"{ref:g}"
+
+
+def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The headline ratios of every suite, with the DESIGN §5 targets where one applies."""
+    out: list[dict[str, Any]] = []
+    k = _index(rows, "kernels")
+    kcases = list(dict.fromkeys(r["case"] for r in rows if r["suite"] == "kernels" and r["method"] != "copy"))
+    for case in kcases:
+        for mode in ("fwd", "bwd", "fwdbwd"):
+            eager, comp, tri = (k.get((case, f"{impl}/{mode}")) for impl in ("eager", "compile", "triton"))
+            if device == "cuda":
+                params = (tri or eager or {}).get("params", {})
+                big = params.get("d") == 4096 and params.get("batch", 0) * params.get("seq", 0) >= 16384
+                t_eager = {"fwd": ("ge", 3.0), "bwd": ("ge", 2.0)}.get(mode)
+                t_comp = ("ge", 1.5) if mode == "fwd" else None
+                out.append(_ratio(f"{mode}: Triton speed-up over eager", "kernels", case, tri, eager,
+                                  "median_ms", t_eager, invert=True))
+                out.append(_ratio(f"{mode}: Triton speed-up over torch.compile", "kernels", case, tri, comp,
+                                  "median_ms", t_comp, invert=True))
+                frac = _ratio(f"{mode}: Triton fraction of copy bandwidth", "kernels", case, tri, tri,
+                              "frac_copy_bw", ("ge", 0.8) if (mode == "fwd" and big) else None)
+                if frac["value"] is not None:
+                    frac["value"] = tri["metrics"]["frac_copy_bw"]
+                    if frac["target"]:
+                        frac["met"] = frac["value"] >= 0.8
+                out.append(frac)
+            else:
+                out.append(_ratio(f"{mode}: torch.compile speed-up over eager", "kernels", case, comp, eager,
+                                  "median_ms", None, invert=True))
+                frac = _ratio(f"{mode}: eager fraction of copy bandwidth", "kernels", case, eager, eager,
+                              "frac_copy_bw")
+                if frac["value"] is not None:
+                    frac["value"] = eager["metrics"]["frac_copy_bw"]
+                out.append(frac)
+    e = _index(rows, "e2e")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "e2e"):
+        iapt, base = e.get((case, "iapt")), e.get((case, "base"))
+        peft, bmm, merged = e.get((case, "peft_lora")), e.get((case, "bmm_lora")), e.get((case, "merged_lora"))
+        out.append(_ratio("IAPT / base tokens/s", "e2e", case, iapt, base, "tokens_per_s", ("ge", 0.95)))
+        out.append(_ratio("IAPT / PEFT LoRA mixed tokens/s", "e2e", case, iapt, peft, "tokens_per_s", ("ge", 1.3)))
+        out.append(_ratio("IAPT / gathered-BMM LoRA tokens/s", "e2e", case, iapt, bmm, "tokens_per_s", ("gt", 1.0)))
+        out.append(_ratio("IAPT / merged LoRA (1 tenant) tokens/s", "e2e", case, iapt, merged, "tokens_per_s"))
+        out.append(_ratio("IAPT prefill overhead over base", "e2e", case, iapt, base, "prefill_ms", ("le", 0.05),
+                          minus_one=True))
+        out.append(_ratio("IAPT / base decode ms per token", "e2e", case, iapt, base, "decode_ms_per_token"))
+        out.append(_ratio("PEFT LoRA mixed / base tokens/s", "e2e", case, peft, base, "tokens_per_s"))
+    t = _index(rows, "train")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "train"):
+        iapt, peft, bmm = t.get((case, "iapt")), t.get((case, "peft_lora")), t.get((case, "bmm_lora"))
+        out.append(_ratio("train: IAPT / PEFT LoRA tokens/s", "train", case, iapt, peft, "tokens_per_s"))
+        out.append(_ratio("train: IAPT / gathered-BMM LoRA tokens/s", "train", case, iapt, bmm, "tokens_per_s"))
+        out.append(_ratio("train: IAPT / PEFT LoRA peak memory", "train", case, iapt, peft, "peak_mem_mb"))
+    return out
+
+
+# ---------------------------------------------------------------------------- text tables
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _status(row: dict[str, Any], width: int = 70) -> str:
+    if row["status"] == "ok":
+        return "ok"
+    return f"{row['status'].upper()}: {row.get('error') or ''}"[:width]
+
+
+def _metric(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    return _fmt(row["metrics"].get(key), digits) if row["status"] == "ok" else "-"
+
+
+def suite_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, cells) of every table, shared by the text and Markdown writers."""
+    rows = results["rows"]
+    tables = []
+    ratio_cells = [[r["suite"], r["case"], r["name"], _fmt(r["value"]), r["target"] or "",
+                    _fmt(r["met"]) if r["met"] is not None else "", (r["note"] or "")[:90]]
+                   for r in results["ratios"]]
+    tables.append(("Ratios (targets: DESIGN §5)", ["suite", "case", "ratio", "value", "target", "met", "note"],
+                   ratio_cells))
+    kr = [r for r in rows if r["suite"] == "kernels"]
+    if kr:
+        cells = []
+        for r in kr:
+            if r["method"] == "copy":
+                cells.append([r["case"], "copy", "", _metric(r, "copy_median_ms"), "",
+                              _metric(r, "copy_gbs"), "1", "", _status(r)])
+                continue
+            impl, mode = r["method"].split("/")
+            p10, p90 = _metric(r, "p10_ms"), _metric(r, "p90_ms")
+            cells.append([r["case"], mode, impl, _metric(r, "median_ms"), f"{p10}–{p90}", _metric(r, "gbs"),
+                          _metric(r, "frac_copy_bw", 2), _metric(r, "first_call_s", 2), _status(r)])
+        tables.append(("Kernels: prompt generator", ["case", "mode", "impl", "median ms", "p10–p90 ms", "GB/s",
+                                                     "frac copy", "1st call s", "status"], cells))
+    er = [r for r in rows if r["suite"] == "e2e"]
+    if er:
+        cells = [[r["case"], r["method"], _metric(r, "distinct_adapters"), _metric(r, "prefill_ms"),
+                  _metric(r, "decode_ms_per_token"), _metric(r, "tokens_per_s"), _metric(r, "peak_mem_mb", 4),
+                  _metric(r, "extra_mem_mb"), _status(r)] for r in er]
+        tables.append(("End to end: multi-tenant greedy generation",
+                       ["case", "method", "K", "prefill ms", "decode ms/step", "tokens/s", "peak MB", "extra MB",
+                        "status"], cells))
+    tr = [r for r in rows if r["suite"] == "train"]
+    if tr:
+        cells = [[r["case"], r["method"], _metric(r, "step_ms"), _metric(r, "tokens_per_s"),
+                  _metric(r, "peak_mem_mb", 4), _metric(r, "extra_mem_mb"), _metric(r, "trainable_params"),
+                  _status(r)] for r in tr]
+        tables.append(("Training step (forward, backward, AdamW)",
+                       ["case", "method", "step ms", "tokens/s", "peak MB", "extra MB", "trainable", "status"],
+                       cells))
+    return tables
+
+
+def text_table(headers: list[str], cells: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def render_text(results: dict[str, Any]) -> str:
+    parts = [f"iapt_fast benchmarks — {machine_line(results['machine'])}"]
+    for title, headers, cells in suite_tables(results)[1:] + suite_tables(results)[:1]:
+        parts += ["", title, text_table(headers, cells)]
+    parts += ["", summary_line(results)]
+    return "\n".join(parts)
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    counts = {s: sum(1 for r in results["rows"] if r["status"] == s) for s in STATUS_ORDER}
+    ratios = results["ratios"]
+    met = sum(1 for r in ratios if r["met"] is True)
+    missed = sum(1 for r in ratios if r["met"] is False)
+    return (f"rows: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped; "
+            f"targets: {met} met, {missed} missed, {sum(1 for r in ratios if r['target'] and r['met'] is None)} "
+            f"not measurable; {results['elapsed_s']:.0f} s")
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(results: dict[str, Any], plots: list[str]) -> str:
+    m = results["machine"]
+    lines = [f"# iapt_fast benchmarks: {results['device']}{' (--quick)' if results['quick'] else ''}", "",
+             f"- Machine: {machine_line(m)}", f"- Command: `{m['command']}`",
+             f"- {summary_line(results)}", ""]
+    for suite, info in results["settings"].items():
+        lines.append(f"**{suite}**: " + "; ".join(_settings_summary(suite, info)))
+        for note in info.get("notes", []):
+            lines.append(f"- {note}")
+        if info.get("memory"):
+            lines.append(f"- memory: {info['memory']}")
+        lines.append("")
+    for title, headers, cells in suite_tables(results):
+        lines += [f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in cells]
+        lines.append("")
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _settings_summary(suite: str, info: dict[str, Any]) -> list[str]:
+    out = []
+    if "backbone" in info:
+        b = info["backbone"]
+        out.append(f"{b['name']} (d {b['hidden_size']}, {b['num_hidden_layers']} layers, ff {b['intermediate_size']}, "
+                   f"vocab {b['vocab_size']}), {info.get('dtype')}")
+    if "budget" in info:
+        g = info["budget"]
+        out.append(f"IAPT m {g['iapt_bottleneck']}, T {g['iapt_soft_tokens']}: {g['iapt_params']:,} params; "
+                   f"LoRA r {g['lora_rank']} on {'/'.join(g['lora_targets'])}: {g['lora_params']:,} params")
+    if "timer" in info:
+        out.append(info["timer"])
+    return out
+
+
+# ---------------------------------------------------------------------------- plots
+def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
+    """PNG plots (matplotlib, Agg); returns file names relative to ``out_dir``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    rows = results["rows"]
+    title = machine_line(results["machine"])
+    written = []
+
+    def bars(ax, groups: list[str], series: list[str], value, ylabel: str, log: bool = False) -> None:
+        width = 0.8 / max(1, len(series))
+        for i, s in enumerate(series):
+            xs, ys, failed = [], [], []
+            for j, g in enumerate(groups):
+                v = value(g, s)
+                x = j + (i - (len(series) - 1) / 2) * width
+                if v is None:
+                    failed.append(x)
+                else:
+                    xs.append(x)
+                    ys.append(v)
+            ax.bar(xs, ys, width, label=s)
+            for x in failed:
+                ax.text(x, 0, "×", ha="center", va="bottom", color="red", fontsize=9)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+
+    def getter(suite: str, key: str, method_of=lambda s: s):
+        idx = _index(rows, suite)
+
+        def value(case: str, s: str):
+            r = idx.get((case, method_of(s)))
+            return r["metrics"].get(key) if r and r["status"] == "ok" else None
+        return value
+
+    kr = [r for r in rows if r["suite"] == "kernels" and r["method"] != "copy"]
+    if kr:
+        cases = list(dict.fromkeys(r["case"] for r in kr))
+        impls = list(dict.fromkeys(r["method"].split("/")[0] for r in kr))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        for ax, mode in zip(axes, ("fwd", "bwd", "fwdbwd")):
+            bars(ax, cases, impls, getter("kernels", "median_ms", lambda s, mode=mode: f"{s}/{mode}"),
+                 "median ms (log)", log=True)
+            ax.set_title(f"generator {mode}")
+        fig.suptitle(f"Kernels — {title}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
+        plt.close(fig)
+        written.append("kernels.png")
+    er = [r for r in rows if r["suite"] == "e2e"]
+    if er:
+        cases = list(dict.fromkeys(r["case"] for r in er))
+        methods = list(dict.fromkeys(r["method"] for r in er))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        for ax, (key, label) in zip(axes, (("tokens_per_s", "generated tokens/s"), ("prefill_ms", "prefill ms"),
+                                           ("decode_ms_per_token", "decode ms per step"))):
+            bars(ax, cases, methods, getter("e2e", key), label)
+            ax.set_title(label)
+        fig.suptitle(f"Multi-tenant generation (K = batch adapters) — {title}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "e2e.png"), dpi=110)
+        plt.close(fig)
+        written.append("e2e.png")
+    tr = [r for r in rows if r["suite"] == "train"]
+    if tr:
+        cases = list(dict.fromkeys(r["case"] for r in tr))
+        methods = list(dict.fromkeys(r["method"] for r in tr))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        bars(axes[0], cases, methods, getter("train", "tokens_per_s"), "trained tokens/s")
+        bars(axes[1], cases, methods, getter("train", "peak_mem_mb"), "peak memory MB")
+        fig.suptitle(f"Training step — {title}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "train.png"), dpi=110)
+        plt.close(fig)
+        written.append("train.png")
+    return written
+
+
+def write_all(results: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """results.json, results.md and the plots; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    plots = write_plots(results, out_dir)
+    results["plots"] = plots
+    json_path = os.path.join(out_dir, "results.json")
+    with open(json_path, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1, default=str)
+    md_path = os.path.join(out_dir, "results.md")
+    with open(md_path, "w", encoding="utf-8") as fh:
+        fh.write(render_markdown(results, plots))
+    return {"json": json_path, "markdown": md_path, **{p: os.path.join(out_dir, p) for p in plots}}

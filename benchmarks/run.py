@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""iapt_fast benchmarks: the one entry point.
+
+    python benchmarks/run.py                       # every suite, cuda if present (CPU: < 10 min on 2 cores)
+    python benchmarks/run.py --quick               # smoke run (< 2 min on CPU)
+    python benchmarks/run.py --suite e2e --device cpu --out /tmp/bench
+
+Suites:
+    kernels  the prompt generator alone: forward, backward, forward+backward; GPU: Triton vs eager
+             reference vs torch.compile of it, GB/s and fraction of a measured copy; CPU: eager vs compile
+    e2e      multi-tenant greedy generation: base, IAPT with K adapters, PEFT LoRA mixed batch,
+             gathered-BMM LoRA, merged LoRA; prefill, decode per step, tokens/s, peak memory
+    train    one training step, IAPT vs LoRA at a comparable parameter budget
+
+Writes results.json (every row, the machine, versions, settings), results.md and PNG plots to
+--out (default benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the tables with the
+ratios against the DESIGN §5 targets. A method that fails is a failed row with its error.
+Exit status: 0, or 1 with --strict when any row failed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+SUITES = ("kernels", "e2e", "train")
+SCHEMA_VERSION = 1
+# Whole-run wall-clock budgets: the GPU run must fit one device call (< 8 min), the default
+# CPU run README's promise (< 10 min on 2 cores). Cases past the budget become skipped rows.
+DEFAULT_BUDGET_S = {"cuda": 420.0, "cpu": 540.0}
+QUICK_BUDGET_S = {"cuda": 240.0, "cpu": 100.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import torch
+
+    from benchmarks.suites.e2e import DEFAULT_LORA_TARGETS
+    from benchmarks.suites.models import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda if available")
+    parser.add_argument("--suite", choices=SUITES + ("all",), default="all")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run for CI")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"e2e methods, comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
+                        help="LoRA target modules (their rank is set to match IAPT's parameter count)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget; cases that would start later are reported as skipped")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any row failed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    args.lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if not args.lora_targets:
+        parser.error("--lora-targets must name at least one module")
+    if args.budget_s is None:
+        args.budget_s = (QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)[args.device]
+    if args.out is None:
+        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+        args.out = os.path.join(REPO_ROOT, "benchmarks", "results", f"{args.device}-{date}" + ("-quick" if args.quick else ""))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    # Deprecation chatter of transformers/peft internals would break the progress bar.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    from benchmarks import report
+    from benchmarks.suites import e2e, kernels, train
+    from benchmarks.suites.common import Budget, Recorder
+
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    total = sum({"kernels": lambda: kernels.count(args.device, args.quick),
+                 "e2e": lambda: e2e.count(args.device, args.quick, args.methods),
+                 "train": lambda: train.count(args.device, args.quick)}[s]() for s in suites)
+    start = time.perf_counter()
+    machine = report.machine_info(args.device)
+    progress = tqdm(total=total, desc="benchmarks", unit="case", disable=args.no_progress, file=sys.stderr,
+                    dynamic_ncols=True)
+    rec = Recorder(Budget(args.budget_s), progress)
+    settings: dict[str, Any] = {}
+    for suite in suites:
+        progress.set_description(suite)
+        try:
+            if suite == "kernels":
+                settings[suite] = kernels.run(rec, args.device, args.quick)
+            elif suite == "e2e":
+                settings[suite] = e2e.run(rec, args.device, args.quick, args.methods, args.lora_targets)
+            else:
+                settings[suite] = train.run(rec, args.device, args.quick, args.lora_targets)
+        except Exception as err:  # a broken suite is reported, and the others still run
+            rec.fail(suite, "suite", "harness", {}, f"{type(err).__name__}: {err}")
+            settings[suite] = {"error": f"{type(err).__name__}: {err}"}
+    progress.close()
+    rows = [r.to_dict() for r in rec.rows]
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "device": args.device,
+        "quick": args.quick,
+        "suites": suites,
+        "args": {k: v for k, v in vars(args).items()},
+        "budget_s": args.budget_s,
+        "elapsed_s": time.perf_counter() - start,
+        "machine": machine,
+        "settings": settings,
+        "rows": rows,
+        "ratios": report.compute_ratios(rows, args.device),
+    }
+    paths = report.write_all(results, args.out)
+    print(report.render_text(results))
+    print("\nwrote " + ", ".join(os.path.relpath(p) for p in paths.values()))
+    failed = [r for r in rows if r["status"] == "failed"]
+    return 1 if (args.strict and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Kernel suite: the prompt generator alone — forward, backward, forward+backward.
+
+GPU: the Triton kernels vs the eager reference vs torch.compile of the reference, timed with
+triton.testing.do_bench; achieved GB/s and its fraction of a device-to-device copy measured
+in the same run. CPU: eager reference vs torch.compile of it (timeit-style medians); the
+Triton kernels only run in the interpreter there, which is a correctness tool, not a backend.
+
+Bytes moved are the minimal DRAM traffic of each mode (what a perfectly fused kernel must
+read and write): forward reads H, the mask and the used adapters' weights and writes P;
+backward reads H, dP, the mask and the weights and writes dH and the weight gradients;
+forward+backward is their sum (H is read twice: the backward recomputes).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.suites.common import Recorder, copy_bandwidth_gbs, time_fn
+
+SUITE = "kernels"
+MODES = ("fwd", "bwd", "fwdbwd")
+DEGREES = (6, 5)
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """Shapes of one kernel measurement: B rows of N tokens, hidden d, bottleneck m, T tokens, A adapters."""
+
+    batch: int
+    seq: int
+    d: int
+    m: int
+    t: int
+    adapters: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"B{self.batch}xN{self.seq} d{self.d} m{self.m} A{self.adapters} {self.dtype}"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def cases(device: str, quick: bool) -> list[KernelCase]:
+    """The shape grid. GPU: bf16 up to d = 4096, m = 320, B·N = 64k. CPU: float32, small."""
+    if device == "cuda":
+        bf = "bfloat16"
+        grid = [
+            KernelCase(8, 256, 1024, 80, 4, 1, bf),
+            KernelCase(8, 256, 4096, 320, 4, 1, bf),      # 2k tokens
+            KernelCase(32, 512, 4096, 320, 4, 1, bf),     # 16k tokens
+            KernelCase(32, 512, 4096, 320, 4, 32, bf),    # 16k tokens, every row its own adapter
+            KernelCase(2, 8192, 4096, 320, 4, 1, bf),     # 16k tokens in 2 long rows: split over N
+            KernelCase(64, 1024, 4096, 320, 4, 1, bf),    # 64k tokens
+            KernelCase(64, 1024, 4096, 320, 4, 32, bf),   # 64k tokens, 32 adapters
+        ]
+        return grid[:2] if quick else grid
+    f32 = "float32"
+    if quick:
+        return [KernelCase(4, 64, 128, 16, 4, 4, f32)]
+    return [
+        KernelCase(4, 128, 256, 20, 4, 1, f32),
+        KernelCase(8, 256, 512, 40, 4, 1, f32),
+        KernelCase(8, 256, 512, 40, 4, 32, f32),
+        KernelCase(16, 512, 1024, 80, 4, 1, f32),
+    ]
+
+
+def impls(device: str) -> list[str]:
+    return ["eager", "compile", "triton"] if device == "cuda" else ["eager", "compile"]
+
+
+def count(device: str, quick: bool) -> int:
+    return len(cases(device, quick)) * len(impls(device)) * len(MODES) + 1
+
+
+def bytes_moved(case: KernelCase, mode: str, used_adapters: int) -> int:
+    """Minimal DRAM traffic of ``mode`` (see the module docstring)."""
+    s = torch.empty((), dtype=getattr(torch, case.dtype)).element_size()
+    weights = (2 * case.d * case.m + case.m * case.t + DEGREES[0] + 1 + DEGREES[1]) * s * used_adapters
+    h = case.tokens * case.d * s
+    mask = case.tokens
+    p = case.batch * case.t * case.d * s
+    fwd = h + mask + weights + p
+    bwd = 2 * h + mask + 2 * weights + p
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
+
+
+def make_inputs(case: KernelCase, device: str, seed: int = 0) -> dict[str, Any]:
+    """Random generator inputs; about a tenth of each row is padding (masked out)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    a, d, m, t = case.adapters, case.d, case.m, case.t
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    hidden = rnd(case.batch, case.seq, d)
+    lengths = torch.randint(max(1, case.seq * 9 // 10), case.seq + 1, (case.batch,), generator=gen)
+    mask = (torch.arange(case.seq)[None, :] < lengths[:, None]).to(device)
+    if a == 1:
+        ids = None
+    elif case.batch >= a:
+        ids = (torch.arange(case.batch) % a).to(device)
+    else:
+        ids = torch.randint(0, a, (case.batch,), generator=gen).to(device)
+    weights = {
+        "w_down": rnd(a, d, m, scale=d**-0.5),
+        "w_pool": rnd(a, m, t, scale=m**-0.5),
+        "rat_num": rnd(a, DEGREES[0] + 1, scale=0.3),
+        "rat_den": rnd(a, DEGREES[1], scale=0.3),
+        "w_up": rnd(a, m, d, scale=0.02),
+    }
+    used = 1 if ids is None else int(torch.unique(ids).numel())
+    return {"hidden": hidden, "mask": mask, "weights": weights, "adapter_ids": ids, "used_adapters": used}
+
+
+def generator_fn(impl: str, device: str) -> Callable[..., torch.Tensor]:
+    """The callable (hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids) of ``impl``."""
+    from iapt_fast import reference
+
+    if impl == "eager":
+        return reference.prompt_generator
+    if impl == "compile":
+        # Every (shape, grad mode) is its own graph: lift the recompile limit so that none
+        # silently falls back to eager.
+        for key in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, key):
+                setattr(torch._dynamo.config, key, max(64, getattr(torch._dynamo.config, key)))
+        return torch.compile(reference.prompt_generator, dynamic=False if device == "cpu" else None)
+    if impl == "triton":
+        if device != "cuda":
+            raise RuntimeError("the Triton kernels are timed on CUDA only (the interpreter is not a backend)")
+        from iapt_fast.kernels import triton_prompt_generator
+
+        def call(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids):
+            return triton_prompt_generator(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, "B")
+        return call
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..., torch.Tensor],
+            copy_gbs: float | None, quick: bool) -> dict[str, float | None]:
+    """Time one (case, impl, mode); returns the row's metrics."""
+    import time
+
+    inp = make_inputs(case, device)
+    hidden, mask, ids = inp["hidden"], inp["mask"], inp["adapter_ids"]
+    weights = list(inp["weights"].values())
+    if device == "cuda" and impl == "compile":
+        # Mark B and N dynamic so one compiled graph serves every (B, N) of a (d, m, A).
+        torch._dynamo.maybe_mark_dynamic(hidden, 0)
+        torch._dynamo.maybe_mark_dynamic(hidden, 1)
+    start = time.perf_counter()
+    if mode == "fwd":
+        def run() -> Any:
+            with torch.no_grad():
+                return fn(hidden, mask, *weights, ids)
+    else:
+        leaves = [hidden.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
+        grad_out = torch.randn(case.batch, case.t, case.d, device=device, dtype=hidden.dtype)
+        if mode == "bwd":
+            out = fn(hidden, mask, *weights, ids)
+
+            def run() -> Any:
+                return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+        else:
+            def run() -> Any:
+                return torch.autograd.grad(fn(hidden, mask, *weights, ids), leaves, grad_out)
+    result = run()  # first call: compiles (torch.compile / Triton JIT); timed separately
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
+    if mode == "fwd" and not torch.isfinite(result).all():
+        raise FloatingPointError(f"{impl} forward produced non-finite values")
+    timing = time_fn(device, run, target_s=0.3 if quick else 0.8, min_reps=3 if quick else 5)
+    nbytes = bytes_moved(case, mode, inp["used_adapters"])
+    gbs = nbytes / (timing.median_ms * 1e-3) / 1e9
+    return {**timing.as_metrics(), "first_call_s": first_s, "bytes": float(nbytes), "gbs": gbs,
+            "frac_copy_bw": gbs / copy_gbs if copy_gbs else None, "tokens": float(case.tokens)}
+
+
+def run(rec: Recorder, device: str, quick: bool) -> dict[str, Any]:
+    """Run the suite into ``rec``; returns its settings for the report."""
+    torch.manual_seed(0)
+    copy_nbytes = (1 << 30) if device == "cuda" else (1 << 27)
+    bw_row = rec.run(SUITE, "device copy", "copy", {"nbytes": copy_nbytes},
+                     lambda: copy_bandwidth_gbs(device, copy_nbytes))
+    copy_gbs = bw_row.metrics.get("copy_gbs") if bw_row.status == "ok" else None
+    fns: dict[str, Callable[..., torch.Tensor] | Exception] = {}
+    for impl in impls(device):
+        try:
+            fns[impl] = generator_fn(impl, device)
+        except Exception as err:  # recorded on every row of this impl below
+            fns[impl] = err
+    for case in cases(device, quick):
+        params = asdict(case)
+        for impl in impls(device):
+            for mode in MODES:
+                fn = fns[impl]
+                if isinstance(fn, Exception):
+                    rec.fail(SUITE, case.name, f"{impl}/{mode}", {**params, "impl": impl, "mode": mode},
+                             f"{type(fn).__name__}: {fn}")
+                    continue
+                rec.run(SUITE, case.name, f"{impl}/{mode}", {**params, "impl": impl, "mode": mode},
+                        lambda: measure(case, impl, mode, device, fn, copy_gbs, quick))
+    return {
+        "cases": [asdict(c) for c in cases(device, quick)],
+        "impls": impls(device),
+        "modes": list(MODES),
+        "copy_nbytes": copy_nbytes,
+        "timer": "triton.testing.do_bench (median, p10, p90 of CUDA-event times)" if device == "cuda"
+                 else "perf_counter per call, repeated for >= 0.8 s (0.3 s in --quick): median, p10, p90",
+        "notes": [
+            "eager = iapt_fast.reference.prompt_generator; compile = torch.compile of it "
+            + ("(B and N marked dynamic: one graph per (d, m, A))" if device == "cuda" else "(static shapes)"),
+            "triton = iapt_fast.kernels.triton_prompt_generator, called without the functional API's validation"
+            if device == "cuda" else "CPU: no Triton rows (the interpreter is a correctness tool, not a backend)",
+            "bytes = minimal DRAM traffic of the mode; frac_copy_bw = achieved GB/s over a measured "
+            "device-to-device copy (2 bytes moved per byte copied)",
+            "fwd runs under no_grad; bwd times autograd.grad of a retained graph; fwdbwd both",
+        ],
+    }
