@@ -23,3 +23,6 @@ __all__ = [
     "AdapterGenerators",
     "LayerGenerator",
 ]
+from .model import IAPTModel, get_iapt_model  # noqa: E402  (issue 4: HF integration)
+
+__all__ += ["IAPTModel", "get_iapt_model"]

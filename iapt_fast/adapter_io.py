@@ -1,0 +1,114 @@
+"""Saving and loading one IAPT adapter: adapter_config.json + adapter_model.safetensors.
+
+Tensor names are ``layers.<l>.<w>`` for every target layer l and w in WEIGHT_NAMES, with the
+per-adapter shapes of LayerGenerator (w_down [d, m], w_pool [m, T], rat_num [p+1],
+rat_den [q], w_up [m, d]), stored bit for bit in the parameters' dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .config import CONFIG_NAME, CUSTOM_INIT, IAPTConfig
+from .generator import WEIGHT_NAMES, AdapterGenerators
+from .rational import fit_rational
+
+__all__ = ["WEIGHTS_NAME", "save_adapter", "read_adapter", "expected_shapes", "build_adapter"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def expected_shapes(config: IAPTConfig, hidden_size: int, num_layers: int) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of an adapter with ``config`` on a backbone of that size."""
+    d = hidden_size
+    m = config.resolved_bottleneck(d)
+    t = config.num_soft_tokens
+    p, q = config.rational_degrees
+    shapes = {}
+    for layer in config.resolved_layers(num_layers):
+        shapes.update({
+            f"layers.{layer}.w_down": (d, m),
+            f"layers.{layer}.w_pool": (m, t),
+            f"layers.{layer}.rat_num": (p + 1,),
+            f"layers.{layer}.rat_den": (q,),
+            f"layers.{layer}.w_up": (m, d),
+        })
+    return shapes
+
+
+def save_adapter(adapter: AdapterGenerators, directory: str | os.PathLike) -> None:
+    """Write ``adapter`` to ``directory`` (created if missing)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    adapter.config.save_pretrained(directory)
+    tensors = {}
+    for layer in adapter.layer_indices:
+        gen = adapter[layer]
+        for w in WEIGHT_NAMES:
+            # Packed parameters are views into a shared stack; safetensors wants owners.
+            tensors[f"layers.{layer}.{w}"] = getattr(gen, w).detach().to("cpu").contiguous().clone()
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "IAPT"})
+
+
+def read_adapter(directory: str | os.PathLike, hidden_size: int, num_layers: int) -> tuple[IAPTConfig, dict[str, Tensor]]:
+    """Read and fully validate an adapter for a backbone of the given size.
+
+    Raises:
+        FileNotFoundError: the directory, its config or its weights file is missing.
+        ValueError: the config or weights are corrupt or do not fit this backbone.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"adapter directory {directory!r} does not exist")
+    config = IAPTConfig.from_pretrained(directory)
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r} (next to {CONFIG_NAME})")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path!r} is not a readable safetensors file: {err}") from err
+    try:
+        expected = expected_shapes(config, hidden_size, num_layers)
+    except ValueError as err:
+        raise ValueError(f"adapter in {directory!r} does not fit this backbone: {err}") from err
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path!r} does not match its {CONFIG_NAME}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, shape in expected.items():
+        value = tensors[key]
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{path!r}: {key} has shape {tuple(value.shape)}, expected {shape} for hidden size "
+                f"{hidden_size} (was the adapter trained on another backbone?)"
+            )
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{path!r}: {key} has dtype {value.dtype}, expected a float dtype")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{path!r}: {key} contains NaN or Inf")
+    return config, tensors
+
+
+def build_adapter(config: IAPTConfig, tensors: dict[str, Tensor], hidden_size: int, num_layers: int,
+                  device: torch.device) -> AdapterGenerators:
+    """An AdapterGenerators holding exactly ``tensors`` (no random initialisation is paid)."""
+    # Allocate the random initial weights on the meta device (free) and replace them below.
+    # The rational fit is warmed up first, outside, so its cache never holds meta tensors.
+    init = "identity" if config.rational_init == CUSTOM_INIT else config.rational_init
+    fit_rational(init, config.rational_degrees, config.rational_version, config.rational_fit_interval)
+    with torch.device("meta"):
+        adapter = AdapterGenerators(config, hidden_size, num_layers)
+    for layer in adapter.layer_indices:
+        gen = adapter[layer]
+        for w in WEIGHT_NAMES:
+            setattr(gen, w, nn.Parameter(tensors[f"layers.{layer}.{w}"].to(device)))
+    return adapter

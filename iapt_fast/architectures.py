@@ -1,0 +1,142 @@
+"""Per-family knowledge of Hugging Face causal LMs: every architecture quirk lives here.
+
+For each supported family this module knows where the decoder layers are, which module is a
+layer's input norm and attention, how many key/value heads it has, and how to turn the soft
+tokens P_l [B, T, d] of layer l into that layer's prefix keys and values (DESIGN §1): the
+layer's own input norm, k/v projections, k-norm where the model has one, and the rotary
+embedding at positions −T…−1.
+
+Supported families (``config.model_type``): llama, mistral, qwen2, qwen3 (llama-like; qwen3
+adds a per-head k_norm) and gpt2 (fused c_attn projection, learned absolute positions, so no
+rotary embedding on the prefix).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Architecture", "get_architecture", "SUPPORTED_FAMILIES", "cache_kwarg_name"]
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = LLAMA_LIKE + ("gpt2",)
+
+
+def cache_kwarg_name(fn: Callable) -> str:
+    """Name of the KV-cache argument of ``fn``: transformers 5.24 says ``cache``, 5.17 says
+    ``past_key_values`` (DESIGN §6/§7); both releases must work."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class Architecture:
+    """Accessors for one wrapped model.
+
+    Attributes:
+        family: ``config.model_type``.
+        decoder: the module holding the decoder layers (LlamaModel, GPT2Model, ...).
+        layers: the decoder layers, in order.
+        hidden_size, num_layers: of the backbone.
+    """
+
+    family: str
+    model: nn.Module
+    decoder: nn.Module
+    layers: nn.ModuleList
+    hidden_size: int
+    num_layers: int
+
+    # ------------------------------------------------------------------ per-layer modules
+    def input_norm(self, layer: nn.Module) -> nn.Module:
+        """The layer's own input norm (applied to H_l before attention)."""
+        return layer.ln_1 if self.family == "gpt2" else layer.input_layernorm
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.attn if self.family == "gpt2" else layer.self_attn
+
+    def kv_shape(self, layer: nn.Module) -> tuple[int, int]:
+        """(number of key/value heads, head dim) of ``layer``'s attention."""
+        attn = self.attention(layer)
+        if self.family == "gpt2":
+            return attn.num_heads, attn.head_dim
+        return attn.k_proj.out_features // attn.head_dim, attn.head_dim
+
+    # ------------------------------------------------------------------ prefix K/V
+    def rotary(self, reference: Tensor, num_tokens: int) -> tuple[Tensor, Tensor] | None:
+        """cos/sin of the positions −T…−1, or None for families without rotary embeddings.
+
+        Args:
+            reference: any tensor with the model's activation dtype and device.
+        """
+        if self.family == "gpt2":
+            return None
+        positions = torch.arange(-num_tokens, 0, device=reference.device)[None]
+        return self.decoder.rotary_emb(reference, positions)
+
+    def prefix_kv(self, layer: nn.Module, soft: Tensor, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Prefix keys and values of ``layer`` for the soft tokens ``soft``.
+
+        Args:
+            soft: [B, T, d] soft tokens P_l in the model's activation dtype.
+            rotary: what ``rotary`` returned for T (shared by every layer of one forward).
+        Returns:
+            (keys, values), each [B, kv_heads, T, head_dim], exactly what the layer's attention
+            would have put into its KV cache had the soft tokens been real inputs at −T…−1.
+        """
+        batch, num_tokens, _ = soft.shape
+        normed = self.input_norm(layer)(soft)
+        attn = self.attention(layer)
+        if self.family == "gpt2":
+            _, key, value = attn.c_attn(normed).split(attn.split_size, dim=2)
+            shape = (batch, num_tokens, -1, attn.head_dim)
+            return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
+        shape = (batch, num_tokens, -1, attn.head_dim)
+        key = attn.k_proj(normed).view(shape)
+        k_norm = getattr(attn, "k_norm", None)
+        if k_norm is not None:  # qwen3: RMSNorm over each head before the rotary embedding
+            key = k_norm(key)
+        key = key.transpose(1, 2)
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = rotary
+        # The family's own apply_rotary_pos_emb, so partial-rotary or interleaved variants of a
+        # family stay right; it rotates (q, k) and we only need k.
+        apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        _, key = apply(key, key, cos, sin)
+        return key, value
+
+
+def get_architecture(model: nn.Module) -> Architecture:
+    """Recognise a transformers causal LM and return its accessors.
+
+    Raises:
+        TypeError: ``model`` is not a module with a transformers config.
+        ValueError: the family is not supported (the message names the supported ones).
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers causal LM (nn.Module with .config), got {type(model).__name__}")
+    family = getattr(model.config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"unsupported model family {family!r} ({type(model).__name__}); IAPT supports {list(SUPPORTED_FAMILIES)}"
+        )
+    if family == "gpt2":
+        decoder = getattr(model, "transformer", None)
+        layers = getattr(decoder, "h", None)
+    else:
+        decoder = getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"{type(model).__name__} does not look like a {family} causal LM with a language-model head "
+            "(pass the *ForCausalLM / *LMHeadModel, not the bare decoder)"
+        )
+    if getattr(model.config, "add_cross_attention", False):
+        raise ValueError("IAPT supports decoder-only models; this model has cross-attention layers")
+    hidden = int(model.config.hidden_size)
+    return Architecture(family=family, model=model, decoder=decoder, layers=layers,
+                        hidden_size=hidden, num_layers=len(layers))

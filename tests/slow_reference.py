@@ -1,0 +1,98 @@
+"""The slow, literal IAPT reference: prepend the soft tokens to every layer's input.
+
+Independent of iapt_fast.model on purpose: no hooks, no KV cache, no prefix K/V. Each decoder
+layer l runs as a black box on cat(P_l, H_l) with positions 0…T−1 for the soft tokens and
+T + (the base model's position) for real tokens (RoPE families; GPT-2's positions live in its
+input embeddings only), under a hand-built mask: causal in the concatenated order, padding
+keys masked. The outputs at the soft-token positions are discarded (DESIGN §1).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from iapt_fast import reference
+
+
+def _layers(model):
+    if model.config.model_type == "gpt2":
+        return model.transformer.h
+    return model.model.layers
+
+
+def _input_norm(model, layer):
+    return layer.ln_1 if model.config.model_type == "gpt2" else layer.input_layernorm
+
+
+@torch.no_grad()
+def slow_logits(model, generators: dict[int, dict[str, Tensor]], input_ids: Tensor, attention_mask: Tensor,
+                instruction_mask: Tensor, pool_input: str = "hidden", version: str = "B",
+                prefix_rows: Tensor | None = None) -> Tensor:
+    """Logits [B, N, V] of the literal reference.
+
+    Args:
+        generators: layer → weights in the DESIGN §3 layout, either A = 1 or A = B (row b
+            uses adapter b: a per-row adapter list is expanded by the caller).
+        prefix_rows: [B] bool, False = that row has no soft tokens (runs the bare backbone).
+    """
+    gpt2 = model.config.model_type == "gpt2"
+    batch, length = input_ids.shape
+    mask = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)
+    if gpt2:
+        hidden = model.transformer.wte(input_ids) + model.transformer.wpe(positions)
+    else:
+        hidden = model.model.embed_tokens(input_ids)
+    if prefix_rows is None:
+        prefix_rows = torch.ones(batch, dtype=torch.bool)
+    sdpa = model.config._attn_implementation == "sdpa"
+    for index, layer in enumerate(_layers(model)):
+        weights = generators.get(index)
+        if weights is not None:
+            source = _input_norm(model, layer)(hidden) if pool_input == "normed" else hidden
+            ids = None if weights["w_down"].shape[0] == 1 else torch.arange(batch)
+            soft = reference.prompt_generator(source, instruction_mask.bool(), **weights, adapter_ids=ids,
+                                              version=version)
+            num = soft.shape[1]
+            x = torch.cat([soft.to(hidden.dtype), hidden], dim=1)
+            full_pos = torch.cat([torch.arange(num).expand(batch, num), positions + num], dim=1)
+            key_ok = torch.cat([prefix_rows[:, None].expand(batch, num), mask], dim=1)
+        else:
+            num = 0
+            x, full_pos, key_ok = hidden, positions, mask
+        size = x.shape[1]
+        allowed = torch.ones(size, size, dtype=torch.bool).tril()[None] & key_ok[:, None, :]
+        # A query with no visible key (a left-padding token) would give NaN; its output is never
+        # read by a real token, so let it see itself.
+        lonely = ~allowed.any(-1, keepdim=True)
+        allowed = allowed | (lonely & torch.eye(size, dtype=torch.bool)[None])
+        if sdpa:
+            attn_mask = allowed[:, None]
+        else:
+            attn_mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, torch.finfo(x.dtype).min)[:, None]
+        if gpt2:
+            out = layer(x, attention_mask=attn_mask)
+        else:
+            rotary = model.model.rotary_emb(x, full_pos)
+            out = layer(x, attention_mask=attn_mask, position_embeddings=rotary, position_ids=full_pos)
+        out = out[0] if isinstance(out, tuple) else out
+        hidden = out[:, num:]
+    if gpt2:
+        hidden = model.transformer.ln_f(hidden)
+    else:
+        hidden = model.model.norm(hidden)
+    return model.lm_head(hidden)
+
+
+@torch.no_grad()
+def slow_greedy(model, generators, input_ids: Tensor, attention_mask: Tensor, instruction_mask: Tensor,
+                new_tokens: int, **kwargs) -> Tensor:
+    """Greedy continuation [B, N + new_tokens], one full slow forward per new token."""
+    ids, mask, inst = input_ids, attention_mask, instruction_mask
+    for _ in range(new_tokens):
+        logits = slow_logits(model, generators, ids, mask, inst, **kwargs)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        inst = torch.cat([inst, torch.zeros_like(nxt)], dim=1)
+    return ids
