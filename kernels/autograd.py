@@ -1,0 +1,215 @@
+"""torch.autograd.Function wiring the generator kernels, and ``triton_prompt_generator``.
+
+Forward launches (DESIGN §3 shapes; B rows, N tokens, d hidden, m bottleneck, T soft tokens):
+  1. adapter_mm      W_dp[a] = W_down[a]·W_pool[a]  -> [A, d, 16] float32, adapters in use only
+  2. pool_fwd        per (row, split): online masked softmax of H·W_dp, partial Aᵀ·H
+  3. combine         Ph [B, T, d] float32, row stats (max, 1/sum) [B, T]
+  4. lines_mm P      p  = Ph·W_down[a]           [B, T, m] float32 (saved for backward)
+  5. lines_mm OUT    P  = R(p)·W_up[a]           [B, T, d] hidden dtype
+Backward: lines_mm DP (dp, rational coefficient grads), lines_mm DPH (dPh, δ), pool_bwd (dH,
+dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm (dW_pool = W_downᵀ·dW_dp).
+
+Saved between passes: W_dp [A, d, 16], Ph [B, T, d], p [B, T, m] and two [B, T] statistics,
+all float32: O(B·T·(d+m)), never O(B·N·T). Weights may have another dtype than hidden: every
+kernel loads and converts in registers, so there is no host-side cast (no copy of the weights).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import launch as L
+from .generator_bwd import pool_bwd_kernel
+from .generator_fwd import combine_kernel, pool_fwd_kernel
+from .lines import MODE_DP, MODE_DPH, MODE_OUT, MODE_P, adapter_mm_kernel, lines_mm_kernel, seg_outer_kernel
+
+__all__ = ["triton_prompt_generator", "PromptGeneratorFunction"]
+
+
+def _lines_mm(mode, x, w, w_strides, out, order, sids, num, den, aux, dnum, dden, delta,
+              batch, tokens, k, nout, version_b, prec):
+    tpl = L.lines_per_row(tokens)
+    grid = (L.triton.cdiv(batch, L.LINES_BLOCK // tpl), L.triton.cdiv(nout, L.LINES_BLOCK_OUT))
+    L.launch(lines_mm_kernel, grid,
+             [x, w, out, order, sids, num, den, aux, dnum, dden, delta,
+              batch, tokens, k, nout,
+              x.stride(0), x.stride(1), x.stride(2), w.stride(0), w_strides[0], w_strides[1],
+              out.stride(0), out.stride(1), out.stride(2), aux.stride(0), aux.stride(1), aux.stride(2),
+              num.stride(0), den.stride(0)],
+             dict(MODE=mode, TPL=tpl, BLOCK_L=L.LINES_BLOCK, BLOCK_K=L.LINES_BLOCK_K,
+                  BLOCK_NO=L.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b,
+                  PREC=prec))
+
+
+def _adapter_mm(x, x_strides, y, y_strides, out, used, ni, k, nj, nj_store, prec):
+    """out[a, i, j] = Σ_k x[a, i, k] y[a, k, j]; strides given as (adapter, row, col)."""
+    grid = (out.shape[0], L.triton.cdiv(ni, L.LINES_BLOCK))
+    L.launch(adapter_mm_kernel, grid,
+             [x, y, out, used, ni, k, nj, nj_store, *x_strides, *y_strides,
+              out.stride(0), out.stride(1), out.stride(2)],
+             dict(BLOCK_I=L.LINES_BLOCK, BLOCK_K=L.LINES_BLOCK_K, BLOCK_J=L.TP_DOT, PREC=prec))
+
+
+def _seg_outer(x, y, out, order, seg, num, den, e1, e1_strides, e2, e2_strides, tokens,
+               apply_r, extra, version_b, prec):
+    grid = (out.shape[0], L.triton.cdiv(out.shape[1], L.LINES_BLOCK_OUT), L.triton.cdiv(out.shape[2], L.LINES_BLOCK_OUT))
+    L.launch(seg_outer_kernel, grid,
+             [x, y, out, order, seg, num, den, e1, e2, tokens, out.shape[1], out.shape[2],
+              x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+              out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
+              *e1_strides, *e2_strides],
+             dict(APPLY_R=apply_r, EXTRA=extra, TPL=L.lines_per_row(tokens), TC=L.TP_DOT,
+                  BLOCK_L=L.LINES_BLOCK, BLOCK_I=L.LINES_BLOCK_OUT, BLOCK_J=L.LINES_BLOCK_OUT,
+                  P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b, PREC=prec))
+
+
+class PromptGeneratorFunction(torch.autograd.Function):
+    """Autograd wrapper; inputs are assumed validated by iapt_fast.functional."""
+
+    @staticmethod
+    def forward(ctx, hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version, num_splits):
+        batch, seq, dim = hidden.shape
+        n_adapters, _, bottleneck = w_down.shape
+        tokens = w_pool.shape[2]
+        dev = hidden.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        cfg = L.precision(hidden.dtype)
+        version_b = version == "B"
+        has_ids = adapter_ids is not None and n_adapters > 1
+        if has_ids:
+            ids = adapter_ids.contiguous()
+            sids, order = torch.sort(ids, stable=True)
+            used = torch.bincount(ids, minlength=n_adapters).to(torch.int32)
+        else:
+            ids = torch.zeros(max(batch, 1), dtype=torch.long, device=dev)
+            sids = torch.zeros(batch, dtype=torch.long, device=dev)
+            order = torch.arange(batch, dtype=torch.long, device=dev)
+            used = torch.ones(n_adapters, dtype=torch.int32, device=dev)
+        mask_u8 = mask.to(torch.uint8)
+        rat_num = rat_num.contiguous()
+        rat_den = rat_den.contiguous()
+
+        wdp = torch.empty(n_adapters, dim, L.TP_DOT, **f32)
+        _adapter_mm(w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)),
+                    w_pool, (w_pool.stride(0), w_pool.stride(1), w_pool.stride(2)),
+                    wdp, used, dim, bottleneck, tokens, L.TP_DOT, cfg["prec"])
+
+        splits, per_split = L.choose_splits(batch, seq, dev, num_splits)
+        part = torch.empty(batch, splits, tokens, dim, **f32)
+        stat_m = torch.empty(batch, splits, L.TP_DOT, **f32)
+        stat_l = torch.empty(batch, splits, L.TP_DOT, **f32)
+        bd = L.block_d(dim)
+        L.launch(pool_fwd_kernel, (batch, splits),
+                 [hidden, mask_u8, ids, wdp, part, stat_m, stat_l, seq, dim, tokens, per_split,
+                  hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
+                  wdp.stride(0), part.stride(0), part.stride(1), stat_m.stride(0)],
+                 dict(HAS_IDS=has_ids, BLOCK_N=L.STREAM_BLOCK_N, BLOCK_D=bd, TP=L.TP_DOT,
+                      SPLIT=cfg["fwd_split"], PREC=cfg["prec"]))
+        pooled = torch.empty(batch, tokens, dim, **f32)
+        row_m = torch.empty(batch, tokens, **f32)
+        row_linv = torch.empty(batch, tokens, **f32)
+        if splits == 0:  # N == 0: every row is empty and pools to zero
+            pooled.zero_(), row_m.zero_(), row_linv.zero_()
+        else:
+            L.launch(combine_kernel, (batch, L.triton.cdiv(dim, bd)),
+                     [part, stat_m, stat_l, pooled, row_m, row_linv, splits, dim, tokens,
+                      part.stride(0), part.stride(1), stat_m.stride(0), pooled.stride(0)],
+                     dict(BLOCK_D=bd, TP=L.TP_DOT))
+        del part, stat_m, stat_l
+
+        p = torch.empty(batch, tokens, bottleneck, **f32)
+        _lines_mm(MODE_P, pooled, w_down, (w_down.stride(1), w_down.stride(2)), p, order, sids, rat_num, rat_den,
+                  pooled, p, p, p, batch, tokens, dim, bottleneck, version_b, cfg["prec"])
+        out = torch.empty(batch, tokens, dim, dtype=hidden.dtype, device=dev)
+        _lines_mm(MODE_OUT, p, w_up, (w_up.stride(1), w_up.stride(2)), out, order, sids, rat_num, rat_den,
+                  p, p, p, p, batch, tokens, bottleneck, dim, version_b, cfg["prec"])
+
+        ctx.save_for_backward(hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
+                              w_down, w_pool, rat_num, rat_den, w_up)
+        ctx.meta = (has_ids, version_b, cfg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
+         w_down, w_pool, rat_num, rat_den, w_up) = ctx.saved_tensors
+        has_ids, version_b, cfg = ctx.meta
+        batch, seq, dim = hidden.shape
+        n_adapters, _, bottleneck = w_down.shape
+        tokens = w_pool.shape[2]
+        dev = hidden.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        prec = cfg["prec"]
+        need = ctx.needs_input_grad
+        wdt = w_down.dtype
+
+        dnum = torch.zeros(n_adapters, rat_num.shape[1], **f32)
+        dden = torch.zeros(n_adapters, rat_den.shape[1], **f32)
+        dp = torch.empty(batch, tokens, bottleneck, **f32)
+        _lines_mm(MODE_DP, grad_out, w_up, (w_up.stride(2), w_up.stride(1)), dp, order, sids, rat_num, rat_den,
+                  p, dnum, dden, dp, batch, tokens, dim, bottleneck, version_b, prec)
+        delta = torch.zeros(batch, tokens, **f32)
+        dpooled = torch.empty(batch, tokens, dim, **f32)
+        _lines_mm(MODE_DPH, dp, w_down, (w_down.stride(2), w_down.stride(1)), dpooled, order, sids, rat_num,
+                  rat_den, pooled, dnum, dden, delta, batch, tokens, bottleneck, dim, version_b, prec)
+
+        dwdp = torch.zeros(n_adapters, dim, L.TP_DOT, **f32)
+        grad_h = torch.empty_like(hidden) if need[0] else None
+        dh_arg = grad_h if grad_h is not None else hidden
+        L.launch(pool_bwd_kernel, (batch, L.triton.cdiv(seq, L.STREAM_BLOCK_N)),
+                 [hidden, mask_u8, ids, wdp, dpooled, row_m, row_linv, delta, dh_arg, dwdp, seq, dim, tokens,
+                  hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
+                  wdp.stride(0), dh_arg.stride(0), dh_arg.stride(1), dh_arg.stride(2), dpooled.stride(0)],
+                 dict(HAS_IDS=has_ids, STORE_DH=grad_h is not None, BLOCK_N=L.STREAM_BLOCK_N,
+                      BLOCK_D=L.block_d(dim), TP=L.TP_DOT, SPLIT=cfg["bwd_split"], PREC=prec))
+
+        seg = torch.searchsorted(sids, torch.arange(n_adapters + 1, device=dev, dtype=sids.dtype))
+        no_extra = (0, 0, 0)
+        grad_up = grad_down = grad_pool = None
+        if need[6]:
+            grad_up = torch.empty(n_adapters, bottleneck, dim, dtype=wdt, device=dev)
+            _seg_outer(p, grad_out, grad_up, order, seg, rat_num, rat_den, p, no_extra, p, no_extra, tokens,
+                       True, False, version_b, prec)
+        if need[2]:
+            grad_down = torch.empty(n_adapters, dim, bottleneck, dtype=wdt, device=dev)
+            _seg_outer(pooled, dp, grad_down, order, seg, rat_num, rat_den,
+                       dwdp, (dwdp.stride(0), dwdp.stride(1), dwdp.stride(2)),
+                       w_pool, (w_pool.stride(0), w_pool.stride(2), w_pool.stride(1)),
+                       tokens, False, True, version_b, prec)
+        if need[3]:
+            grad_pool = torch.empty(n_adapters, bottleneck, tokens, dtype=wdt, device=dev)
+            _adapter_mm(w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)),
+                        dwdp, (dwdp.stride(0), dwdp.stride(1), dwdp.stride(2)),
+                        grad_pool, used, bottleneck, dim, tokens, tokens, prec)
+        grad_num = dnum.to(rat_num.dtype) if need[4] else None
+        grad_den = dden.to(rat_den.dtype) if need[5] else None
+        return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None
+
+
+def triton_prompt_generator(
+    hidden: Tensor,
+    mask: Tensor,
+    w_down: Tensor,
+    w_pool: Tensor,
+    rat_num: Tensor,
+    rat_den: Tensor,
+    w_up: Tensor,
+    adapter_ids: Tensor | None = None,
+    rational_version: str = "B",
+    num_splits: int | None = None,
+) -> Tensor:
+    """Fused generator on validated inputs (use ``iapt_fast.functional.prompt_generator``).
+
+    Args:
+        hidden [B, N, d] f32/f16/bf16; mask [B, N] bool; w_down [A, d, m]; w_pool [A, m, T]
+        (T <= 16); rat_num [A, p+1]; rat_den [A, q]; w_up [A, m, d] (one float dtype);
+        adapter_ids [B] int64 or None (A == 1); rational_version "A" | "B";
+        num_splits: force the number of N-splits of the forward (None: heuristic).
+    Returns:
+        [B, T, d] in hidden.dtype; differentiable w.r.t. hidden and every weight.
+    """
+    if hidden.shape[0] == 0:
+        # Keeps the graph connected so an empty batch still back-propagates zeros.
+        return (hidden.sum() * 0 + w_up.sum() * 0).to(hidden.dtype).expand(0, w_pool.shape[2], hidden.shape[2])
+    return PromptGeneratorFunction.apply(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids,
+                                         rational_version, num_splits)

@@ -1,0 +1,47 @@
+"""Triton helpers shared by every kernel of the generator: dot products with a precision switch.
+
+Every GEMM of the generator has one float32 operand (softmax weights, pooled hidden states,
+W_down·W_pool, gradients), so there is no plain bf16×bf16 product to hand to tensor cores.
+Two ways to keep float32 accuracy:
+
+* SPLIT (forward streaming kernel, half-precision hidden states on the GPU): the float32
+  operand is split into hi + lo halves of the hidden dtype, and two half-precision
+  tensor-core dots with float32 accumulation give ~16 mantissa bits on that operand while
+  the other operand (H, already half precision) is exact.
+* PREC (everything else): a float32 dot with ``input_precision`` "ieee" (float32 inputs, or
+  the interpreter) or "tf32x3" (three TF32 tensor-core passes, ~float32 accurate).
+
+The interpreter of Triton 3.9 computes bf16 dots wrongly (DESIGN §6); the host code never
+selects SPLIT for bf16 under the interpreter, which is the "upcast under the interpreter"
+switch of the design. float16 SPLIT is right there and is what the CPU tests exercise.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_hf(h, w, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """h [M, K] in the hidden dtype times w [K, N] float32 -> float32 [M, N]."""
+    if SPLIT:
+        w_hi = w.to(h.dtype)
+        w_lo = (w - w_hi.to(tl.float32)).to(h.dtype)
+        return tl.dot(h, w_hi, out_dtype=tl.float32) + tl.dot(h, w_lo, out_dtype=tl.float32)
+    else:
+        return tl.dot(h.to(tl.float32), w, input_precision=PREC)
+
+
+@triton.jit
+def dot_fh(w, h, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """w [M, K] float32 times h [K, N] in the hidden dtype -> float32 [M, N]."""
+    if SPLIT:
+        w_hi = w.to(h.dtype)
+        w_lo = (w - w_hi.to(tl.float32)).to(h.dtype)
+        return tl.dot(w_hi, h, out_dtype=tl.float32) + tl.dot(w_lo, h, out_dtype=tl.float32)
+    else:
+        return tl.dot(w, h.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def dot_ff(a, b, PREC: tl.constexpr):
+    """float32 [M, K] times float32 [K, N] -> float32 [M, N] at precision PREC."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)

@@ -1,0 +1,140 @@
+"""Host-side launch policy: block sizes, precision switches, the split-N heuristic, and a
+recorder that captures every launch (kernel, signature, constexprs, warps) instead of running
+it, so the CPU test suite can compile exactly what the host code would launch for sm_90."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+# Streaming kernels: tokens per tile, hidden-dim chunk, padded soft-token width of the dots
+# (tl.dot needs every dimension >= 16 on NVIDIA: T <= 16 is padded to 16 in registers only).
+STREAM_BLOCK_N = 32
+STREAM_BLOCK_D = 128
+TP_DOT = 16
+# Head and weight-gradient kernels: lines per block and output / reduction tile widths.
+LINES_BLOCK = 64
+LINES_BLOCK_K = 64
+LINES_BLOCK_OUT = 64
+NUM_WARPS = 4
+# Stand-in SM count when no GPU is visible (H100 SXM has 132).
+DEFAULT_SM_COUNT = 132
+# Programs per SM the split heuristic aims for.
+PROGRAMS_PER_SM = 2
+
+_DTYPE_CODE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+               torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_d(dim: int) -> int:
+    """Hidden-dim chunk of the streaming kernels: 128, or the next power of two for small d."""
+    return min(STREAM_BLOCK_D, max(16, triton.next_power_of_2(dim)))
+
+
+def lines_per_row(num_tokens: int) -> int:
+    return triton.next_power_of_2(num_tokens)
+
+
+def precision(hidden_dtype: torch.dtype) -> dict:
+    """Precision switches for the kernels (see kernels/common.py).
+
+    Returns dict(fwd_split, bwd_split, prec). bf16 SPLIT is never used under the interpreter,
+    whose bf16 dots are wrong (DESIGN §6); float16 SPLIT is kept in the forward there (it is
+    right, and it is what the CPU tests check); the backward splits only bf16, whose range is
+    that of float32 (a float16 split of a gradient could overflow).
+    """
+    interp = interpreting()
+    half = hidden_dtype in (torch.float16, torch.bfloat16)
+    return {
+        "fwd_split": hidden_dtype == torch.float16 or (hidden_dtype == torch.bfloat16 and not interp),
+        "bwd_split": hidden_dtype == torch.bfloat16 and not interp,
+        "prec": "tf32x3" if (half and not interp) else "ieee",
+    }
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def choose_splits(batch: int, seq: int, device: torch.device, num_splits: int | None = None) -> tuple[int, int]:
+    """(splits S, tiles per split) for the forward: split N only when the batch alone cannot
+    fill the GPU (flash-decoding); each split keeps at least one tile."""
+    n_tiles = triton.cdiv(seq, STREAM_BLOCK_N)
+    if n_tiles == 0:
+        return 0, 1
+    if num_splits is None:
+        target = PROGRAMS_PER_SM * sm_count(device)
+        want = 1 if batch >= target else triton.cdiv(target, max(batch, 1))
+    else:
+        want = int(num_splits)
+    want = max(1, min(want, n_tiles))
+    per_split = triton.cdiv(n_tiles, want)
+    return triton.cdiv(n_tiles, per_split), per_split
+
+
+@dataclass
+class LaunchSpec:
+    """One recorded launch: what triton.compile needs to build it for a GPU target."""
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    grid: tuple = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+
+_RECORDER: list | None = None
+
+
+@contextmanager
+def record_launches():
+    """Within this context kernels are not launched; their LaunchSpecs are appended to the
+    yielded list (outputs are left uninitialised)."""
+    global _RECORDER
+    previous, _RECORDER = _RECORDER, []
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = previous
+
+
+def _arg_type(name: str, value) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _DTYPE_CODE:
+            raise TypeError(f"kernel argument {name} has unsupported dtype {value.dtype}")
+        return "*" + _DTYPE_CODE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"kernel argument {name} has unsupported type {type(value).__name__}")
+
+
+def launch(kernel, grid: tuple, args: list, constexprs: dict, num_warps: int = NUM_WARPS) -> None:
+    """Launch ``kernel`` (runtime args positional, constexprs by name), or record it."""
+    if any(g == 0 for g in grid):
+        return
+    if _RECORDER is not None:
+        names = [n for n in kernel.arg_names if n not in constexprs]
+        if len(names) != len(args):
+            raise TypeError(f"{kernel.__name__}: {len(args)} runtime args for {len(names)} parameters")
+        types = {n: _arg_type(n, v) for n, v in zip(names, args)}
+        signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
+        _RECORDER.append(LaunchSpec(kernel, signature, dict(constexprs), num_warps, tuple(grid)))
+        return
+    kernel[grid](*args, **constexprs, num_warps=num_warps)

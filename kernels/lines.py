@@ -1,0 +1,171 @@
+"""Small adapter-gathered GEMMs of the generator: the per-row head and the weight gradients.
+
+A "line" is one (row, soft token) pair; the head maps pooled lines through the row's adapter:
+
+    p = Ph · W_down[a],  P = R(p) · W_up[a]          (forward)
+    dr = dP · W_up[a]ᵀ,  dp = dr·R'(p),  dPh = dp · W_down[a]ᵀ   (backward)
+
+Rows are visited in adapter-sorted order (``order``, ``sids`` = sorted ids), so one program's
+block of BLOCK_L lines touches few adapters and reads each adapter's weights once per block
+(the BGMV/Punica idea: one launch for a mixed batch, weights shared by rows of a tenant).
+Inside a block, lines_mm_kernel loops over the distinct adapters it holds.
+
+Weight gradients (seg_outer_kernel) are per-adapter sums over that adapter's contiguous
+segment of sorted rows: one program per output tile reduces its whole segment in registers
+and stores once. No atomics, deterministic, and unused adapters get exact zeros.
+adapter_mm_kernel does the per-adapter products W_down·W_pool (forward) and W_down^T·dW_dp.
+"""
+import triton
+import triton.language as tl
+
+from .common import dot_ff
+from .rational_tl import rat_coef_grads_atomic, rat_dx, rat_forward
+
+# lines_mm_kernel modes
+MODE_P = 0      # p   = Ph · W_down[a]
+MODE_OUT = 1    # P   = R(p) · W_up[a]
+MODE_DP = 2     # dp  = (dP · W_up[a]ᵀ) · R'(p), plus rational coefficient gradients
+MODE_DPH = 3    # dPh = dp · W_down[a]ᵀ, plus delta = Σ_d Ph·dPh
+
+
+@triton.jit
+def lines_mm_kernel(
+    x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, aux_ptr, dnum_ptr, dden_ptr,
+    delta_ptr,
+    B, T, K, NOUT,
+    s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_ab, s_at, s_an, s_na, s_da,
+    MODE: tl.constexpr, TPL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_NO: tl.constexpr, P1: tl.constexpr, Q: tl.constexpr, VERSION_B: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """out[row, t, :] = f(x[row, t, :] · W[a(row)]) for the BLOCK_L lines of this program."""
+    BLOCK_R: tl.constexpr = BLOCK_L // TPL
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_l = tl.arange(0, BLOCK_L)
+    slot = offs_l // TPL
+    t = offs_l % TPL
+    pos = pid_r * BLOCK_R + slot
+    pos_ok = pos < B
+    line_ok = pos_ok & (t < T)
+    row = tl.load(order_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+    lad = tl.load(sids_ptr + pos, mask=pos_ok, other=-1)
+    offs_o = pid_n * BLOCK_NO + tl.arange(0, BLOCK_NO)
+    o_ok = offs_o < NOUT
+    offs_bk = tl.arange(0, BLOCK_K)
+    out = tl.zeros([BLOCK_L, BLOCK_NO], tl.float32)
+    for j in range(0, BLOCK_R):
+        pj = pid_r * BLOCK_R + j
+        if pj < B:
+            a = tl.load(sids_ptr + pj)
+            a_prev = tl.load(sids_ptr + tl.maximum(pj - 1, 0))
+            if (j == 0) | (a != a_prev):
+                a64 = a.to(tl.int64)
+                sel = line_ok & (lad == a)
+                acc = tl.zeros([BLOCK_L, BLOCK_NO], tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + offs_bk
+                    k_ok = offs_k < K
+                    xm = sel[:, None] & k_ok[None, :]
+                    x = tl.load(x_ptr + row[:, None] * s_xb + t[:, None] * s_xt + offs_k[None, :] * s_xk,
+                                mask=xm, other=0.0).to(tl.float32)
+                    if MODE == 1:
+                        x = tl.where(xm, rat_forward(x, num_ptr + a64 * s_na, den_ptr + a64 * s_da,
+                                                     P1, Q, VERSION_B), 0.0)
+                    w = tl.load(w_ptr + a64 * s_wa + offs_k[:, None] * s_wk + offs_o[None, :] * s_wn,
+                                mask=k_ok[:, None] & o_ok[None, :], other=0.0)
+                    acc += dot_ff(x, w, PREC)
+                am = sel[:, None] & o_ok[None, :]
+                if MODE == 2:
+                    pv = tl.load(aux_ptr + row[:, None] * s_ab + t[:, None] * s_at + offs_o[None, :] * s_an,
+                                 mask=am, other=0.0)
+                    g = tl.where(am, acc, 0.0)
+                    dx, numer, denom = rat_dx(pv, num_ptr + a64 * s_na, den_ptr + a64 * s_da, P1, Q, VERSION_B)
+                    rat_coef_grads_atomic(pv, g, numer, denom, den_ptr + a64 * s_da, dnum_ptr + a64 * P1,
+                                          dden_ptr + a64 * Q, P1, Q, VERSION_B)
+                    acc = g * dx
+                if MODE == 3:
+                    ph = tl.load(aux_ptr + row[:, None] * s_ab + t[:, None] * s_at + offs_o[None, :] * s_an,
+                                 mask=am, other=0.0)
+                    tl.atomic_add(delta_ptr + row * T + t, tl.sum(ph * acc, axis=1), mask=sel)
+                out += tl.where(am, acc, 0.0)
+    tl.store(out_ptr + row[:, None] * s_ob + t[:, None] * s_ot + offs_o[None, :] * s_on,
+             out.to(out_ptr.dtype.element_ty), mask=line_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def seg_outer_kernel(
+    x_ptr, y_ptr, out_ptr, order_ptr, seg_ptr, num_ptr, den_ptr, e1_ptr, e2_ptr,
+    T, K1, K2,
+    s_xb, s_xt, s_xk, s_yb, s_yt, s_yk, s_oa, s_oi, s_oj, s_na, s_da,
+    s_e1a, s_e1i, s_e1c, s_e2a, s_e2c, s_e2j,
+    APPLY_R: tl.constexpr, EXTRA: tl.constexpr, TPL: tl.constexpr, TC: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    P1: tl.constexpr, Q: tl.constexpr, VERSION_B: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[a, i, j] = Σ_{rows of adapter a} Σ_t f(x[row, t, i]) y[row, t, j]
+                      (+ Σ_{c<T} e1[a, i, c] e2[a, c, j] when EXTRA)."""
+    BLOCK_R: tl.constexpr = BLOCK_L // TPL
+    a = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_ok = offs_i < K1
+    j_ok = offs_j < K2
+    offs_l = tl.arange(0, BLOCK_L)
+    slot = offs_l // TPL
+    t = offs_l % TPL
+    start = tl.load(seg_ptr + a)
+    end = tl.load(seg_ptr + a + 1)
+    acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+    for p0 in range(start, end, BLOCK_R):
+        pos = p0 + slot
+        pos_ok = pos < end
+        ok = pos_ok & (t < T)
+        row = tl.load(order_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+        xm = ok[:, None] & i_ok[None, :]
+        x = tl.load(x_ptr + row[:, None] * s_xb + t[:, None] * s_xt + offs_i[None, :] * s_xk,
+                    mask=xm, other=0.0).to(tl.float32)
+        if APPLY_R:
+            x = tl.where(xm, rat_forward(x, num_ptr + a * s_na, den_ptr + a * s_da, P1, Q, VERSION_B), 0.0)
+        y = tl.load(y_ptr + row[:, None] * s_yb + t[:, None] * s_yt + offs_j[None, :] * s_yk,
+                    mask=ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
+        acc += dot_ff(tl.trans(x), y, PREC)
+    if EXTRA:
+        offs_c = tl.arange(0, TC)
+        c_ok = offs_c < T
+        e1 = tl.load(e1_ptr + a * s_e1a + offs_i[:, None] * s_e1i + offs_c[None, :] * s_e1c,
+                     mask=i_ok[:, None] & c_ok[None, :], other=0.0)
+        e2 = tl.load(e2_ptr + a * s_e2a + offs_c[:, None] * s_e2c + offs_j[None, :] * s_e2j,
+                     mask=c_ok[:, None] & j_ok[None, :], other=0.0)
+        acc += dot_ff(e1, e2, PREC)
+    tl.store(out_ptr + a * s_oa + offs_i[:, None] * s_oi + offs_j[None, :] * s_oj,
+             acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def adapter_mm_kernel(
+    x_ptr, y_ptr, out_ptr, used_ptr,
+    NI, K, NJ, NJ_STORE,
+    s_xa, s_xi, s_xk, s_ya, s_yk, s_yj, s_oa, s_oi, s_oj,
+    BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[a, i, j] = Σ_k x[a, i, k] y[a, k, j] for adapters in use (j < NJ read, j < NJ_STORE
+    stored; columns NJ..NJ_STORE are zero padding); zeros for adapters nobody used."""
+    a = tl.program_id(0).to(tl.int64)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tl.arange(0, BLOCK_J)
+    i_ok = offs_i < NI
+    j_ok = offs_j < NJ
+    offs_bk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+    if tl.load(used_ptr + a) != 0:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_bk
+            k_ok = offs_k < K
+            x = tl.load(x_ptr + a * s_xa + offs_i[:, None] * s_xi + offs_k[None, :] * s_xk,
+                        mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+            y = tl.load(y_ptr + a * s_ya + offs_k[:, None] * s_yk + offs_j[None, :] * s_yj,
+                        mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+            acc += dot_ff(x, y, PREC)
+    tl.store(out_ptr + a * s_oa + offs_i[:, None] * s_oi + offs_j[None, :] * s_oj,
+             acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & (offs_j < NJ_STORE)[None, :])
