@@ -346,7 +346,8 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
                 else:
                     xs.append(x)
                     ys.append(v)
-            ax.bar(xs, ys, width, label=s)
+            # Fixed colours: a series with no bar (all failed) must not shift the others' colours.
+            ax.bar(xs, ys, width, label=s if xs else f"{s} (failed)", color=f"C{i}")
             for x in failed:
                 ax.text(x, 0, "×", ha="center", va="bottom", color="red", fontsize=9)
         ax.set_xticks(range(len(groups)))

@@ -1,0 +1,280 @@
+"""The benchmark suite: its --quick run, its JSON, its honesty, and the code it measures.
+
+The smoke test runs `python benchmarks/run.py --quick` exactly as CI and users do (≈ 40 s on
+2 cores, most of it torch.compile warm-up); the other tests are small and in-process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks import report  # noqa: E402
+from benchmarks.lora_bmm import attach_gathered_lora  # noqa: E402
+from benchmarks.suites import common, models  # noqa: E402
+
+ROW_KEYS = {"suite", "case", "method", "params", "status", "error", "traceback", "metrics", "seconds"}
+REQUIRED_METRICS = {
+    "kernels": {"median_ms", "p10_ms", "p90_ms", "gbs", "frac_copy_bw", "bytes", "first_call_s"},
+    "e2e": {"prefill_ms", "decode_ms_per_token", "tokens_per_s", "total_ms", "peak_mem_mb", "extra_mem_mb",
+            "distinct_adapters"},
+    "train": {"step_ms", "tokens_per_s", "peak_mem_mb", "trainable_params"},
+}
+
+
+def _iapt_integration_available() -> bool:
+    try:
+        from iapt_fast import get_iapt_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--device", "cpu", "--out", str(out),
+                           "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.json", encoding="utf-8") as fh:
+        return out, json.load(fh), proc.stdout
+
+
+def test_quick_run_json_has_every_field(quick_run):
+    out, res, _ = quick_run
+    for key in ("schema_version", "device", "quick", "suites", "args", "budget_s", "elapsed_s", "machine",
+                "settings", "rows", "ratios", "plots"):
+        assert key in res, key
+    assert res["device"] == "cpu" and res["quick"] is True
+    assert res["suites"] == ["kernels", "e2e", "train"]
+    m = res["machine"]
+    for key in ("date_utc", "cpu_model", "cpu_count", "torch_threads", "versions", "git_commit", "command"):
+        assert m.get(key) not in (None, ""), key
+    for lib in ("python", "torch", "transformers", "peft"):
+        assert m["versions"].get(lib), lib
+    for suite in res["suites"]:
+        assert suite in res["settings"] and "error" not in res["settings"][suite], res["settings"].get(suite)
+    b = res["settings"]["e2e"]["budget"]
+    assert b["lora_rank"] >= 1 and b["iapt_params"] > 0 and 0.5 < b["lora_params_over_iapt"] < 2
+
+    for row in res["rows"]:
+        assert set(row) == ROW_KEYS, row
+        assert row["status"] in common.STATUSES
+        if row["status"] == "ok":
+            if row["method"] == "copy":
+                assert row["metrics"]["copy_gbs"] > 0
+                continue
+            missing = REQUIRED_METRICS[row["suite"]] - set(row["metrics"])
+            assert not missing, (row["suite"], row["method"], missing)
+            for key in REQUIRED_METRICS[row["suite"]] - {"distinct_adapters", "extra_mem_mb"}:
+                v = row["metrics"][key]
+                assert v is not None and math.isfinite(v) and v > 0, (row["suite"], row["method"], key, v)
+        else:
+            assert row["error"], f"a {row['status']} row must say why: {row}"
+    # The quick budget is generous: nothing may be skipped, and only IAPT may fail, and only
+    # while the integration has not landed.
+    for row in res["rows"]:
+        assert row["status"] != "skipped", row
+        if row["status"] == "failed":
+            assert row["method"] == "iapt" and not _iapt_integration_available(), row
+
+    methods = {s: {r["method"] for r in res["rows"] if r["suite"] == s} for s in res["suites"]}
+    assert methods["e2e"] == set(models.METHODS)
+    assert methods["train"] == {"iapt", "peft_lora", "bmm_lora"}
+    assert methods["kernels"] == {"copy"} | {f"{i}/{m}" for i in ("eager", "compile") for m in ("fwd", "bwd", "fwdbwd")}
+    e2e_ok = {r["method"]: r for r in res["rows"] if r["suite"] == "e2e" and r["status"] == "ok"}
+    batch = res["settings"]["e2e"]["batches"][0]
+    for method in ("peft_lora", "bmm_lora"):
+        assert e2e_ok[method]["metrics"]["distinct_adapters"] == batch  # every row its own tenant
+
+    names = {r["name"] for r in res["ratios"]}
+    assert {"IAPT / base tokens/s", "IAPT / PEFT LoRA mixed tokens/s", "IAPT prefill overhead over base",
+            "fwd: torch.compile speed-up over eager", "train: IAPT / PEFT LoRA tokens/s"} <= names
+    for r in res["ratios"]:
+        assert r["value"] is not None or r["note"], r
+
+    assert sorted(res["plots"]) == ["e2e.png", "kernels.png", "train.png"]
+    for name in res["plots"]:
+        with open(out / name, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert m["cpu_model"] in md and "Ratios" in md and "e2e.png" in md
+
+
+def test_quick_run_prints_the_tables(quick_run):
+    _, res, stdout = quick_run
+    assert "Ratios (targets: DESIGN §5)" in stdout
+    for title in ("Kernels: prompt generator", "End to end", "Training step"):
+        assert title in stdout
+    assert res["machine"]["cpu_model"] in stdout
+
+
+def test_failing_baselines_are_reported_failed_never_dropped(tmp_path, monkeypatch, capsys):
+    from benchmarks import run
+    from benchmarks.suites import e2e
+
+    real_prepare = e2e.prepare
+
+    def prepare(method, backbone, num_adapters, plan, trainable=False):
+        if method == "peft_lora":
+            raise RuntimeError("peft refused to build")
+        prep = real_prepare(method, backbone, num_adapters, plan, trainable)
+        if method == "bmm_lora":
+            def broken_generate(*args, **kwargs):
+                raise ValueError("generate blew up")
+            prep.model.generate = broken_generate
+        return prep
+
+    monkeypatch.setattr(e2e, "prepare", prepare)
+    args = ["--quick", "--device", "cpu", "--suite", "e2e", "--out", str(tmp_path), "--no-progress",
+            "--methods", "base,peft_lora,bmm_lora,merged_lora"]
+    assert run.main(args) == 0
+    with open(tmp_path / "results.json", encoding="utf-8") as fh:
+        res = json.load(fh)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"base", "peft_lora", "bmm_lora", "merged_lora"}
+    assert rows["base"]["status"] == "ok" and rows["merged_lora"]["status"] == "ok"
+    assert rows["peft_lora"]["status"] == "failed" and "peft refused to build" in rows["peft_lora"]["error"]
+    assert rows["bmm_lora"]["status"] == "failed" and "generate blew up" in rows["bmm_lora"]["error"]
+    assert "ValueError" in rows["bmm_lora"]["traceback"]
+    ratio = next(r for r in res["ratios"] if r["name"] == "PEFT LoRA mixed / base tokens/s")
+    assert ratio["value"] is None and "peft refused" in ratio["note"]
+    iapt_ratio = next(r for r in res["ratios"] if r["name"] == "IAPT / base tokens/s")
+    assert iapt_ratio["value"] is None and iapt_ratio["note"] == "not measured in this run"
+    out = capsys.readouterr().out
+    assert "FAILED: building peft_lora: RuntimeError: peft refused" in out
+    strict = ["--quick", "--device", "cpu", "--suite", "e2e", "--out", str(tmp_path / "strict"), "--no-progress",
+              "--methods", "peft_lora", "--strict"]
+    assert run.main(strict) == 1
+
+
+def test_recorder_budget_and_exceptions():
+    rec = common.Recorder(common.Budget(None))
+    ok = rec.run("s", "c", "m", {}, lambda: {"x": 1.5, "nan": float("nan")})
+    assert ok.status == "ok" and ok.metrics == {"x": 1.5, "nan": None}
+    bad = rec.run("s", "c", "m2", {}, lambda: 1 / 0)
+    assert bad.status == "failed" and bad.error.startswith("ZeroDivisionError")
+    spent = common.Recorder(common.Budget(0.0))
+    skipped = spent.run("s", "c", "m", {}, lambda: pytest.fail("must not run past the budget"))
+    assert skipped.status == "skipped" and "budget" in skipped.error
+    assert [r.status for r in rec.rows + spent.rows] == ["ok", "failed", "skipped"]
+
+
+def test_quantiles_match_numpy():
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 2, 7, 50):
+        xs = (torch.rand(n, generator=gen) * 10).tolist()
+        t = common.quantiles(xs)
+        assert t.reps == n
+        assert t.median_ms == pytest.approx(float(np.median(xs)))
+        assert t.p10_ms == pytest.approx(float(np.percentile(xs, 10)))
+        assert t.p90_ms == pytest.approx(float(np.percentile(xs, 90)))
+
+
+def test_ratios_from_rows():
+    def row(method, status="ok", **metrics):
+        return {"suite": "e2e", "case": "b2 p8", "method": method, "status": status,
+                "error": None if status == "ok" else "boom", "metrics": metrics, "params": {}}
+    rows = [row("base", tokens_per_s=100.0, prefill_ms=10.0, decode_ms_per_token=2.0),
+            row("iapt", tokens_per_s=97.0, prefill_ms=10.4, decode_ms_per_token=2.1),
+            row("peft_lora", tokens_per_s=50.0), row("bmm_lora", "failed")]
+    ratios = {r["name"]: r for r in report.compute_ratios(rows, "cpu")}
+    assert ratios["IAPT / base tokens/s"]["value"] == pytest.approx(0.97)
+    assert ratios["IAPT / base tokens/s"]["met"] is True
+    assert ratios["IAPT / PEFT LoRA mixed tokens/s"]["value"] == pytest.approx(1.94)
+    assert ratios["IAPT prefill overhead over base"]["value"] == pytest.approx(0.04)
+    assert ratios["IAPT prefill overhead over base"]["met"] is True
+    bmm = ratios["IAPT / gathered-BMM LoRA tokens/s"]
+    assert bmm["value"] is None and bmm["met"] is None and "bmm_lora failed: boom" in bmm["note"]
+    assert ratios["IAPT / merged LoRA (1 tenant) tokens/s"]["note"] == "not measured in this run"
+
+
+# ---------------------------------------------------------------------------- measured code
+def _tiny_spec() -> models.BackboneSpec:
+    return models.BackboneSpec("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=101)
+
+
+def test_gathered_lora_linear_matches_per_row_loop():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, dtype=torch.float64)
+    holder = torch.nn.Sequential()
+    holder.add_module("proj", base)
+    handle = attach_gathered_lora(holder, ["proj"], num_adapters=5, rank=3, alpha=7.0, seed=3)
+    layer = holder.proj
+    for p in (layer.lora_a, layer.lora_b):
+        assert p.dtype == torch.float64 and p.abs().min() > 0
+    x = torch.randn(6, 9, 24, dtype=torch.float64)
+    for ids in (torch.tensor([4, 0, 2, 2, 1, 4]), torch.full((6,), 3)):
+        handle.set_adapter_ids(ids)
+        out = holder(x)
+        for b in range(6):
+            a, bb = handle.adapter("proj", int(ids[b]))
+            want = base(x[b]) + (7.0 / 3) * (x[b] @ a) @ bb
+            torch.testing.assert_close(out[b], want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="ids must lie"):
+        handle.set_adapter_ids(torch.tensor([0, 5]))
+
+
+def test_gathered_lora_equals_peft_mixed_batch():
+    """The benchmark's BMM LoRA computes exactly PEFT's mixed-batch LoRA: a fair baseline."""
+    from peft import LoraConfig, get_peft_model
+
+    spec = _tiny_spec()
+    plan = {"lora_targets": ["q_proj", "v_proj"], "lora_rank": 4}
+    backbone = models.build_backbone(spec, torch.device("cpu"), torch.float64)
+    peft_prep = models.prepare("peft_lora", backbone, 3, plan)
+    bmm_prep = models.prepare("bmm_lora", backbone, 3, plan)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    assert peft_prep.model.peft_config["tenant_0"].r == cfg.r
+    peft_layers = {n: m for n, m in peft_prep.model.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, layer in bmm_prep.lora_handle.layers.items():
+            src = next(m for n, m in peft_layers.items() if n.endswith(name))
+            for k in range(3):
+                layer.lora_a[k].copy_(src.lora_A[f"tenant_{k}"].weight.T)
+                layer.lora_b[k].copy_(src.lora_B[f"tenant_{k}"].weight.T)
+            assert layer.scale == src.scaling["tenant_0"]
+    ids = torch.randint(2, spec.vocab_size, (4, 11))
+    kwargs_peft = peft_prep.call_kwargs(4)
+    assert kwargs_peft["adapter_names"] == ["tenant_0", "tenant_1", "tenant_2", "tenant_0"]
+    bmm_prep.call_kwargs(4)
+    with torch.no_grad():
+        want = peft_prep.model(input_ids=ids, **kwargs_peft).logits
+        got = bmm_prep.model(input_ids=ids).logits
+        plain = backbone(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert (want - plain).abs().max() > 1e-4  # the adapters really change the output
+
+
+def test_budget_matches_real_parameter_counts():
+    from iapt_fast import IAPTConfig
+    from iapt_fast.generator import AdapterGenerators
+
+    spec = _tiny_spec()
+    for targets in (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]):
+        plan = models.budget(spec, targets)
+        gens = AdapterGenerators(IAPTConfig(bottleneck_dim=plan["iapt_bottleneck"]), spec.hidden_size,
+                                 spec.num_hidden_layers)
+        assert sum(p.numel() for p in gens.parameters()) == plan["iapt_params"]
+        backbone = models.build_backbone(spec, torch.device("cpu"), torch.float32)
+        prep = models.prepare("peft_lora", backbone, 1, plan, trainable=True)
+        assert prep.trainable_params == plan["lora_params"]
+        assert sum(p.numel() for p in prep.model.parameters() if p.requires_grad) == plan["lora_params"]
+        # The rank is the nearest: one step up or down is no closer to IAPT's count.
+        per_rank = plan["lora_params"] // plan["lora_rank"]
+        gap = abs(plan["lora_params"] - plan["iapt_params"])
+        assert gap <= abs(plan["lora_params"] + per_rank - plan["iapt_params"])
+        if plan["lora_rank"] > 1:
+            assert gap <= abs(plan["lora_params"] - per_rank - plan["iapt_params"])
