@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .config import CONFIG_NAME, CUSTOM_INIT, IAPTConfig
+from .config import CONFIG_NAME, IAPTConfig
 from .generator import WEIGHT_NAMES, AdapterGenerators
-from .rational import fit_rational
 
 __all__ = ["WEIGHTS_NAME", "save_adapter", "read_adapter", "expected_shapes", "build_adapter"]
 
@@ -101,14 +100,8 @@ def read_adapter(directory: str | os.PathLike, hidden_size: int, num_layers: int
 def build_adapter(config: IAPTConfig, tensors: dict[str, Tensor], hidden_size: int, num_layers: int,
                   device: torch.device) -> AdapterGenerators:
     """An AdapterGenerators holding exactly ``tensors`` (no random initialisation is paid)."""
-    # Allocate the random initial weights on the meta device (free) and replace them below.
-    # The rational fit is warmed up first, outside, so its cache never holds meta tensors.
-    init = "identity" if config.rational_init == CUSTOM_INIT else config.rational_init
-    fit_rational(init, config.rational_degrees, config.rational_version, config.rational_fit_interval)
-    with torch.device("meta"):
-        adapter = AdapterGenerators(config, hidden_size, num_layers)
-    for layer in adapter.layer_indices:
-        gen = adapter[layer]
-        for w in WEIGHT_NAMES:
-            setattr(gen, w, nn.Parameter(tensors[f"layers.{layer}.{w}"].to(device)))
-    return adapter
+    weights = {
+        layer: {w: tensors[f"layers.{layer}.{w}"].to(device) for w in WEIGHT_NAMES}
+        for layer in config.resolved_layers(num_layers)
+    }
+    return AdapterGenerators.from_weights(config, hidden_size, num_layers, weights)

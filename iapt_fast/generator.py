@@ -73,6 +73,30 @@ class AdapterGenerators(nn.Module):
             {str(i): LayerGenerator(hidden_size, config, num, den, gen) for i in self.layer_indices}
         )
 
+    @classmethod
+    def from_weights(cls, config: IAPTConfig, hidden_size: int, num_layers: int,
+                     weights: dict[int, dict[str, Tensor]]) -> "AdapterGenerators":
+        """An adapter holding exactly ``weights`` (layer → WEIGHT_NAMES → per-adapter tensor),
+        without paying for a random initialisation or a rational fit (adapter loading).
+
+        The tensors are used as they are (no copy); shapes are the caller's responsibility.
+        """
+        adapter = cls.__new__(cls)
+        nn.Module.__init__(adapter)
+        adapter.config = config
+        adapter.hidden_size = hidden_size
+        adapter.layer_indices = config.resolved_layers(num_layers)
+        adapter.rational_fit_error = float("nan")  # not fitted: the coefficients were loaded
+        layers = {}
+        for i in adapter.layer_indices:
+            gen = LayerGenerator.__new__(LayerGenerator)
+            nn.Module.__init__(gen)
+            for name in WEIGHT_NAMES:
+                setattr(gen, name, nn.Parameter(weights[i][name]))
+            layers[str(i)] = gen
+        adapter.layers = nn.ModuleDict(layers)
+        return adapter
+
     def __getitem__(self, layer: int) -> LayerGenerator:
         return self.layers[str(layer)]
 
