@@ -4,6 +4,6 @@
 ``iapt_fast.functional.prompt_generator(..., backend="triton")`` dispatches to.
 """
 from .autograd import PromptGeneratorFunction, triton_prompt_generator
-from .launch import LaunchSpec, record_launches
+from .launch import LaunchSpec, poison_buffers, record_launches
 
-__all__ = ["triton_prompt_generator", "PromptGeneratorFunction", "record_launches", "LaunchSpec"]
+__all__ = ["triton_prompt_generator", "PromptGeneratorFunction", "record_launches", "poison_buffers", "LaunchSpec"]

@@ -6,8 +6,8 @@ Forward launches (DESIGN §3 shapes; B rows, N tokens, d hidden, m bottleneck, T
   3. combine         Ph [B, T, d] float32, row stats (max, 1/sum) [B, T]
   4. lines_mm P      p  = Ph·W_down[a]           [B, T, m] float32 (saved for backward)
   5. lines_mm OUT    P  = R(p)·W_up[a]           [B, T, d] hidden dtype
-Backward: lines_mm DP (dp, rational coefficient grads), lines_mm DPH (dPh, δ), pool_bwd (dH,
-dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm (dW_pool = W_downᵀ·dW_dp).
+Backward: lines_mm DP (dp, rational coefficient grads), lines_mm DPH (dPh), pool_bwd_scores
+(A, dA, δ), pool_bwd (dH, dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm (dW_pool = W_downᵀ·dW_dp).
 
 Saved between passes: W_dp [A, d, 16], Ph [B, T, d], p [B, T, m] and two [B, T] statistics,
 all float32: O(B·T·(d+m)), never O(B·N·T). Weights may have another dtype than hidden: every
@@ -19,19 +19,19 @@ import torch
 from torch import Tensor
 
 from . import launch as L
-from .generator_bwd import pool_bwd_kernel
+from .generator_bwd import pool_bwd_kernel, pool_bwd_scores_kernel
 from .generator_fwd import combine_kernel, pool_fwd_kernel
 from .lines import MODE_DP, MODE_DPH, MODE_OUT, MODE_P, adapter_mm_kernel, lines_mm_kernel, seg_outer_kernel
 
 __all__ = ["triton_prompt_generator", "PromptGeneratorFunction"]
 
 
-def _lines_mm(mode, x, w, w_strides, out, order, sids, num, den, aux, dnum, dden, delta,
+def _lines_mm(mode, x, w, w_strides, out, order, sids, num, den, aux, dnum, dden,
               batch, tokens, k, nout, version_b, prec):
     tpl = L.lines_per_row(tokens)
     grid = (L.triton.cdiv(batch, L.LINES_BLOCK // tpl), L.triton.cdiv(nout, L.LINES_BLOCK_OUT))
     L.launch(lines_mm_kernel, grid,
-             [x, w, out, order, sids, num, den, aux, dnum, dden, delta,
+             [x, w, out, order, sids, num, den, aux, dnum, dden,
               batch, tokens, k, nout,
               x.stride(0), x.stride(1), x.stride(2), w.stride(0), w_strides[0], w_strides[1],
               out.stride(0), out.stride(1), out.stride(2), aux.stride(0), aux.stride(1), aux.stride(2),
@@ -89,15 +89,15 @@ class PromptGeneratorFunction(torch.autograd.Function):
         rat_num = rat_num.contiguous()
         rat_den = rat_den.contiguous()
 
-        wdp = torch.empty(n_adapters, dim, L.TP_DOT, **f32)
+        wdp = L.empty(n_adapters, dim, L.TP_DOT, **f32)
         _adapter_mm(w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)),
                     w_pool, (w_pool.stride(0), w_pool.stride(1), w_pool.stride(2)),
                     wdp, used, dim, bottleneck, tokens, L.TP_DOT, cfg["prec"])
 
         splits, per_split = L.choose_splits(batch, seq, dev, num_splits)
-        part = torch.empty(batch, splits, tokens, dim, **f32)
-        stat_m = torch.empty(batch, splits, L.TP_DOT, **f32)
-        stat_l = torch.empty(batch, splits, L.TP_DOT, **f32)
+        part = L.empty(batch, splits, tokens, dim, **f32)
+        stat_m = L.empty(batch, splits, L.TP_DOT, **f32)
+        stat_l = L.empty(batch, splits, L.TP_DOT, **f32)
         bd = L.block_d(dim)
         L.launch(pool_fwd_kernel, (batch, splits),
                  [hidden, mask_u8, ids, wdp, part, stat_m, stat_l, seq, dim, tokens, per_split,
@@ -105,9 +105,9 @@ class PromptGeneratorFunction(torch.autograd.Function):
                   wdp.stride(0), part.stride(0), part.stride(1), stat_m.stride(0)],
                  dict(HAS_IDS=has_ids, BLOCK_N=L.STREAM_BLOCK_N, BLOCK_D=bd, TP=L.TP_DOT,
                       SPLIT=cfg["fwd_split"], PREC=cfg["prec"]))
-        pooled = torch.empty(batch, tokens, dim, **f32)
-        row_m = torch.empty(batch, tokens, **f32)
-        row_linv = torch.empty(batch, tokens, **f32)
+        pooled = L.empty(batch, tokens, dim, **f32)
+        row_m = L.empty(batch, tokens, **f32)
+        row_linv = L.empty(batch, tokens, **f32)
         if splits == 0:  # N == 0: every row is empty and pools to zero
             pooled.zero_(), row_m.zero_(), row_linv.zero_()
         else:
@@ -117,12 +117,12 @@ class PromptGeneratorFunction(torch.autograd.Function):
                      dict(BLOCK_D=bd, TP=L.TP_DOT))
         del part, stat_m, stat_l
 
-        p = torch.empty(batch, tokens, bottleneck, **f32)
+        p = L.empty(batch, tokens, bottleneck, **f32)
         _lines_mm(MODE_P, pooled, w_down, (w_down.stride(1), w_down.stride(2)), p, order, sids, rat_num, rat_den,
-                  pooled, p, p, p, batch, tokens, dim, bottleneck, version_b, cfg["prec"])
-        out = torch.empty(batch, tokens, dim, dtype=hidden.dtype, device=dev)
+                  pooled, p, p, batch, tokens, dim, bottleneck, version_b, cfg["prec"])
+        out = L.empty(batch, tokens, dim, dtype=hidden.dtype, device=dev)
         _lines_mm(MODE_OUT, p, w_up, (w_up.stride(1), w_up.stride(2)), out, order, sids, rat_num, rat_den,
-                  p, p, p, p, batch, tokens, bottleneck, dim, version_b, cfg["prec"])
+                  p, p, p, batch, tokens, bottleneck, dim, version_b, cfg["prec"])
 
         ctx.save_for_backward(hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
                               w_down, w_pool, rat_num, rat_den, w_up)
@@ -145,39 +145,48 @@ class PromptGeneratorFunction(torch.autograd.Function):
 
         dnum = torch.zeros(n_adapters, rat_num.shape[1], **f32)
         dden = torch.zeros(n_adapters, rat_den.shape[1], **f32)
-        dp = torch.empty(batch, tokens, bottleneck, **f32)
+        dp = L.empty(batch, tokens, bottleneck, **f32)
         _lines_mm(MODE_DP, grad_out, w_up, (w_up.stride(2), w_up.stride(1)), dp, order, sids, rat_num, rat_den,
-                  p, dnum, dden, dp, batch, tokens, dim, bottleneck, version_b, prec)
+                  p, dnum, dden, batch, tokens, dim, bottleneck, version_b, prec)
         delta = torch.zeros(batch, tokens, **f32)
-        dpooled = torch.empty(batch, tokens, dim, **f32)
+        dpooled = L.empty(batch, tokens, dim, **f32)
         _lines_mm(MODE_DPH, dp, w_down, (w_down.stride(2), w_down.stride(1)), dpooled, order, sids, rat_num,
-                  rat_den, pooled, dnum, dden, delta, batch, tokens, bottleneck, dim, version_b, prec)
+                  rat_den, dp, dnum, dden, batch, tokens, bottleneck, dim, version_b, prec)
 
         dwdp = torch.zeros(n_adapters, dim, L.TP_DOT, **f32)
-        grad_h = torch.empty_like(hidden) if need[0] else None
-        dh_arg = grad_h if grad_h is not None else hidden
-        L.launch(pool_bwd_kernel, (batch, L.triton.cdiv(seq, L.STREAM_BLOCK_N)),
-                 [hidden, mask_u8, ids, wdp, dpooled, row_m, row_linv, delta, dh_arg, dwdp, seq, dim, tokens,
+        attn = L.empty(batch, seq, tokens, **f32)
+        dattn = L.empty(batch, seq, tokens, **f32)
+        grid = (batch, L.triton.cdiv(seq, L.STREAM_BLOCK_N))
+        stream = dict(HAS_IDS=has_ids, BLOCK_N=L.STREAM_BLOCK_N, BLOCK_D=L.block_d(dim), TP=L.TP_DOT,
+                      SPLIT=cfg["bwd_split"], PREC=prec)
+        L.launch(pool_bwd_scores_kernel, grid,
+                 [hidden, mask_u8, ids, wdp, dpooled, row_m, row_linv, attn, dattn, delta, seq, dim, tokens,
                   hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
-                  wdp.stride(0), dh_arg.stride(0), dh_arg.stride(1), dh_arg.stride(2), dpooled.stride(0)],
-                 dict(HAS_IDS=has_ids, STORE_DH=grad_h is not None, BLOCK_N=L.STREAM_BLOCK_N,
-                      BLOCK_D=L.block_d(dim), TP=L.TP_DOT, SPLIT=cfg["bwd_split"], PREC=prec))
+                  wdp.stride(0), dpooled.stride(0)], stream)
+        grad_h = L.empty(*hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None
+        dh_arg = grad_h if grad_h is not None else hidden
+        L.launch(pool_bwd_kernel, grid,
+                 [hidden, ids, wdp, dpooled, attn, dattn, delta, dh_arg, dwdp, seq, dim, tokens,
+                  hidden.stride(0), hidden.stride(1), hidden.stride(2), wdp.stride(0),
+                  dh_arg.stride(0), dh_arg.stride(1), dh_arg.stride(2), dpooled.stride(0)],
+                 dict(stream, STORE_DH=grad_h is not None))
+        del attn, dattn
 
         seg = torch.searchsorted(sids, torch.arange(n_adapters + 1, device=dev, dtype=sids.dtype))
         no_extra = (0, 0, 0)
         grad_up = grad_down = grad_pool = None
         if need[6]:
-            grad_up = torch.empty(n_adapters, bottleneck, dim, dtype=wdt, device=dev)
+            grad_up = L.empty(n_adapters, bottleneck, dim, dtype=wdt, device=dev)
             _seg_outer(p, grad_out, grad_up, order, seg, rat_num, rat_den, p, no_extra, p, no_extra, tokens,
                        True, False, version_b, prec)
         if need[2]:
-            grad_down = torch.empty(n_adapters, dim, bottleneck, dtype=wdt, device=dev)
+            grad_down = L.empty(n_adapters, dim, bottleneck, dtype=wdt, device=dev)
             _seg_outer(pooled, dp, grad_down, order, seg, rat_num, rat_den,
                        dwdp, (dwdp.stride(0), dwdp.stride(1), dwdp.stride(2)),
                        w_pool, (w_pool.stride(0), w_pool.stride(2), w_pool.stride(1)),
                        tokens, False, True, version_b, prec)
         if need[3]:
-            grad_pool = torch.empty(n_adapters, bottleneck, tokens, dtype=wdt, device=dev)
+            grad_pool = L.empty(n_adapters, bottleneck, tokens, dtype=wdt, device=dev)
             _adapter_mm(w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)),
                         dwdp, (dwdp.stride(0), dwdp.stride(1), dwdp.stride(2)),
                         grad_pool, used, bottleneck, dim, tokens, tokens, prec)

@@ -15,8 +15,13 @@ The interpreter of Triton 3.9 computes bf16 dots wrongly (DESIGN §6); the host 
 selects SPLIT for bf16 under the interpreter, which is the "upcast under the interpreter"
 switch of the design. float16 SPLIT is right there and is what the CPU tests exercise.
 """
+import os
+
 import triton
 import triton.language as tl
+
+# Triton runs kernels in its CPU interpreter (read once, as triton itself does at import).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -45,3 +50,18 @@ def dot_fh(w, h, SPLIT: tl.constexpr, PREC: tl.constexpr):
 def dot_ff(a, b, PREC: tl.constexpr):
     """float32 [M, K] times float32 [K, N] -> float32 [M, N] at precision PREC."""
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def cast_for(x, ptr):
+    """float32 x converted to the element type of ``ptr``, rounding to nearest even.
+
+    The Triton 3.9 interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest
+    even): a 1-ulp bias the tests would see. Under the interpreter bf16 is rounded by hand.
+    """
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ptr.dtype.element_ty)

@@ -97,6 +97,26 @@ class LaunchSpec:
 
 
 _RECORDER: list | None = None
+_POISON = False
+
+
+@contextmanager
+def poison_buffers():
+    """Within this context every kernel output buffer starts as NaN instead of uninitialised
+    memory, so a test can tell an element the kernels forgot to write."""
+    global _POISON
+    previous, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = previous
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled buffer under poison_buffers()."""
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 @contextmanager

@@ -18,20 +18,19 @@ adapter_mm_kernel does the per-adapter products W_down·W_pool (forward) and W_d
 import triton
 import triton.language as tl
 
-from .common import dot_ff
+from .common import cast_for, dot_ff
 from .rational_tl import rat_coef_grads_atomic, rat_dx, rat_forward
 
 # lines_mm_kernel modes
 MODE_P = 0      # p   = Ph · W_down[a]
 MODE_OUT = 1    # P   = R(p) · W_up[a]
 MODE_DP = 2     # dp  = (dP · W_up[a]ᵀ) · R'(p), plus rational coefficient gradients
-MODE_DPH = 3    # dPh = dp · W_down[a]ᵀ, plus delta = Σ_d Ph·dPh
+MODE_DPH = 3    # dPh = dp · W_down[a]ᵀ
 
 
 @triton.jit
 def lines_mm_kernel(
     x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, aux_ptr, dnum_ptr, dden_ptr,
-    delta_ptr,
     B, T, K, NOUT,
     s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_ab, s_at, s_an, s_na, s_da,
     MODE: tl.constexpr, TPL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -84,13 +83,9 @@ def lines_mm_kernel(
                     rat_coef_grads_atomic(pv, g, numer, denom, den_ptr + a64 * s_da, dnum_ptr + a64 * P1,
                                           dden_ptr + a64 * Q, P1, Q, VERSION_B)
                     acc = g * dx
-                if MODE == 3:
-                    ph = tl.load(aux_ptr + row[:, None] * s_ab + t[:, None] * s_at + offs_o[None, :] * s_an,
-                                 mask=am, other=0.0)
-                    tl.atomic_add(delta_ptr + row * T + t, tl.sum(ph * acc, axis=1), mask=sel)
                 out += tl.where(am, acc, 0.0)
     tl.store(out_ptr + row[:, None] * s_ob + t[:, None] * s_ot + offs_o[None, :] * s_on,
-             out.to(out_ptr.dtype.element_ty), mask=line_ok[:, None] & o_ok[None, :])
+             cast_for(out, out_ptr), mask=line_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
@@ -139,7 +134,7 @@ def seg_outer_kernel(
                      mask=c_ok[:, None] & j_ok[None, :], other=0.0)
         acc += dot_ff(e1, e2, PREC)
     tl.store(out_ptr + a * s_oa + offs_i[:, None] * s_oi + offs_j[None, :] * s_oj,
-             acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
+             cast_for(acc, out_ptr), mask=i_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -168,4 +163,4 @@ def adapter_mm_kernel(
                         mask=k_ok[:, None] & j_ok[None, :], other=0.0)
             acc += dot_ff(x, y, PREC)
     tl.store(out_ptr + a * s_oa + offs_i[:, None] * s_oi + offs_j[None, :] * s_oj,
-             acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & (offs_j < NJ_STORE)[None, :])
+             cast_for(acc, out_ptr), mask=i_ok[:, None] & (offs_j < NJ_STORE)[None, :])

@@ -1,0 +1,153 @@
+"""Fused Triton generator vs the reference (DESIGN §4 rule), output and every gradient.
+
+Runs in the Triton interpreter on CPU (tests/conftest.py) and natively on a GPU. Shapes are
+tiny because the interpreter is slow; they still cover masked tiles (N = 37 over 32-token
+tiles), non-power-of-two d and m, padding on both sides, an all-masked row, mixed adapters.
+"""
+import os
+
+import pytest
+import torch
+
+from iapt_fast import functional
+from iapt_fast.kernels import poison_buffers, triton_prompt_generator
+from kernels_cases import check, make_problem
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = pytest.mark.skipif(not functional.triton_available(), reason="triton not importable")
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poison_buffers():
+        yield
+
+
+def kernel(prob, **kw):
+    return lambda leaves: triton_prompt_generator(leaves[0], prob.mask, *leaves[1:], prob.ids, prob.version, **kw)
+
+
+def via_functional(prob):
+    return lambda leaves: functional.prompt_generator(leaves[0], prob.mask, *leaves[1:], adapter_ids=prob.ids,
+                                                      backend="triton", rational_version=prob.version)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_adapters_padding_empty_row(dtype):
+    # Three adapters, one of them unused; right-, left-padded and all-masked rows.
+    prob = make_problem(batch=4, dtype=dtype, ids=torch.tensor([2, 0, 2, 2]))
+    assert not prob.mask[1].any()
+    check(prob, via_functional(prob))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_single_token(dtype):
+    prob = make_problem(batch=2, seq=1, dtype=dtype, mask_kind="full")
+    check(prob, kernel(prob))
+
+
+@pytest.mark.parametrize("tokens,dtype", [(1, torch.float32), (7, torch.float16), (16, torch.float32)])
+def test_soft_token_counts(tokens, dtype):
+    prob = make_problem(tokens=tokens, dtype=dtype, dim=40, bottleneck=20)
+    check(prob, kernel(prob))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_rational_version_a(dtype):
+    prob = make_problem(version="A", degrees=(5, 4), dtype=dtype)
+    check(prob, kernel(prob))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_magnitude_hidden(dtype):
+    # |H| ~ 1e3 with peaked softmax logits (|U| ~ 30): the online max and rescaling across
+    # tiles (one split over 70 tokens) must stay finite and exact.
+    prob = make_problem(dtype=dtype, scale=1e3, logit_scale=30.0, seq=70)
+    check(prob, kernel(prob, num_splits=1))
+
+
+def test_saturated_softmax():
+    # |U| ~ 1e3: the softmax is one-hot up to float32 rounding, and the ulp of U (~1e-4) makes
+    # any float32 implementation's A noisy at the 1e-4 level, so two correct implementations
+    # differ by luck; factor 10 instead of 2 still catches a lost cancellation in dU = A(dA − δ),
+    # which showed up here at 600×.
+    prob = make_problem(dtype=torch.float32, scale=1e3, logit_scale=1e3, seq=70)
+    check(prob, kernel(prob, num_splits=2), factor=10.0)
+
+
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_weight_dtype_differs(hidden_dtype, weight_dtype):
+    prob = make_problem(dtype=hidden_dtype, weight_dtype=weight_dtype)
+    check(prob, via_functional(prob))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, None])
+def test_split_over_n(num_splits):
+    # 100 tokens = 4 tiles: one split walks every tile (online rescaling across tiles), 2 and
+    # 3 splits exercise the combine with equal and unequal splits, None is the heuristic.
+    prob = make_problem(batch=2, seq=100, dim=48, bottleneck=16, mask_kind="random", dtype=torch.float32)
+    check(prob, kernel(prob, num_splits=num_splits))
+
+
+def test_split_over_n_half_with_empty_split():
+    # A split whose tokens are all masked must contribute nothing (not NaN) to the combine.
+    prob = make_problem(batch=2, seq=96, dim=32, bottleneck=16, mask_kind="full", dtype=torch.float16)
+    prob.mask[0, :64] = False
+    prob.mask[1, 32:] = False
+    check(prob, kernel(prob, num_splits=3))
+
+
+def test_single_adapter_without_ids_and_strided_inputs():
+    prob = make_problem(adapters=1, dim=64, bottleneck=32)
+    assert prob.ids is None
+
+    def fn(leaves):
+        # A hidden view with non-unit strides (transposed storage) and a strided grad_out.
+        h = leaves[0].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not h.is_contiguous()
+        return triton_prompt_generator(h, prob.mask, *leaves[1:], None, prob.version)
+
+    check(prob, fn, grad_out_noncontig=True)
+
+
+def test_frozen_hidden_and_frozen_rational():
+    prob = make_problem(batch=2, dim=32, bottleneck=16)
+    leaves = prob.inputs()
+    leaves[0].requires_grad_(False)
+    leaves[3].requires_grad_(False)
+    out = triton_prompt_generator(leaves[0], prob.mask, *leaves[1:], prob.ids, prob.version)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [leaves[1], leaves[5]], g)
+    full = prob.inputs()
+    out_full = triton_prompt_generator(full[0], prob.mask, *full[1:], prob.ids, prob.version)
+    ref = torch.autograd.grad(out_full, [full[1], full[5]], g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_batch():
+    prob = make_problem(batch=1)
+    h = prob.hidden[:0].clone().requires_grad_(True)
+    ws = [w.clone().requires_grad_(True) for w in prob.weights]
+    out = functional.prompt_generator(h, prob.mask[:0], *ws, adapter_ids=prob.ids[:0] if prob.ids is not None else None,
+                                      backend="triton")
+    assert out.shape == (0, 4, 96)
+    out.sum().backward()
+    assert h.grad.shape == h.shape and float(ws[4].grad.abs().sum()) == 0.0
+
+
+def test_errors_before_launch(monkeypatch):
+    prob = make_problem(batch=2, tokens=17, dim=16, bottleneck=8, adapters=1)
+    with pytest.raises(ValueError, match="w_pool"):
+        functional.prompt_generator(prob.hidden, prob.mask, *prob.weights, backend="triton")
+    prob = make_problem(batch=2, dim=16, bottleneck=8, adapters=2)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        functional.prompt_generator(prob.hidden, prob.mask, *prob.weights, adapter_ids=torch.tensor([0, 2]),
+                                    backend="triton")
+    with pytest.raises(TypeError, match="hidden"):
+        functional.prompt_generator(prob.hidden.double(), prob.mask, *prob.weights, adapter_ids=prob.ids,
+                                    backend="triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            functional.prompt_generator(prob.hidden, prob.mask, *prob.weights, adapter_ids=prob.ids, backend="triton")
