@@ -113,28 +113,33 @@ def score_choices(model: nn.Module, tokenizer: Any, prompts: Sequence[str], choi
             # Room for the answer token, as in training.
             limit = None if max_length is None else max_length - 1
             exs = [tokenize_pair(tokenizer, p, None, limit, special_prefix=prefix) for p in prompts]
+            # Batches of similar length waste little on padding; rows go back in place below.
+            order = sorted(range(len(exs)), key=lambda i: len(exs[i]["input_ids"]))
             for start in range(0, len(exs), batch_size):
-                batch = collator(exs[start:start + batch_size])
+                idx = order[start:start + batch_size]
+                batch = collator([exs[i] for i in idx])
                 logits = _align(model(**model_inputs(batch, with_mask, device)).logits, batch["input_ids"].shape[1])
                 mask = batch["attention_mask"].to(device)
                 last = (mask.shape[1] - 1 - mask.flip(1).argmax(1)) if padding_side == "right" else \
                     torch.full((mask.shape[0],), mask.shape[1] - 1, device=device)
                 rows = logits[torch.arange(len(last), device=device), last].float().log_softmax(-1)
-                scores[start:start + len(last)] = rows[:, ids].cpu()
+                scores[idx] = rows[:, ids].cpu()
                 if progress is not None:
                     progress.update(len(last))
         else:
             for c, choice in enumerate(choices):
                 exs = [tokenize_pair(tokenizer, p, choice, max_length, add_eos=False, special_prefix=prefix)
                        for p in prompts]
+                order = sorted(range(len(exs)), key=lambda i: len(exs[i]["input_ids"]))
                 for start in range(0, len(exs), batch_size):
-                    batch = collator(exs[start:start + batch_size])
+                    idx = order[start:start + batch_size]
+                    batch = collator([exs[i] for i in idx])
                     logits = _align(model(**model_inputs(batch, with_mask, device)).logits, batch["input_ids"].shape[1])
                     labels = batch["labels"].to(device)[:, 1:]
                     logp = logits[:, :-1].float().log_softmax(-1)
                     keep = labels.ne(IGNORE_INDEX)
                     tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                    scores[start:start + len(labels), c] = (tok * keep).sum(1).cpu()
+                    scores[idx, c] = (tok * keep).sum(1).cpu()
                     if progress is not None:
                         progress.update(len(labels) / len(choices))
     finally:

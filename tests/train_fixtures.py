@@ -15,14 +15,14 @@ LABELS = ("positive", "negative")
 
 
 def make_tokenizer(add_bos: bool = True):
-    """A byte-level BPE tokenizer (vocab ~300) with <s>, </s>, <pad>; BOS added when asked."""
+    """A byte-level BPE tokenizer (vocab ~420) with <s>, </s>, <pad>; BOS added when asked."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
