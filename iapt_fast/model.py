@@ -7,16 +7,19 @@ How the soft tokens get into the model (DESIGN §1, §7):
   mask for every attention implementation (queries at offset T, T+N keys) from a 2-D mask
   with T prefix columns prepended. Real tokens keep the positions the base model gives
   them: we pass cumsum-of-mask − 1 position ids explicitly.
-* A pre-hook on each target decoder layer reads H_l (its input), runs the generator once for
-  the whole batch (one launch per adapter shape group), and turns P_l into the layer's prefix
-  K/V (architectures.py). The K/V travel to the layer's attention as a keyword argument.
+* The prefill state (instruction mask, adapter groups) rides along with the model's extra
+  keyword arguments, which transformers hands to every decoder layer. A pre-hook on each
+  target layer reads H_l (its input), runs the generator once for the whole batch (one
+  launch per adapter shape group), and turns P_l into the layer's prefix K/V
+  (architectures.py); the K/V travel on to the layer's attention as a keyword argument.
 * A pre-hook on the attention puts them in front of the real keys: into the KV cache (its
   placeholder slots) when the layer has one, so decode steps pay only T extra cache entries;
   otherwise (activation checkpointing drops the cache inside checkpointed layers) through a
-  stateless proxy cache whose ``update`` returns cat(prefix, k). The keyword argument is
-  saved with the checkpointed call, so the backward replay sees the same prefix.
-* Decode steps run no generator and no Python beyond two no-op hook calls per layer: the
-  prefix is in the cache, ``generate()`` carries the T-extended mask and the positions.
+  stateless proxy cache whose ``update`` returns cat(prefix, k). Checkpointing keeps a
+  call's keyword arguments for the backward replay, so the replay sees the same prefix
+  whether the hooks run outside the checkpoint (transformers 5.24) or inside it (5.17).
+* Decode steps run no generator: the prefix is in the cache, ``generate()`` carries the
+  T-extended mask and the positions; the hooks return at their first line.
 
 Layers outside ``target_layers`` hold T unused slots too (one mask serves all layers); their
 attention skips the slots (keys and mask columns are sliced off).
@@ -43,6 +46,7 @@ __all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER"]
 BASE_ADAPTER = "__base__"
 _PREFIX_KW = "iapt_prefix"
 _SKIP_KW = "iapt_skip"
+_STATE_KW = "iapt_state"
 _UNSUPPORTED_GENERATE = {
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
@@ -141,7 +145,6 @@ class IAPTModel(nn.Module):
         self._active_adapter: str | None = None
         self._packs: dict[tuple, AdapterPack] | None = None
         self._request: _Request | None = None
-        self._active: _Active | None = None
         self._has_untargeted = False
         self._handles: list[Any] = []
         self._model_cache_kw = cache_kwarg_name(model.forward)
@@ -332,7 +335,6 @@ class IAPTModel(nn.Module):
             return self.base_model(input_ids=input_ids, attention_mask=ext_mask, labels=labels, **kwargs)
         finally:
             self._request = None
-            self._active = None
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -371,7 +373,6 @@ class IAPTModel(nn.Module):
                                             position_ids=position_ids, **generate_kwargs)
         finally:
             self._request = None
-            self._active = None
 
     # ------------------------------------------------------------------ validation
     def _check_mask(self, mask: Tensor | None, name: str, batch: int, length: int, device) -> Tensor:
@@ -467,7 +468,6 @@ class IAPTModel(nn.Module):
     def _install_hooks(self) -> None:
         arch = self._arch
         self._handles.append(self.base_model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        self._handles.append(self.base_model.register_forward_hook(self._on_model_return))
         for index, layer in enumerate(arch.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index, layer), with_kwargs=True))
             attn = arch.attention(layer)
@@ -511,11 +511,13 @@ class IAPTModel(nn.Module):
         cache._iapt_prefix_len = request.num_tokens
         cache._iapt_prefix_mask = prefix_mask
         cache._iapt_layers = frozenset(groups[0].key[0]) if groups else frozenset()
-        self._active = _Active(inst, groups, request.num_tokens, batch)
+        active = _Active(inst, groups, request.num_tokens, batch)
+        # transformers hands the model's extra keyword arguments down to every decoder layer.
+        # Riding along with them, the prefill state reaches the layer hooks even when a
+        # checkpointed layer is replayed during backward (transformers 5.17 runs the hooks
+        # inside the checkpoint, 5.24 outside; both keep the call's keyword arguments).
+        kwargs[_STATE_KW] = active
         return args, kwargs
-
-    def _on_model_return(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._active = None
 
     def _seed_cache(self, cache, batch: int, num_tokens: int, device) -> None:
         dtype = _activation_dtype(self.base_model)
@@ -566,7 +568,7 @@ class IAPTModel(nn.Module):
         arch = self._arch
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            active = self._active
+            active = kwargs.pop(_STATE_KW, None)
             if active is None:
                 if not self._has_untargeted:
                     return None
