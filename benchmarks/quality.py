@@ -148,7 +148,7 @@ def synthetic_setup(seed: int, n_train: int, n_dev: int, n_test: int):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
     state = LlamaForCausalLM(cfg).state_dict()
 
     def load_base():

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the train data when --max-steps is unset")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch")
     g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=32)
+    g.add_argument("--eval-batch-size", type=_positive_int, default=32, help="examples per evaluation forward")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the generator weights")
     g.add_argument("--rational-lr", type=float, default=None,
                    help="learning rate of the rational coefficients (default: 1e-6 with --bilevel, else --lr)")
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper's bi-level mode: rational coefficients on the dev split (own LR), "
                         "other generator weights on train, alternating steps; default is joint training")
     g.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and splits")
 
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", required=True, help="where the adapter, checkpoints and metrics go")
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-total-limit", type=_positive_int, default=2, help="checkpoints kept")
     g.add_argument("--resume", default=None, help='checkpoint folder to resume, or "auto" for the latest in --output-dir')
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    from .distributed import add_distributed_arguments  # issue 8: torchrun / accelerate launch
+    add_distributed_arguments(p)
     return p
 
 
@@ -219,14 +222,32 @@ def _choice_eval_fn(tokenizer, pairs, choices, batch_size: int, max_length: int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``iapt-train``; returns the process exit status."""
+    """Entry point of ``iapt-train``; returns the process exit status.
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this; see docs/distributed.md.
+    """
     args = parse_args(argv)
+    from .distributed import init_distributed, shutdown
+
+    try:
+        ctx = init_distributed(args.distributed, args.dist_timeout, device=args.device)
+    except (RuntimeError, ValueError) as err:
+        print(f"iapt-train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run(args: argparse.Namespace, ctx) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import IAPTConfig
     from .data import IAPTCollator
-    from .trainer import TrainConfig, Trainer
+    from .distributed import make_trainer, prepare_model, save_adapter, sharded_choice_eval_fn
+    from .trainer import TrainConfig
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     try:
@@ -249,23 +270,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_model_name_or_path=os.path.abspath(args.model),
     )
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ctx.device
     torch.manual_seed(args.seed)
     model = load_iapt_model(args.model, adapter_cfg, args.precision, device, args.attn_implementation, args.seed)
+    model = prepare_model(model, ctx)  # FSDP shards here, before the optimizer exists
 
     eval_fn = None
     if data["choices"] and data["eval_pairs"]:
-        eval_fn = _choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"], args.eval_batch_size, args.max_length)
+        if ctx.enabled:
+            eval_fn = sharded_choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"],
+                                             max(1, args.eval_batch_size // ctx.world_size), args.max_length, ctx)
+        else:
+            eval_fn = _choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"], args.eval_batch_size,
+                                      args.max_length)
     collator = IAPTCollator.from_tokenizer(tokenizer, padding_side="right")
-    trainer = Trainer(model, cfg, data["train"], collator, eval_examples=data["eval"], dev_examples=data["dev"],
-                      eval_fn=eval_fn)
+    trainer = make_trainer(model, cfg, data["train"], collator, ctx, eval_examples=data["eval"],
+                           dev_examples=data["dev"], eval_fn=eval_fn)
     if cfg.eval_every is None and data["eval"]:
         cfg.eval_every = trainer.max_steps  # evaluate once, at the end
     t0 = time.perf_counter()
     trainer.train(resume_from=args.resume)
     elapsed = time.perf_counter() - t0
     os.makedirs(args.output_dir, exist_ok=True)
-    model.save_pretrained(args.output_dir)
+    save_adapter(model, args.output_dir, ctx)  # gathered; only rank 0 writes
     trainer.save_history()
     final = trainer.evaluate() if (data["eval"] or eval_fn) else {}
     metrics = {
@@ -276,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "final_train_loss": next((h["loss"] for h in reversed(trainer.history) if "loss" in h), None),
         **final,
     }
+    if not ctx.is_main:
+        return 0
+    metrics["world_size"], metrics["distributed"] = ctx.world_size, ctx.strategy
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2)
     print(json.dumps(metrics))
@@ -294,7 +324,7 @@ def load_iapt_model(path: str, adapter_config, precision: str, device, attn_impl
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model = get_iapt_model(base, adapter_config)
+    model = get_iapt_model(base, adapter_config, seed=seed)
     # The backbone may be bf16; the trained weights stay float32 master weights (trainer.py).
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

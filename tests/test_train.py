@@ -34,6 +34,15 @@ class ToyIAPT(nn.Module):
         return types.SimpleNamespace(logits=(h + p.mean(1, keepdim=True)) @ self.embed.weight.T)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second intra-op thread only spins against the rest of the CI.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()

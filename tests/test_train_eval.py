@@ -14,6 +14,15 @@ from iapt_fast.trainer import TrainConfig, Trainer
 from train_fixtures import make_llama, make_tokenizer, sentiment_rows
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second intra-op thread only spins against the rest of the CI.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()

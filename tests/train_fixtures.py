@@ -35,14 +35,19 @@ def make_tokenizer(add_bos: bool = True):
 
 
 def make_llama(vocab_size: int, seed: int = 0, layers: int = 2):
-    """A random Llama with d=32, 2 layers: milliseconds per step."""
+    """A random Llama with d=32, 2 layers: milliseconds per step.
+
+    initializer_range 0.2, not 0.02: with 0.02 every projection shrinks the prefix's effect and
+    a short training test could not move the loss (as in tests/slow_reference.py).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                      initializer_range=0.2)
     return LlamaForCausalLM(cfg).eval()
 
 

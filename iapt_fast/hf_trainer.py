@@ -1,0 +1,74 @@
+"""IAPTModel inside ``transformers.Trainer``.
+
+IAPTModel trains under a plain ``transformers.Trainer`` as is (its forward takes ``labels``,
+``**kwargs`` and returns the wrapped model's output with ``.loss``). What the plain Trainer
+gets wrong is saving: for a model that is not a PreTrainedModel it writes the whole state
+dict — the frozen backbone included, and it fails on tied embeddings. ``IAPTHFTrainer``
+saves and reloads the adapter only (``adapter_config.json`` + ``adapter_model.safetensors``),
+so checkpoints are small and ``resume_from_checkpoint`` works.
+
+    from iapt_fast.hf_trainer import IAPTHFTrainer
+    trainer = IAPTHFTrainer(model=iapt_model, args=TrainingArguments(..., remove_unused_columns=False),
+                            train_dataset=tokenized, data_collator=IAPTCollator.from_tokenizer(tok))
+
+``remove_unused_columns=False`` keeps the ``instruction_mask`` column (the Trainer drops
+columns it cannot see in the forward signature only when it can inspect them; be explicit).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer
+
+from .adapter_io import WEIGHTS_NAME, read_adapter
+from .model import IAPTModel
+
+__all__ = ["IAPTHFTrainer", "load_adapter_weights_"]
+
+
+def load_adapter_weights_(model: IAPTModel, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Copy a saved adapter's tensors into ``model``'s adapter in place (same config required)."""
+    name = adapter_name or model.active_adapter
+    arch_d, arch_l = model.generators.hidden_size, model.generators.num_layers
+    config, tensors = read_adapter(path, arch_d, arch_l)
+    adapter = model.generators[name]
+    ours = {f"layers.{n}": p for n, p in adapter.layers.named_parameters()}
+    if set(ours) != set(tensors):
+        raise ValueError(f"adapter in {os.fspath(path)!r} does not match adapter {name!r}: "
+                         f"tensors {sorted(set(tensors) ^ set(ours))[:4]} differ")
+    with torch.no_grad():
+        for key, param in ours.items():
+            if param.shape != tensors[key].shape:
+                raise ValueError(f"{key}: saved shape {tuple(tensors[key].shape)} != {tuple(param.shape)}")
+            param.copy_(tensors[key])
+
+
+class IAPTHFTrainer(Trainer):
+    """``transformers.Trainer`` that saves/loads the IAPT adapter instead of the whole model."""
+
+    def _iapt_model(self) -> IAPTModel:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, IAPTModel):
+            raise TypeError(f"IAPTHFTrainer trains an IAPTModel, got {type(model).__name__}")
+        return model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._iapt_model().save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
+            raise ValueError(f"no IAPT adapter ({WEIGHTS_NAME}) in {resume_from_checkpoint!r}")
+        load_adapter_weights_(self._iapt_model() if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best and os.path.isfile(os.path.join(best, WEIGHTS_NAME)):
+            load_adapter_weights_(self._iapt_model(), best)
