@@ -179,6 +179,11 @@ def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, An
                           minus_one=True))
         out.append(_ratio("IAPT / base decode ms per token", "e2e", case, iapt, base, "decode_ms_per_token"))
         out.append(_ratio("PEFT LoRA mixed / base tokens/s", "e2e", case, peft, base, "tokens_per_s"))
+        iapt_torch = e.get((case, "iapt_torch"))
+        if iapt_torch is not None:
+            out.append(_ratio("IAPT Triton / IAPT reference tokens/s", "e2e", case, iapt, iapt_torch, "tokens_per_s"))
+            out.append(_ratio("IAPT Triton / IAPT reference prefill speed-up", "e2e", case, iapt, iapt_torch,
+                              "prefill_ms", invert=True))
     t = _index(rows, "train")
     for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "train"):
         iapt, peft, bmm = t.get((case, "iapt")), t.get((case, "peft_lora")), t.get((case, "bmm_lora"))

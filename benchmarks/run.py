@@ -37,13 +37,16 @@ SCHEMA_VERSION = 1
 # CPU run README's promise (< 10 min on 2 cores). Cases past the budget become skipped rows.
 DEFAULT_BUDGET_S = {"cuda": 420.0, "cpu": 540.0}
 QUICK_BUDGET_S = {"cuda": 240.0, "cpu": 100.0}
+# Each suite gets this share of what is left when it starts (unused time carries over), so a
+# slow suite cannot starve the ones after it.
+SUITE_WEIGHTS = {"kernels": 0.3, "e2e": 0.5, "train": 0.2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import torch
 
     from benchmarks.suites.e2e import DEFAULT_LORA_TARGETS
-    from benchmarks.suites.models import METHODS
+    from benchmarks.suites.models import DEFAULT_METHODS, METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--suite", choices=SUITES + ("all",), default="all")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run for CI")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"e2e methods, comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--methods", default=None,
+                        help=f"e2e methods, comma-separated, from {','.join(METHODS)} "
+                             f"(default: all; iapt_torch only on cuda)")
     parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                         help="LoRA target modules (their rank is set to match IAPT's parameter count)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -64,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
+    if args.methods is None:
+        args.methods = ",".join(DEFAULT_METHODS[args.device])
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
@@ -103,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                     dynamic_ncols=True)
     rec = Recorder(Budget(args.budget_s), progress)
     settings: dict[str, Any] = {}
-    for suite in suites:
+    for i, suite in enumerate(suites):
         progress.set_description(suite)
+        left = args.budget_s - (time.perf_counter() - start)
+        share = SUITE_WEIGHTS[suite] / sum(SUITE_WEIGHTS[s] for s in suites[i:])
+        rec.budget = Budget(max(0.0, left * share))
         try:
             if suite == "kernels":
                 settings[suite] = kernels.run(rec, args.device, args.quick)

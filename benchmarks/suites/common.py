@@ -202,12 +202,26 @@ def time_calls(device: torch.device | str, fn: Callable[[], Any], reps: int) -> 
 
 # ---------------------------------------------------------------------------- memory
 MEMORY_NOTE = {
-    "cuda": "peak_mem_mb = torch.cuda.max_memory_allocated during the call (absolute, weights included); "
-            "extra_mem_mb = that peak minus the memory allocated just before the call",
-    "cpu": "peak_mem_mb = peak resident set size (VmHWM, reset through /proc/self/clear_refs) during the call; "
-           "extra_mem_mb = that peak minus the RSS just before the call. The allocator reuses freed "
-           "memory, so extra_mem_mb is a lower bound of the call's working set",
+    "cuda": "peak_mem_mb = weights_mb (this method's parameters and buffers, adapters included) + extra_mem_mb "
+            "(torch.cuda.max_memory_allocated during the call minus the memory allocated just before it): "
+            "the peak of a process that serves this method alone",
+    "cpu": "peak_mem_mb = weights_mb (this method's parameters and buffers, adapters included) + extra_mem_mb "
+           "(peak resident set size during the call, VmHWM reset through /proc/self/clear_refs, minus the RSS "
+           "just before it). The allocator reuses freed memory, so extra_mem_mb is a lower bound of the "
+           "call's working set",
 }
+
+
+def module_mb(module: torch.nn.Module) -> float:
+    """Bytes of a module's parameters and buffers (shared storages counted once), in MiB."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total / 2**20
 
 
 def _proc_status_kb(key: str) -> float | None:
@@ -223,8 +237,11 @@ def _proc_status_kb(key: str) -> float | None:
 
 @contextmanager
 def peak_memory(device: torch.device | str) -> Iterator[dict[str, float | None]]:
-    """Measure peak memory of the body; fills ``peak_mem_mb`` and ``extra_mem_mb`` (MiB)."""
-    out: dict[str, float | None] = {"peak_mem_mb": None, "extra_mem_mb": None}
+    """Peak memory of the body above what was allocated before it: ``extra_mem_mb`` (MiB).
+
+    Also ``process_peak_mb``: the whole process's peak (every model alive included).
+    """
+    out: dict[str, float | None] = {"process_peak_mb": None, "extra_mem_mb": None}
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -233,7 +250,7 @@ def peak_memory(device: torch.device | str) -> Iterator[dict[str, float | None]]
         yield out
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        out["peak_mem_mb"] = peak / 2**20
+        out["process_peak_mb"] = peak / 2**20
         out["extra_mem_mb"] = (peak - before) / 2**20
         return
     gc.collect()
@@ -247,7 +264,7 @@ def peak_memory(device: torch.device | str) -> Iterator[dict[str, float | None]]
     yield out
     peak = _proc_status_kb("VmHWM") if reset else None
     if peak is not None and before is not None:
-        out["peak_mem_mb"] = peak / 1024
+        out["process_peak_mb"] = peak / 1024
         out["extra_mem_mb"] = max(0.0, peak - before) / 1024
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites.common import MEMORY_NOTE, Recorder, peak_memory, release_memory, time_calls
+from benchmarks.suites.common import MEMORY_NOTE, Recorder, module_mb, peak_memory, quantiles, release_memory, time_calls
 from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, METHODS, BackboneSpec, Prepared, budget, \
     build_backbone, prepare
 
@@ -36,7 +36,7 @@ def settings(device: str, quick: bool) -> dict[str, Any]:
         return {"spec": spec, "dtype": "float32", "batches": [4], "prompts": [32], "new_tokens": 6, "reps": 1}
     spec = BackboneSpec("small Llama-shaped", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=8, vocab_size=8192)
-    return {"spec": spec, "dtype": "float32", "batches": [1, 8], "prompts": [128], "new_tokens": 16, "reps": 3}
+    return {"spec": spec, "dtype": "float32", "batches": [1, 8, 32], "prompts": [128], "new_tokens": 32, "reps": 3}
 
 
 def count(device: str, quick: bool, methods: list[str]) -> int:
@@ -44,40 +44,93 @@ def count(device: str, quick: bool, methods: list[str]) -> int:
     return len(s["batches"]) * len(s["prompts"]) * len(methods)
 
 
-def measure(prep: Prepared, batch: int, prompt: int, new_tokens: int, reps: int, device: str,
-            vocab: int) -> dict[str, float | None]:
-    """Time generate() of one (batch, prompt) for a prepared method."""
-    gen = torch.Generator().manual_seed(batch * 1000 + prompt)
-    ids = torch.randint(2, vocab, (batch, prompt), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    kwargs = prep.call_kwargs(batch)
+class _Case:
+    """Inputs and timings of one (batch, prompt) for every method, measured interleaved."""
 
-    def generate(n: int) -> torch.Tensor:
+    def __init__(self, batch: int, prompt: int, new_tokens: int, device: str, vocab: int) -> None:
+        gen = torch.Generator().manual_seed(batch * 1000 + prompt)
+        self.ids = torch.randint(2, vocab, (batch, prompt), generator=gen).to(device)
+        self.mask = torch.ones_like(self.ids)
+        self.batch, self.prompt, self.new_tokens, self.device = batch, prompt, new_tokens, device
+
+    def generate(self, prep: Prepared, n: int) -> torch.Tensor:
+        kwargs = prep.call_kwargs(self.batch)
         with torch.no_grad():
-            out = prep.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                      **kwargs)
+            out = prep.model.generate(input_ids=self.ids, attention_mask=self.mask, max_new_tokens=n,
+                                      do_sample=False, **kwargs)
         seqs = out if isinstance(out, torch.Tensor) else out.sequences
-        if tuple(seqs.shape) != (batch, prompt + n):
-            raise RuntimeError(f"generate returned shape {tuple(seqs.shape)}, expected {(batch, prompt + n)}")
+        if tuple(seqs.shape) != (self.batch, self.prompt + n):
+            raise RuntimeError(f"generate returned shape {tuple(seqs.shape)}, expected {(self.batch, self.prompt + n)}")
         return seqs
 
-    with peak_memory(device) as mem:  # the warm-up call doubles as the memory measurement
-        generate(new_tokens)
-    prefill = time_calls(device, lambda: generate(1), reps)
-    full = time_calls(device, lambda: generate(new_tokens), reps)
-    decode_ms = (full.median_ms - prefill.median_ms) / max(1, new_tokens - 1)
-    return {
-        "prefill_ms": prefill.median_ms, "prefill_p10_ms": prefill.p10_ms, "prefill_p90_ms": prefill.p90_ms,
-        "total_ms": full.median_ms, "total_p10_ms": full.p10_ms, "total_p90_ms": full.p90_ms,
-        "decode_ms_per_token": decode_ms,
-        "tokens_per_s": batch * new_tokens / (full.median_ms * 1e-3),
-        "decode_tokens_per_s": batch / (decode_ms * 1e-3) if decode_ms > 0 else None,
-        "peak_mem_mb": mem["peak_mem_mb"], "extra_mem_mb": mem["extra_mem_mb"],
-        "distinct_adapters": float(prep.distinct_adapters(batch)),
-        "adapters_loaded": float(len(prep.adapter_names)),
-        "trainable_params_per_adapter": float(prep.trainable_params),
-        "reps": float(reps),
-    }
+
+def measure_case(preps: dict[str, Prepared], case: _Case, reps: int) -> dict[str, dict[str, float | None] | Exception]:
+    """Time every method on one case; returns metrics or the exception, per method.
+
+    Methods are interleaved (round r runs every method once, in a rotated order), so that
+    load drifting on a shared machine spreads over all methods instead of biasing one.
+    """
+    results: dict[str, dict[str, float | None] | Exception] = {}
+    memory: dict[str, dict[str, float | None]] = {}
+    for method, prep in preps.items():
+        try:
+            with peak_memory(case.device) as mem:  # the warm-up call doubles as the memory measurement
+                case.generate(prep, case.new_tokens)
+            memory[method] = mem
+        except Exception as err:
+            results[method] = err
+    live = [m for m in preps if m not in results]
+    prefill: dict[str, list[float]] = {m: [] for m in live}
+    full: dict[str, list[float]] = {m: [] for m in live}
+    for r in range(reps):
+        order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))]
+        for method in order:
+            if method in results:
+                continue
+            try:
+                prefill[method].append(time_calls(case.device, lambda: case.generate(preps[method], 1), 1).median_ms)
+                full[method].append(time_calls(case.device, lambda: case.generate(preps[method], case.new_tokens),
+                                               1).median_ms)
+            except Exception as err:
+                results[method] = err
+    n, b = case.new_tokens, case.batch
+    for method in live:
+        if method in results:
+            continue
+        pre, tot = quantiles(prefill[method]), quantiles(full[method])
+        decode_ms = (tot.median_ms - pre.median_ms) / max(1, n - 1)
+        # On a loaded machine the difference of two medians can come out negative: that is
+        # noise, and is reported as not measurable rather than as a number.
+        decode_ms = decode_ms if decode_ms > 0 else None
+        prep = preps[method]
+        results[method] = {
+            "prefill_ms": pre.median_ms, "prefill_p10_ms": pre.p10_ms, "prefill_p90_ms": pre.p90_ms,
+            "total_ms": tot.median_ms, "total_p10_ms": tot.p10_ms, "total_p90_ms": tot.p90_ms,
+            "decode_ms_per_token": decode_ms,
+            "tokens_per_s": b * n / (tot.median_ms * 1e-3),
+            "decode_tokens_per_s": b / (decode_ms * 1e-3) if decode_ms else None,
+            **_memory(prep, memory[method]),
+            "distinct_adapters": float(prep.distinct_adapters(b)),
+            "adapters_loaded": float(len(prep.adapter_names)),
+            "trainable_params_per_adapter": float(prep.trainable_params),
+            "reps": float(reps),
+        }
+    return results
+
+
+def _memory(prep: Prepared, mem: dict[str, float | None]) -> dict[str, float | None]:
+    weights = module_mb(prep.model)
+    extra = mem["extra_mem_mb"]
+    return {"weights_mb": weights, "extra_mem_mb": extra, "peak_mem_mb": None if extra is None else weights + extra,
+            "process_peak_mb": mem["process_peak_mb"]}
+
+
+def _unpack(result: dict[str, float | None] | Exception | None) -> dict[str, float | None]:
+    if isinstance(result, Exception):
+        raise result
+    if result is None:
+        raise RuntimeError("not measured")
+    return result
 
 
 def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_targets: list[str]) -> dict[str, Any]:
@@ -99,7 +152,8 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
             f"({plan['lora_params']:,} params per adapter) vs IAPT m = {plan['iapt_bottleneck']}, "
             f"T = {plan['iapt_soft_tokens']} ({plan['iapt_params']:,} params per adapter)",
             "greedy decoding of exactly new_tokens tokens (EOS disabled); prompts without padding",
-            "median of reps timed calls after one warm-up call (which also gives the memory figures)",
+            "per case: one warm-up call per method (which also gives the memory figures), then reps "
+            "rounds that run every method once, interleaved in rotating order; medians over the rounds",
         ],
     }
     try:
@@ -112,22 +166,28 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
             for b, p in grid:
                 rec.fail(SUITE, f"b{b} p{p}", method, {"batch": b, "prompt": p}, f"backbone: {type(err).__name__}: {err}")
         return info
+    preps: dict[str, Prepared] = {}
+    build_errors: dict[str, str] = {}
     for method in methods:
-        prep: Prepared | None = None
-        build_error: str | None = None
         try:
-            prep = prepare(method, backbone, max_adapters if method != "merged_lora" else 1, plan)
+            preps[method] = prepare(method, backbone, max_adapters if method != "merged_lora" else 1, plan)
         except Exception as err:  # the method's rows are all failed, with the build error
-            build_error = f"building {method}: {type(err).__name__}: {err}"
-        for b, p in grid:
+            build_errors[method] = f"building {method}: {type(err).__name__}: {err}"
+    for b, p in grid:
+        results: dict[str, Any] = {}
+        if not rec.budget.exhausted():
+            try:
+                results = measure_case(preps, _Case(b, p, cfg["new_tokens"], device, spec.vocab_size), cfg["reps"])
+            except Exception as err:  # e.g. the inputs could not be built: every method fails
+                results = {m: err for m in preps}
+        for method in methods:
             params = {"batch": b, "prompt": p, "new_tokens": cfg["new_tokens"], "method_label": METHOD_LABELS[method]}
-            if prep is None:
-                rec.fail(SUITE, f"b{b} p{p}", method, params, build_error or "build failed")
+            if method in build_errors:
+                rec.fail(SUITE, f"b{b} p{p}", method, params, build_errors[method])
                 continue
-            rec.run(SUITE, f"b{b} p{p}", method, params,
-                    lambda: measure(prep, b, p, cfg["new_tokens"], cfg["reps"], device, spec.vocab_size))
-        del prep
-        release_memory()
+            rec.run(SUITE, f"b{b} p{p}", method, params, lambda r=results.get(method): _unpack(r))
+    del preps
+    release_memory()
     del backbone
     release_memory()
     return info

@@ -17,10 +17,14 @@ from torch import nn
 
 from benchmarks.lora_bmm import GatheredLoRA, attach_gathered_lora
 
-METHODS = ("base", "iapt", "peft_lora", "bmm_lora", "merged_lora")
+METHODS = ("base", "iapt", "iapt_torch", "peft_lora", "bmm_lora", "merged_lora")
+# iapt_torch (IAPT with the PyTorch reference generator) differs from iapt only where "auto"
+# picks the Triton kernels, i.e. on CUDA; on the CPU it would time the same code twice.
+DEFAULT_METHODS = {"cuda": METHODS, "cpu": tuple(m for m in METHODS if m != "iapt_torch")}
 METHOD_LABELS = {
     "base": "base model",
     "iapt": "IAPT, K adapters",
+    "iapt_torch": "IAPT, K adapters, reference generator (no Triton)",
     "peft_lora": "PEFT LoRA mixed batch, K adapters",
     "bmm_lora": "gathered-BMM LoRA, K adapters",
     "merged_lora": "merged LoRA, 1 tenant",
@@ -126,7 +130,7 @@ class Prepared:
     def call_kwargs(self, batch: int) -> dict[str, Any]:
         """Row b uses tenant b mod K (every row a different adapter when K = batch)."""
         k = len(self.adapter_names)
-        if self.method in ("iapt", "peft_lora"):
+        if self.method in ("iapt", "iapt_torch", "peft_lora"):
             return {"adapter_names": [self.adapter_names[b % k] for b in range(batch)]}
         if self.method == "bmm_lora":
             assert self.lora_handle is not None
@@ -144,8 +148,9 @@ def prepare(method: str, backbone: nn.Module, num_adapters: int, plan: dict[str,
     names = [f"tenant_{i}" for i in range(num_adapters)]
     if method == "base":
         return Prepared(method, model, [])
-    if method == "iapt":
-        return _prepare_iapt(model, names, plan, trainable)
+    if method in ("iapt", "iapt_torch"):
+        return _prepare_iapt(model, names, plan, trainable, backend="torch" if method == "iapt_torch" else "auto",
+                             method=method)
     if method == "bmm_lora":
         handle = attach_gathered_lora(model, plan["lora_targets"], num_adapters, plan["lora_rank"])
         if not trainable:
@@ -175,7 +180,8 @@ def prepare(method: str, backbone: nn.Module, num_adapters: int, plan: dict[str,
     return Prepared(method, peft_model, names, trainable_params=trainable_params)
 
 
-def _prepare_iapt(model: nn.Module, names: list[str], plan: dict[str, Any], trainable: bool) -> Prepared:
+def _prepare_iapt(model: nn.Module, names: list[str], plan: dict[str, Any], trainable: bool,
+                  backend: str = "auto", method: str = "iapt") -> Prepared:
     from iapt_fast import IAPTConfig
     try:
         from iapt_fast import get_iapt_model
@@ -183,22 +189,13 @@ def _prepare_iapt(model: nn.Module, names: list[str], plan: dict[str, Any], trai
         raise RuntimeError(f"IAPT integration unavailable: {err}") from err
 
     cfg = IAPTConfig(num_soft_tokens=plan["iapt_soft_tokens"], bottleneck_dim=plan["iapt_bottleneck"])
-    iapt_model = get_iapt_model(model, cfg)
-    existing = list(iapt_model.adapter_names)
-    # The wrapped model comes with one adapter; it serves as tenant 0.
-    tenants = existing[:1] + names[1:] if existing else names
-    for name in tenants:
-        if name not in existing:
-            iapt_model.add_adapter(name, cfg)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    iapt_model.to(device)
-    if not trainable:
-        iapt_model.eval()
-        for p in iapt_model.parameters():
-            p.requires_grad_(False)
+    iapt_model = get_iapt_model(model, cfg, adapter_name=names[0], backend=backend, seed=0)
+    for i, name in enumerate(names[1:], start=1):
+        iapt_model.add_adapter(name, cfg, seed=i)
+    per_adapter = sum(p.numel() for p in iapt_model.generators[names[0]].parameters())
+    if trainable:
+        iapt_model.set_adapter(names[0])  # the only trainable one
     else:
-        iapt_model.set_adapter(tenants[0])
-    del dtype
-    trainable_params = sum(p.numel() for p in iapt_model.parameters() if p.requires_grad) if trainable else 0
-    return Prepared("iapt", iapt_model, tenants, trainable_params=trainable_params)
+        iapt_model.eval()
+        iapt_model.requires_grad_(False)
+    return Prepared(method, iapt_model, names, trainable_params=per_adapter)

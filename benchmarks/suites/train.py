@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites.common import MEMORY_NOTE, Recorder, peak_memory, release_memory, time_calls
-from benchmarks.suites.e2e import settings as e2e_settings
+from benchmarks.suites.common import MEMORY_NOTE, Recorder, module_mb, peak_memory, quantiles, release_memory, time_calls
+from benchmarks.suites.e2e import _unpack, settings as e2e_settings
 from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, Prepared, budget, build_backbone, prepare
 
 SUITE = "train"
@@ -43,39 +43,70 @@ def _batch(batch: int, seq: int, vocab: int, device: str) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "instruction_mask": instruction}
 
 
-def measure(prep: Prepared, batch: int, seq: int, steps: int, warmup: int, device: str, vocab: int) -> dict[str, float | None]:
-    data = _batch(batch, seq, vocab, device)
-    if prep.method == "iapt":
-        inputs = data
-    else:
-        inputs = {k: v for k, v in data.items() if k != "instruction_mask"}
-        prep.call_kwargs(batch)  # bmm_lora: one adapter loaded, so every row on it (no gather)
-    prep.model.train()
-    params = [p for p in prep.model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError(f"{prep.method}: no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=1e-4)
+class _Trainer:
+    """One method's model, optimizer and batch; ``step()`` is one training step."""
 
-    def step() -> float:
-        loss = prep.model(**inputs).loss
+    def __init__(self, prep: Prepared, batch: int, seq: int, device: str, vocab: int) -> None:
+        data = _batch(batch, seq, vocab, device)
+        if prep.method != "iapt":
+            data.pop("instruction_mask")
+            prep.call_kwargs(batch)  # bmm_lora: one adapter loaded, so every row on it (no gather)
+        prep.model.train()
+        self.params = [p for p in prep.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise RuntimeError(f"{prep.method}: no trainable parameters")
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.prep, self.inputs, self.device = prep, data, device
+
+    def step(self) -> float:
+        loss = self.prep.model(**self.inputs).loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{prep.method}: non-finite loss {loss.item()}")
+            raise FloatingPointError(f"{self.prep.method}: non-finite loss {loss.item()}")
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(warmup - 1):
-        step()
-    with peak_memory(device) as mem:  # the last warm-up step: optimizer state already allocated
-        step()
-    timing = time_calls(device, step, steps)
-    return {
-        "step_ms": timing.median_ms, "step_p10_ms": timing.p10_ms, "step_p90_ms": timing.p90_ms,
-        "tokens_per_s": batch * seq / (timing.median_ms * 1e-3),
-        "peak_mem_mb": mem["peak_mem_mb"], "extra_mem_mb": mem["extra_mem_mb"],
-        "trainable_params": float(sum(p.numel() for p in params)), "steps": float(steps),
-    }
+
+def measure_case(preps: dict[str, Prepared], batch: int, seq: int, steps: int, warmup: int, device: str,
+                 vocab: int) -> dict[str, dict[str, float | None] | Exception]:
+    """Warm up every method, then time ``steps`` rounds of one step per method, interleaved."""
+    results: dict[str, dict[str, float | None] | Exception] = {}
+    trainers: dict[str, _Trainer] = {}
+    memory: dict[str, dict[str, float | None]] = {}
+    for method, prep in preps.items():
+        try:
+            trainer = _Trainer(prep, batch, seq, device, vocab)
+            with peak_memory(device) as mem:  # the first step allocates gradients and optimizer state
+                trainer.step()
+            for _ in range(warmup - 1):
+                trainer.step()
+            trainers[method], memory[method] = trainer, mem
+        except Exception as err:
+            results[method] = err
+    samples: dict[str, list[float]] = {m: [] for m in trainers}
+    for r in range(steps):
+        live = [m for m in trainers if m not in results]
+        order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))]
+        for method in order:
+            try:
+                samples[method].append(time_calls(device, trainers[method].step, 1).median_ms)
+            except Exception as err:
+                results[method] = err
+    for method, trainer in trainers.items():
+        if method in results:
+            continue
+        timing = quantiles(samples[method])
+        weights = module_mb(trainer.prep.model)
+        extra = memory[method]["extra_mem_mb"]
+        results[method] = {
+            "step_ms": timing.median_ms, "step_p10_ms": timing.p10_ms, "step_p90_ms": timing.p90_ms,
+            "tokens_per_s": batch * seq / (timing.median_ms * 1e-3),
+            "weights_mb": weights, "extra_mem_mb": extra, "peak_mem_mb": None if extra is None else weights + extra,
+            "process_peak_mb": memory[method]["process_peak_mb"],
+            "trainable_params": float(sum(p.numel() for p in trainer.params)), "steps": float(steps),
+        }
+    return results
 
 
 def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dict[str, Any]:
@@ -97,18 +128,23 @@ def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dic
             for b, s in cfg["shapes"]:
                 rec.fail(SUITE, f"b{b} s{s}", method, {"batch": b, "seq": s}, f"backbone: {type(err).__name__}: {err}")
         return info
-    for method in METHODS:
-        for b, s in cfg["shapes"]:
-            params = {"batch": b, "seq": s}
-
-            def case(method: str = method, b: int = b, s: int = s) -> dict[str, float | None]:
-                prep = prepare(method, backbone, 1, plan, trainable=True)
+    for b, s in cfg["shapes"]:
+        preps: dict[str, Prepared] = {}
+        results: dict[str, Any] = {}
+        if not rec.budget.exhausted():
+            for method in METHODS:
                 try:
-                    return measure(prep, b, s, cfg["steps"], cfg["warmup"], device, spec.vocab_size)
-                finally:
-                    del prep
-                    release_memory()
-            rec.run(SUITE, f"b{b} s{s}", method, params, case)
+                    preps[method] = prepare(method, backbone, 1, plan, trainable=True)
+                except Exception as err:
+                    results[method] = RuntimeError(f"building {method}: {type(err).__name__}: {err}")
+            try:
+                results.update(measure_case(preps, b, s, cfg["steps"], cfg["warmup"], device, spec.vocab_size))
+            except Exception as err:
+                results.update({m: err for m in preps})
+        for method in METHODS:
+            rec.run(SUITE, f"b{b} s{s}", method, {"batch": b, "seq": s}, lambda r=results.get(method): _unpack(r))
+        del preps
+        release_memory()
     del backbone
     release_memory()
     return info
