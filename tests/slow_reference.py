@@ -41,7 +41,8 @@ def tiny_model(family: str, attn: str = "sdpa", dtype: torch.dtype = torch.float
     elif family == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4,
                                                  n_positions=256, attn_implementation=attn, pad_token_id=0, initializer_range=0.2,
-                                                 bos_token_id=1, eos_token_id=2))
+                                                 bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                 attn_pdrop=0.0))
     else:
         raise ValueError(family)
     return model.to(dtype).eval()
@@ -114,6 +115,10 @@ def slow_logits(model, generators: dict[int, dict[str, Tensor]], input_ids: Tens
             x, full_pos, key_ok = hidden, positions, mask
         size = x.shape[1]
         allowed = torch.ones(size, size, dtype=torch.bool).tril()[None] & key_ok[:, None, :]
+        window = getattr(model.config, "sliding_window", None)
+        if window is not None and model.config.model_type == "mistral":
+            offsets = torch.arange(size)[:, None] - torch.arange(size)[None, :]
+            allowed = allowed & (offsets < window)[None]
         # A query with no visible key (a left-padding token) would give NaN; its output is never
         # read by a real token, so let it see itself.
         lonely = ~allowed.any(-1, keepdim=True)

@@ -327,3 +327,54 @@ def test_bad_inputs_raise_before_any_computation(monkeypatch):
     with torch.no_grad():
         wrapped(input_ids=ids, attention_mask=mask)
     assert counter.calls == 2
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_sliding_window_behaves_as_literal_prepending(attn):
+    # A window shorter than the prompt: the soft tokens leave the window exactly like real
+    # prepended tokens would (the reference masks by distance in the concatenated sequence).
+    model = tiny_model("mistral", attn)
+    model.config.sliding_window = 5
+    wrapped = wrap(model)
+    ids, mask, inst = padded_batch(2, 9, "none", seed=71)
+    with torch.no_grad():
+        out = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst).logits
+        ref = slow_logits(model, weights_of(wrapped), ids, mask, inst)
+    assert (out - ref).abs().max().item() <= TOL
+    tokens = wrapped.generate(ids, attention_mask=mask, instruction_mask=inst, max_new_tokens=5, min_new_tokens=5,
+                              do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, slow_greedy(model, weights_of(wrapped), ids, mask, inst, 5))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_layer_subset_gradients_under_checkpointing(family):
+    model = tiny_model(family, "eager", layers=3)
+    wrapped = wrap(model, target_layers=[1], pool_input="normed", init_std_up=0.1)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapped.train()
+    ids, mask, inst = padded_batch(3, 8, "left", seed=73)
+    # No loss on a token predicted from a padding position: what a padding query attends to
+    # is unspecified (transformers and the reference differ when it sees no key at all).
+    after_pad = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1) == 0
+    labels = ids.masked_fill(after_pad, -100)
+    wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, labels=labels).loss.backward()
+    params = dict(wrapped.generators.named_parameters())
+    got = {k: p.grad.clone() for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    model.eval()  # the reference calls layers directly; checkpointing only acts in training mode
+    logits = slow_logits(model, weights_of(wrapped), ids, mask, inst, pool_input="normed")
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1)).backward()
+    for name, p in params.items():
+        scale = p.grad.abs().max().item()
+        assert scale > 0 and (got[name] - p.grad).abs().max().item() <= 1e-4 * max(1.0, scale), name
+
+
+def test_inputs_embeds_forward_matches_input_ids():
+    model = tiny_model("llama", "sdpa")
+    wrapped = wrap(model)
+    ids, mask, inst = padded_batch(2, 7, "left", seed=79)
+    with torch.no_grad():
+        a = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst).logits
+        b = wrapped(inputs_embeds=model.model.embed_tokens(ids), attention_mask=mask, instruction_mask=inst).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
