@@ -171,6 +171,19 @@ def test_recorder_budget_and_exceptions():
     assert [r.status for r in rec.rows + spent.rows] == ["ok", "failed", "skipped"]
 
 
+def test_tensor_peak_counts_live_storages_once():
+    def work():
+        a = torch.empty(2**18)  # 1 MiB of float32
+        b = torch.empty(2**19)  # 2 MiB, while a lives
+        view = b[::2]  # shares b's storage: no new bytes
+        del a, b, view
+        c = torch.empty(2**18)  # 1 MiB after both died
+        return c
+
+    assert common.tensor_peak_mb(work) == pytest.approx(3.0)
+    assert common.tensor_peak_mb(lambda: torch.ones(2**20, dtype=torch.float16) * 2) == pytest.approx(4.0)
+
+
 def test_quantiles_match_numpy():
     np = pytest.importorskip("numpy")
     gen = torch.Generator().manual_seed(1)

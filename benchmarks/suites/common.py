@@ -11,6 +11,7 @@ import math
 import statistics
 import time
 import traceback
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -206,9 +207,9 @@ MEMORY_NOTE = {
             "(torch.cuda.max_memory_allocated during the call minus the memory allocated just before it): "
             "the peak of a process that serves this method alone",
     "cpu": "peak_mem_mb = weights_mb (this method's parameters and buffers, adapters included) + extra_mem_mb "
-           "(peak resident set size during the call, VmHWM reset through /proc/self/clear_refs, minus the RSS "
-           "just before it). The allocator reuses freed memory, so extra_mem_mb is a lower bound of the "
-           "call's working set",
+           "(peak bytes of tensors allocated during the call and alive at once, tracked per storage with a "
+           "TorchDispatchMode in the warm-up call; kernel-internal scratch is not seen): the peak of a process "
+           "that serves this method alone. process_peak_mb: the whole process's peak RSS during that call",
 }
 
 
@@ -278,3 +279,63 @@ def copy_bandwidth_gbs(device: torch.device | str, nbytes: int) -> dict[str, flo
     del src, dst
     release_memory()
     return {"copy_gbs": gbs, "copy_bytes": float(nbytes), "copy_median_ms": timing.median_ms}
+
+
+class _LiveTensorTracker:
+    """Counts bytes of tensor storages created under a TorchDispatchMode while they live."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if not key or key in self.sizes:
+            return
+        size = storage.nbytes()
+        self.sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self.free, key)
+
+    def free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
+
+
+def tensor_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak MiB of tensors allocated by ``fn`` and alive at the same time (CPU memory metric).
+
+    Every op's outputs are recorded through a TorchDispatchMode and released when their
+    storage dies; views share their base's storage and count once. Allocations that never
+    surface as tensors (kernel-internal scratch) are not seen. It slows ``fn`` down, so it
+    runs in a separate, untimed call.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    tracker = _LiveTensorTracker()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for item in tree_flatten(out)[0]:
+                if isinstance(item, torch.Tensor) and item.device.type != "meta":
+                    tracker.add(item)
+            return out
+
+    with Mode():
+        fn()
+    return tracker.peak / 2**20
+
+
+def measure_memory(device: torch.device | str, fn: Callable[[], Any]) -> dict[str, float | None]:
+    """Run ``fn`` once and return ``extra_mem_mb`` (see MEMORY_NOTE) and ``process_peak_mb``."""
+    if torch.device(device).type == "cuda":
+        with peak_memory(device) as mem:
+            fn()
+        return dict(mem)
+    with peak_memory(device) as mem:
+        extra = tensor_peak_mb(fn)
+    return {"extra_mem_mb": extra, "process_peak_mb": mem["process_peak_mb"]}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites.common import MEMORY_NOTE, Recorder, module_mb, peak_memory, quantiles, release_memory, time_calls
+from benchmarks.suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
 from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, METHODS, BackboneSpec, Prepared, budget, \
     build_backbone, prepare
 
@@ -33,7 +33,7 @@ def settings(device: str, quick: bool) -> dict[str, Any]:
     if quick:
         spec = BackboneSpec("tiny Llama-shaped", hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=4, vocab_size=1024)
-        return {"spec": spec, "dtype": "float32", "batches": [4], "prompts": [32], "new_tokens": 6, "reps": 1}
+        return {"spec": spec, "dtype": "float32", "batches": [4], "prompts": [32], "new_tokens": 6, "reps": 2}
     spec = BackboneSpec("small Llama-shaped", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=8, vocab_size=8192)
     return {"spec": spec, "dtype": "float32", "batches": [1, 8, 32], "prompts": [128], "new_tokens": 32, "reps": 3}
@@ -74,9 +74,8 @@ def measure_case(preps: dict[str, Prepared], case: _Case, reps: int) -> dict[str
     memory: dict[str, dict[str, float | None]] = {}
     for method, prep in preps.items():
         try:
-            with peak_memory(case.device) as mem:  # the warm-up call doubles as the memory measurement
-                case.generate(prep, case.new_tokens)
-            memory[method] = mem
+            # The warm-up call doubles as the memory measurement.
+            memory[method] = measure_memory(case.device, lambda: case.generate(prep, case.new_tokens))
         except Exception as err:
             results[method] = err
     live = [m for m in preps if m not in results]

@@ -94,23 +94,23 @@ def bytes_moved(case: KernelCase, mode: str, used_adapters: int) -> int:
 
 
 def make_inputs(case: KernelCase, device: str, seed: int = 0) -> dict[str, Any]:
-    """Random generator inputs; about a tenth of each row is padding (masked out)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random generator inputs, drawn on ``device``; about a tenth of each row is padding."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, case.dtype)
     a, d, m, t = case.adapters, case.d, case.m, case.t
 
     def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
 
     hidden = rnd(case.batch, case.seq, d)
-    lengths = torch.randint(max(1, case.seq * 9 // 10), case.seq + 1, (case.batch,), generator=gen)
-    mask = (torch.arange(case.seq)[None, :] < lengths[:, None]).to(device)
+    lengths = torch.randint(max(1, case.seq * 9 // 10), case.seq + 1, (case.batch,), generator=gen, device=device)
+    mask = torch.arange(case.seq, device=device)[None, :] < lengths[:, None]
     if a == 1:
         ids = None
     elif case.batch >= a:
-        ids = (torch.arange(case.batch) % a).to(device)
+        ids = torch.arange(case.batch, device=device) % a
     else:
-        ids = torch.randint(0, a, (case.batch,), generator=gen).to(device)
+        ids = torch.randint(0, a, (case.batch,), generator=gen, device=device)
     weights = {
         "w_down": rnd(a, d, m, scale=d**-0.5),
         "w_pool": rnd(a, m, t, scale=m**-0.5),
@@ -176,13 +176,14 @@ def check_forward(out: torch.Tensor, inp: dict[str, Any], impl: str) -> dict[str
 
 
 def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..., torch.Tensor],
-            copy_gbs: float | None, quick: bool) -> dict[str, float | None]:
-    """Time one (case, impl, mode); returns the row's metrics."""
+            copy_gbs: float | None, quick: bool, inp: dict[str, Any] | None = None) -> dict[str, float | None]:
+    """Time one (case, impl, mode); returns the row's metrics. ``inp``: from make_inputs (reused)."""
     import time
 
-    inp = make_inputs(case, device)
-    hidden, mask, ids = inp["hidden"], inp["mask"], inp["adapter_ids"]
-    weights = list(inp["weights"].values())
+    inp = inp if inp is not None else make_inputs(case, device)
+    # Fresh leaves per measurement: requires_grad and dynamic-shape marks must not leak across rows.
+    hidden, mask, ids = inp["hidden"].detach().clone(), inp["mask"], inp["adapter_ids"]
+    weights = [w.detach().clone() for w in inp["weights"].values()]
     if device == "cuda" and impl == "compile":
         # Mark B and N dynamic so one compiled graph serves every (B, N) of a (d, m, A).
         torch._dynamo.maybe_mark_dynamic(hidden, 0)
@@ -232,15 +233,21 @@ def run(rec: Recorder, device: str, quick: bool) -> dict[str, Any]:
             fns[impl] = err
     for case in cases(device, quick):
         params = asdict(case)
+        try:
+            inp: dict[str, Any] | Exception = make_inputs(case, device)
+        except Exception as err:  # e.g. out of memory: every row of the case fails with it
+            inp = err
         for impl in impls(device):
             for mode in MODES:
                 fn = fns[impl]
-                if isinstance(fn, Exception):
+                broken = fn if isinstance(fn, Exception) else inp if isinstance(inp, Exception) else None
+                if broken is not None:
                     rec.fail(SUITE, case.name, f"{impl}/{mode}", {**params, "impl": impl, "mode": mode},
-                             f"{type(fn).__name__}: {fn}")
+                             f"{type(broken).__name__}: {broken}")
                     continue
                 rec.run(SUITE, case.name, f"{impl}/{mode}", {**params, "impl": impl, "mode": mode},
-                        lambda: measure(case, impl, mode, device, fn, copy_gbs, quick))
+                        lambda: measure(case, impl, mode, device, fn, copy_gbs, quick, inp))
+        del inp
     return {
         "cases": [asdict(c) for c in cases(device, quick)],
         "impls": impls(device),

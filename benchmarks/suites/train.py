@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites.common import MEMORY_NOTE, Recorder, module_mb, peak_memory, quantiles, release_memory, time_calls
+from benchmarks.suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
 from benchmarks.suites.e2e import _unpack, settings as e2e_settings
 from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, Prepared, budget, build_backbone, prepare
 
@@ -77,11 +77,11 @@ def measure_case(preps: dict[str, Prepared], batch: int, seq: int, steps: int, w
     for method, prep in preps.items():
         try:
             trainer = _Trainer(prep, batch, seq, device, vocab)
-            with peak_memory(device) as mem:  # the first step allocates gradients and optimizer state
-                trainer.step()
+            # The first step allocates gradients and optimizer state: it holds the peak.
+            memory[method] = measure_memory(device, trainer.step)
             for _ in range(warmup - 1):
                 trainer.step()
-            trainers[method], memory[method] = trainer, mem
+            trainers[method] = trainer
         except Exception as err:
             results[method] = err
     samples: dict[str, list[float]] = {m: [] for m in trainers}
