@@ -270,6 +270,9 @@ def text_table(headers: list[str], cells: list[list[str]]) -> str:
 
 def render_text(results: dict[str, Any]) -> str:
     parts = [f"iapt_fast benchmarks — {machine_line(results['machine'])}"]
+    for suite, info in results["settings"].items():
+        summary = _settings_summary(suite, info) if "error" not in info else [f"suite error: {info['error']}"]
+        parts.append(f"  {suite}: " + "; ".join(summary))
     for title, headers, cells in suite_tables(results)[1:] + suite_tables(results)[:1]:
         parts += ["", title, text_table(headers, cells)]
     parts += ["", summary_line(results)]
@@ -321,6 +324,11 @@ def _settings_summary(suite: str, info: dict[str, Any]) -> list[str]:
         g = info["budget"]
         out.append(f"IAPT m {g['iapt_bottleneck']}, T {g['iapt_soft_tokens']}: {g['iapt_params']:,} params; "
                    f"LoRA r {g['lora_rank']} on {'/'.join(g['lora_targets'])}: {g['lora_params']:,} params")
+    if "batches" in info:
+        out.append(f"batch {info['batches']}, prompt {info['prompts']}, {info['new_tokens']} new tokens, "
+                   f"{info['reps']} timed rounds")
+    if "shapes" in info:
+        out.append("(batch, seq) " + ", ".join(f"({b}, {n})" for b, n in info["shapes"]) + f", {info['steps']} timed steps")
     if "timer" in info:
         out.append(info["timer"])
     return out
