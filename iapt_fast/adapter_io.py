@@ -7,6 +7,7 @@ rat_den [q], w_up [m, d]), stored bit for bit in the parameters' dtype.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -98,10 +99,14 @@ def read_adapter(directory: str | os.PathLike, hidden_size: int, num_layers: int
 
 
 def build_adapter(config: IAPTConfig, tensors: dict[str, Tensor], hidden_size: int, num_layers: int,
-                  device: torch.device) -> AdapterGenerators:
-    """An AdapterGenerators holding exactly ``tensors`` (no random initialisation is paid)."""
+                  device: Callable[[int], torch.device]) -> AdapterGenerators:
+    """An AdapterGenerators holding exactly ``tensors`` (no random initialisation is paid).
+
+    Args:
+        device: layer index → device of that layer's generator.
+    """
     weights = {
-        layer: {w: tensors[f"layers.{layer}.{w}"].to(device) for w in WEIGHT_NAMES}
+        layer: {w: tensors[f"layers.{layer}.{w}"].to(device(layer)) for w in WEIGHT_NAMES}
         for layer in config.resolved_layers(num_layers)
     }
     return AdapterGenerators.from_weights(config, hidden_size, num_layers, weights)

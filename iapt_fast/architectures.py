@@ -52,6 +52,10 @@ class Architecture:
     num_layers: int
 
     # ------------------------------------------------------------------ per-layer modules
+    def layer_device(self, index: int) -> torch.device:
+        """Device of decoder layer ``index`` (layers may be spread over devices)."""
+        return next(self.layers[index].parameters()).device
+
     def input_norm(self, layer: nn.Module) -> nn.Module:
         """The layer's own input norm (applied to H_l before attention)."""
         return layer.ln_1 if self.family == "gpt2" else layer.input_layernorm
@@ -103,6 +107,8 @@ class Architecture:
         key = key.transpose(1, 2)
         value = attn.v_proj(normed).view(shape).transpose(1, 2)
         cos, sin = rotary
+        if cos.device != key.device:
+            cos, sin = cos.to(key.device), sin.to(key.device)
         # The family's own apply_rotary_pos_emb, so partial-rotary or interleaved variants of a
         # family stay right; it rotates (q, k) and we only need k.
         apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from . import functional as _functional
 from .adapter_io import build_adapter, read_adapter, save_adapter
-from .architectures import Architecture, cache_kwarg_name, get_architecture
+from .architectures import cache_kwarg_name, get_architecture
 from .config import IAPTConfig
-from .generator import WEIGHT_NAMES, GeneratorBank
+from .generator import GeneratorBank
 from .packing import AdapterPack, build_packs, group_key
 
 __all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER"]
@@ -188,7 +188,8 @@ class IAPTModel(nn.Module):
         self._check_new_name(adapter_name)
         config.resolved_layers(self._arch.num_layers)  # range check before anything is built
         adapter = self.generators.add_adapter(adapter_name, config, seed=seed)
-        adapter.to(self.device)
+        for layer in adapter.layer_indices:  # each generator lives with its layer (device_map="auto")
+            adapter[layer].to(self._arch.layer_device(layer))
         for param in adapter.parameters():
             param.requires_grad_(adapter_name == self._active_adapter)
         self._adapters_changed(added=adapter_name)
@@ -201,7 +202,8 @@ class IAPTModel(nn.Module):
         """
         self._check_new_name(adapter_name)
         config, tensors = read_adapter(path, self._arch.hidden_size, self._arch.num_layers)
-        adapter = build_adapter(config, tensors, self._arch.hidden_size, self._arch.num_layers, self.device)
+        adapter = build_adapter(config, tensors, self._arch.hidden_size, self._arch.num_layers,
+                                self._arch.layer_device)
         for param in adapter.parameters():
             param.requires_grad_(False)
         self.generators.adapters[adapter_name] = adapter
@@ -289,7 +291,7 @@ class IAPTModel(nn.Module):
         arch = get_architecture(model)
         config, tensors = read_adapter(path, arch.hidden_size, arch.num_layers)
         wrapped = cls(model, config, adapter_name=adapter_name, backend=backend)
-        fresh = build_adapter(config, tensors, arch.hidden_size, arch.num_layers, wrapped.device)
+        fresh = build_adapter(config, tensors, arch.hidden_size, arch.num_layers, arch.layer_device)
         wrapped.generators.adapters[adapter_name] = fresh
         wrapped._adapters_changed()
         wrapped.set_adapter(adapter_name)
@@ -507,7 +509,7 @@ class IAPTModel(nn.Module):
             prefix_mask = prefix_mask.repeat_interleave(expand, dim=0)
             rows = [n for n in rows for _ in range(expand)]
         groups = self._plan(rows, inst.device)
-        self._seed_cache(cache, batch, request.num_tokens, inputs.device)
+        self._seed_cache(cache, batch, request.num_tokens)
         cache._iapt_prefix_len = request.num_tokens
         cache._iapt_prefix_mask = prefix_mask
         cache._iapt_layers = frozenset(groups[0].key[0]) if groups else frozenset()
@@ -519,11 +521,11 @@ class IAPTModel(nn.Module):
         kwargs[_STATE_KW] = active
         return args, kwargs
 
-    def _seed_cache(self, cache, batch: int, num_tokens: int, device) -> None:
+    def _seed_cache(self, cache, batch: int, num_tokens: int) -> None:
         dtype = _activation_dtype(self.base_model)
         for index, layer in enumerate(self._arch.layers):
             heads, head_dim = self._arch.kv_shape(layer)
-            slots = torch.zeros(batch, heads, num_tokens, head_dim, dtype=dtype, device=device)
+            slots = torch.zeros(batch, heads, num_tokens, head_dim, dtype=dtype, device=self._arch.layer_device(index))
             cache.update(slots, slots, index)
 
     def _plan(self, rows: list[str | None], device) -> list[_Group]:
@@ -602,23 +604,26 @@ class IAPTModel(nn.Module):
             if group.pool_input == "normed":
                 normed = norm(hidden) if normed is None else normed
                 source = normed
-            mask = active.instruction_mask
-            if group.rows is not None:
-                source, mask = source.index_select(0, group.rows), mask.index_select(0, group.rows)
+            mask, ids, rows = active.instruction_mask, group.ids, group.rows
+            if mask.device != hidden.device:  # layers spread over devices (device_map)
+                mask, ids = mask.to(hidden.device), ids.to(hidden.device)
+                rows = rows.to(hidden.device) if rows is not None else None
+            if rows is not None:
+                source, mask = source.index_select(0, rows), mask.index_select(0, rows)
             if group.pack is not None:
                 weights = group.pack.weights[index]
             else:
                 weights = self.generators.stacked_weights(index, group.names)
             soft = _functional.prompt_generator(
-                source, mask, **weights, adapter_ids=group.ids if len(weights["w_down"]) > 1 else None,
+                source, mask, **weights, adapter_ids=ids if len(weights["w_down"]) > 1 else None,
                 backend=self.backend, rational_version=group.version,
             )
-            if group.rows is None:
+            if rows is None:
                 return soft
             if out is None:
                 # Rows without an adapter keep P = 0: finite through the norms, masked anyway.
                 out = hidden.new_zeros(active.batch, soft.shape[1], hidden.shape[-1])
-            out = out.index_copy(0, group.rows, soft)
+            out = out.index_copy(0, rows, soft)
         return out
 
     def _attention_hook(self, index: int, attn: nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iapt_fast import IAPTConfig, IAPTModel, functional, get_iapt_model
-from slow_reference import VOCAB, padded_batch, slow_logits, tiny_model
+from slow_reference import padded_batch, slow_logits, tiny_model
 
 TOL = 1e-4
 
