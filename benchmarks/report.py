@@ -122,10 +122,32 @@ def _ratio(name: str, suite: str, case: str, num: dict | None, den: dict | None,
     if minus_one:
         value -= 1.0
     out["value"] = value
-    if target is not None:
-        op, ref = target
-        out["met"] = {"ge": value >= ref, "le": value <= ref, "gt": value > ref}[op]
+    out["met"] = _meets(value, target)
     return out
+
+
+def _value(name: str, suite: str, case: str, row: dict | None, key: str,
+           target: tuple[str, float] | None = None) -> dict[str, Any]:
+    """A metric of one row reported as a ratio (e.g. the fraction of copy bandwidth)."""
+    out: dict[str, Any] = {"suite": suite, "case": case, "name": name, "value": None,
+                           "target": _target_text(target), "met": None, "note": None}
+    if row is None:
+        out["note"] = "not measured in this run"
+    elif row["status"] != "ok":
+        out["note"] = (f"{row['method']} {row['status']}" + (f": {row['error']}" if row.get("error") else ""))[:300]
+    elif row["metrics"].get(key) is None:
+        out["note"] = f"{key} missing"
+    else:
+        out["value"] = row["metrics"][key]
+        out["met"] = _meets(out["value"], target)
+    return out
+
+
+def _meets(value: float, target: tuple[str, float] | None) -> bool | None:
+    if target is None:
+        return None
+    op, ref = target
+    return {"ge": value >= ref, "le": value <= ref, "gt": value > ref}[op]
 
 
 def _target_text(target: tuple[str, float] | None) -> str | None:
@@ -152,21 +174,13 @@ def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, An
                                   "median_ms", t_eager, invert=True))
                 out.append(_ratio(f"{mode}: Triton speed-up over torch.compile", "kernels", case, tri, comp,
                                   "median_ms", t_comp, invert=True))
-                frac = _ratio(f"{mode}: Triton fraction of copy bandwidth", "kernels", case, tri, tri,
-                              "frac_copy_bw", ("ge", 0.8) if (mode == "fwd" and big) else None)
-                if frac["value"] is not None:
-                    frac["value"] = tri["metrics"]["frac_copy_bw"]
-                    if frac["target"]:
-                        frac["met"] = frac["value"] >= 0.8
-                out.append(frac)
+                out.append(_value(f"{mode}: Triton fraction of copy bandwidth", "kernels", case, tri, "frac_copy_bw",
+                                  ("ge", 0.8) if (mode == "fwd" and big) else None))
             else:
                 out.append(_ratio(f"{mode}: torch.compile speed-up over eager", "kernels", case, comp, eager,
                                   "median_ms", None, invert=True))
-                frac = _ratio(f"{mode}: eager fraction of copy bandwidth", "kernels", case, eager, eager,
-                              "frac_copy_bw")
-                if frac["value"] is not None:
-                    frac["value"] = eager["metrics"]["frac_copy_bw"]
-                out.append(frac)
+                out.append(_value(f"{mode}: eager fraction of copy bandwidth", "kernels", case, eager,
+                                  "frac_copy_bw"))
     e = _index(rows, "e2e")
     for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "e2e"):
         iapt, base = e.get((case, "iapt")), e.get((case, "base"))
@@ -349,6 +363,7 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
 
     def bars(ax, groups: list[str], series: list[str], value, ylabel: str, log: bool = False) -> None:
         width = 0.8 / max(1, len(series))
+        plotted = 0
         for i, s in enumerate(series):
             xs, ys, failed = [], [], []
             for j, g in enumerate(groups):
@@ -361,12 +376,13 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
                     ys.append(v)
             # Fixed colours: a series with no bar (all failed) must not shift the others' colours.
             ax.bar(xs, ys, width, label=s if xs else f"{s} (failed)", color=f"C{i}")
+            plotted += len(xs)
             for x in failed:
                 ax.text(x, 0, "×", ha="center", va="bottom", color="red", fontsize=9)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
         ax.set_ylabel(ylabel)
-        if log:
+        if log and plotted:  # a log axis without a single bar has no range
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
@@ -425,7 +441,11 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
 def write_all(results: dict[str, Any], out_dir: str) -> dict[str, str]:
     """results.json, results.md and the plots; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    plots = write_plots(results, out_dir)
+    try:
+        plots = write_plots(results, out_dir)
+    except Exception as err:  # a plot must never cost the tables and the JSON
+        plots = []
+        results["plot_error"] = f"{type(err).__name__}: {err}"
     results["plots"] = plots
     json_path = os.path.join(out_dir, "results.json")
     with open(json_path, "w", encoding="utf-8") as fh:

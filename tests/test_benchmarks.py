@@ -246,6 +246,47 @@ def test_kernel_suite_refuses_to_time_a_wrong_forward():
     assert m["max_abs_err"] == 0.0 and m["frac_copy_bw"] is None
 
 
+def test_gpu_kernel_ratios_and_targets():
+    """The CUDA ratio rows (Triton vs eager / compile, bandwidth fraction) from synthetic rows."""
+    def row(impl, mode, ms, frac=None, status="ok", d=4096, batch=32, seq=512):
+        return {"suite": "kernels", "case": "c", "method": f"{impl}/{mode}", "status": status,
+                "error": None if status == "ok" else "no kernel", "params": {"d": d, "batch": batch, "seq": seq},
+                "metrics": {"median_ms": ms, "frac_copy_bw": frac}}
+    rows = [row("eager", "fwd", 4.0), row("compile", "fwd", 1.0), row("triton", "fwd", 0.5, frac=0.85),
+            row("eager", "bwd", 3.0), row("compile", "bwd", 2.0), row("triton", "bwd", 2.0, frac=0.4),
+            row("eager", "fwdbwd", 7.0), row("compile", "fwdbwd", 3.0), row("triton", "fwdbwd", 1.0, status="failed")]
+    r = {x["name"]: x for x in report.compute_ratios(rows, "cuda")}
+    assert r["fwd: Triton speed-up over eager"]["value"] == pytest.approx(8.0)
+    assert r["fwd: Triton speed-up over eager"]["met"] is True and r["fwd: Triton speed-up over eager"]["target"] == "≥ 3"
+    assert r["fwd: Triton speed-up over torch.compile"]["value"] == pytest.approx(2.0)
+    assert r["fwd: Triton fraction of copy bandwidth"]["value"] == pytest.approx(0.85)
+    assert r["fwd: Triton fraction of copy bandwidth"]["met"] is True
+    assert r["bwd: Triton speed-up over eager"]["value"] == pytest.approx(1.5)
+    assert r["bwd: Triton speed-up over eager"]["met"] is False
+    assert r["bwd: Triton fraction of copy bandwidth"]["target"] is None  # the 80 % target is the forward's
+    assert r["fwdbwd: Triton speed-up over eager"]["value"] is None
+    assert "triton/fwdbwd failed: no kernel" in r["fwdbwd: Triton speed-up over eager"]["note"]
+    small = [dict(x, params={"d": 1024, "batch": 8, "seq": 256}) for x in rows]
+    r_small = {x["name"]: x for x in report.compute_ratios(small, "cuda")}
+    assert r_small["fwd: Triton fraction of copy bandwidth"]["target"] is None  # below 16k tokens: no target
+
+
+def test_report_renders_a_gpu_machine(tmp_path):
+    machine = report.machine_info("cpu")
+    machine["gpu"] = {"name": "NVIDIA H200", "capability": "9.0", "memory_gb": 139.8, "multiprocessors": 132,
+                      "cuda": "12.8"}
+    results = {"device": "cuda", "quick": False, "machine": machine, "elapsed_s": 1.0,
+               "settings": {"kernels": {"timer": "do_bench", "notes": ["n"]}},
+               "rows": [{"suite": "kernels", "case": "c", "method": "triton/fwd", "status": "failed", "error": "boom",
+                         "params": {}, "metrics": {}, "traceback": None, "seconds": 0.0}], "ratios": []}
+    results["ratios"] = report.compute_ratios(results["rows"], "cuda")
+    paths = report.write_all(results, str(tmp_path))
+    text = report.render_text(results)
+    assert "GPU NVIDIA H200 (sm_90" in text and "FAILED: boom" in text
+    assert "NVIDIA H200" in open(paths["markdown"], encoding="utf-8").read()
+    assert json.load(open(paths["json"], encoding="utf-8"))["rows"][0]["status"] == "failed"
+
+
 # ---------------------------------------------------------------------------- measured code
 def _tiny_spec() -> models.BackboneSpec:
     return models.BackboneSpec("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
