@@ -123,19 +123,23 @@ class IAPTModel(nn.Module):
 
     Args:
         model: a transformers causal LM of a supported family (architectures.py).
-        config: the first adapter's IAPTConfig.
+        config: the first adapter's IAPTConfig; None starts without adapters (a serving host
+            that loads them later).
         adapter_name: its name.
         backend: generator backend, "auto" (Triton on CUDA, reference on CPU), "torch" or "triton".
         seed: optional seed of the first adapter's initialisation.
     """
 
-    def __init__(self, model: nn.Module, config: IAPTConfig, adapter_name: str = "default",
+    def __init__(self, model: nn.Module, config: IAPTConfig | None, adapter_name: str = "default",
                  backend: str = "auto", seed: int | None = None) -> None:
         super().__init__()
-        if not isinstance(config, IAPTConfig):
-            raise TypeError(f"config must be an IAPTConfig, got {type(config).__name__}")
+        if config is not None and not isinstance(config, IAPTConfig):
+            raise TypeError(f"config must be an IAPTConfig (or None: no adapter yet), got {type(config).__name__}")
         arch = get_architecture(model)
         _functional.resolve_backend(backend, torch.device("cpu"))  # validates the name
+        if getattr(model, "_iapt_wrapped", False):
+            raise ValueError("this model is already wrapped by an IAPTModel (its hooks would run twice); "
+                             "add adapters to that one, or call its remove_hooks() first")
         self.base_model = model
         self._arch = arch
         self.backend = backend
@@ -149,8 +153,10 @@ class IAPTModel(nn.Module):
         self._handles: list[Any] = []
         self._model_cache_kw = cache_kwarg_name(model.forward)
         self._install_hooks()
-        self.add_adapter(adapter_name, config, seed=seed)
-        self.set_adapter(adapter_name)
+        model._iapt_wrapped = True
+        if config is not None:
+            self.add_adapter(adapter_name, config, seed=seed)
+            self.set_adapter(adapter_name)
 
     # ================================================================== properties
     @property
@@ -288,12 +294,12 @@ class IAPTModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                         backend: str = "auto") -> "IAPTModel":
         """Wrap ``model`` and load the adapter saved in ``path`` (bit for bit)."""
-        arch = get_architecture(model)
-        config, tensors = read_adapter(path, arch.hidden_size, arch.num_layers)
-        wrapped = cls(model, config, adapter_name=adapter_name, backend=backend)
-        fresh = build_adapter(config, tensors, arch.hidden_size, arch.num_layers, arch.layer_device)
-        wrapped.generators.adapters[adapter_name] = fresh
-        wrapped._adapters_changed()
+        wrapped = cls(model, None, backend=backend)
+        try:
+            wrapped.load_adapter(path, adapter_name)
+        except Exception:
+            wrapped.remove_hooks()  # the caller's model must stay wrappable
+            raise
         wrapped.set_adapter(adapter_name)
         return wrapped
 
@@ -659,6 +665,7 @@ class IAPTModel(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.base_model._iapt_wrapped = False
         return self.base_model
 
 
@@ -666,6 +673,8 @@ def get_iapt_model(model: nn.Module, config: IAPTConfig, adapter_name: str = "de
                    backend: str = "auto", seed: int | None = None) -> IAPTModel:
     """Wrap a transformers causal LM with IAPT: freezes the backbone, adds one generator per
     target layer (DESIGN §1). See :class:`IAPTModel`."""
+    if not isinstance(config, IAPTConfig):
+        raise TypeError(f"config must be an IAPTConfig, got {type(config).__name__}")
     return IAPTModel(model, config, adapter_name=adapter_name, backend=backend, seed=seed)
 
 

@@ -293,6 +293,17 @@ def test_unsupported_family_names_the_supported_ones():
         get_iapt_model(tiny_model("llama"), {"num_soft_tokens": 4})
     with pytest.raises(ValueError, match="out of range"):
         get_iapt_model(tiny_model("llama"), IAPTConfig(target_layers=[5]))
+    model = tiny_model("llama")
+    wrapped = get_iapt_model(model, IAPTConfig(bottleneck_dim=8))
+    with pytest.raises(ValueError, match="already wrapped"):
+        get_iapt_model(model, IAPTConfig())
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+        assert (wrapped(input_ids=ids).logits - base_logits).abs().max() > 0
+        assert wrapped.remove_hooks() is model
+        torch.testing.assert_close(model(input_ids=ids).logits, base_logits, rtol=0, atol=0)
+    get_iapt_model(model, IAPTConfig(bottleneck_dim=8))  # wrappable again
 
 
 def test_bad_inputs_raise_before_any_computation(monkeypatch):
@@ -378,3 +389,13 @@ def test_inputs_embeds_forward_matches_input_ids():
         a = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst).logits
         b = wrapped(inputs_embeds=model.model.embed_tokens(ids), attention_mask=mask, instruction_mask=inst).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_from_pretrained_failure_leaves_the_model_wrappable(tmp_path):
+    model = tiny_model("gpt2")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        IAPTModel.from_pretrained(model, tmp_path)
+    empty = IAPTModel(model, None, backend="torch")  # a serving host without adapters yet
+    assert empty.adapter_names == [] and empty.active_adapter is None
+    with pytest.raises(ValueError, match="no adapter is loaded"):
+        empty(input_ids=torch.randint(3, VOCAB, (1, 4)))
