@@ -193,6 +193,10 @@ def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, An
                           minus_one=True))
         out.append(_ratio("IAPT / base decode ms per token", "e2e", case, iapt, base, "decode_ms_per_token"))
         out.append(_ratio("PEFT LoRA mixed / base tokens/s", "e2e", case, peft, base, "tokens_per_s"))
+        single = e.get((case, "iapt_single"))
+        if single is not None:
+            out.append(_ratio("IAPT K adapters / IAPT 1 adapter tokens/s", "e2e", case, iapt, single, "tokens_per_s",
+                              ("ge", 0.95)))
         iapt_torch = e.get((case, "iapt_torch"))
         if iapt_torch is not None:
             out.append(_ratio("IAPT Triton / IAPT reference tokens/s", "e2e", case, iapt, iapt_torch, "tokens_per_s"))

@@ -169,7 +169,8 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
     build_errors: dict[str, str] = {}
     for method in methods:
         try:
-            preps[method] = prepare(method, backbone, max_adapters if method != "merged_lora" else 1, plan)
+            preps[method] = prepare(method, backbone, max_adapters if method != "merged_lora" else 1, plan,
+                                    built=preps)
         except Exception as err:  # the method's rows are all failed, with the build error
             build_errors[method] = f"building {method}: {type(err).__name__}: {err}"
     for b, p in grid:

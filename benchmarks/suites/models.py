@@ -17,13 +17,14 @@ from torch import nn
 
 from benchmarks.lora_bmm import GatheredLoRA, attach_gathered_lora
 
-METHODS = ("base", "iapt", "iapt_torch", "peft_lora", "bmm_lora", "merged_lora")
+METHODS = ("base", "iapt", "iapt_single", "iapt_torch", "peft_lora", "bmm_lora", "merged_lora")
 # iapt_torch (IAPT with the PyTorch reference generator) differs from iapt only where "auto"
 # picks the Triton kernels, i.e. on CUDA; on the CPU it would time the same code twice.
 DEFAULT_METHODS = {"cuda": METHODS, "cpu": tuple(m for m in METHODS if m != "iapt_torch")}
 METHOD_LABELS = {
     "base": "base model",
     "iapt": "IAPT, K adapters",
+    "iapt_single": "IAPT, K adapters loaded, every row on one",
     "iapt_torch": "IAPT, K adapters, reference generator (no Triton)",
     "peft_lora": "PEFT LoRA mixed batch, K adapters",
     "bmm_lora": "gathered-BMM LoRA, K adapters",
@@ -125,6 +126,8 @@ class Prepared:
         """Distinct adapters serving a batch of ``batch`` rows."""
         if self.method == "base":
             return 0
+        if self.method == "iapt_single":
+            return 1
         return min(batch, len(self.adapter_names))
 
     def call_kwargs(self, batch: int) -> dict[str, Any]:
@@ -132,6 +135,8 @@ class Prepared:
         k = len(self.adapter_names)
         if self.method in ("iapt", "iapt_torch", "peft_lora"):
             return {"adapter_names": [self.adapter_names[b % k] for b in range(batch)]}
+        if self.method == "iapt_single":
+            return {"adapter_names": [self.adapter_names[0]] * batch}
         if self.method == "bmm_lora":
             assert self.lora_handle is not None
             device = next(iter(self.lora_handle.layers.values())).lora_a.device
@@ -140,15 +145,22 @@ class Prepared:
 
 
 def prepare(method: str, backbone: nn.Module, num_adapters: int, plan: dict[str, Any],
-            trainable: bool = False) -> Prepared:
-    """Build ``method`` on a deep copy of ``backbone`` (the backbone itself stays untouched)."""
+            trainable: bool = False, built: dict[str, Prepared] | None = None) -> Prepared:
+    """Build ``method`` on a deep copy of ``backbone`` (the backbone itself stays untouched).
+
+    ``built``: methods prepared already; iapt_single reuses iapt's model (same weights and
+    adapters, only the rows' adapter names differ) instead of a second copy.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "iapt_single" and built and "iapt" in built:
+        src = built["iapt"]
+        return Prepared(method, src.model, src.adapter_names, trainable_params=src.trainable_params)
     model = copy.deepcopy(backbone)
     names = [f"tenant_{i}" for i in range(num_adapters)]
     if method == "base":
         return Prepared(method, model, [])
-    if method in ("iapt", "iapt_torch"):
+    if method in ("iapt", "iapt_single", "iapt_torch"):
         return _prepare_iapt(model, names, plan, trainable, backend="torch" if method == "iapt_torch" else "auto",
                              method=method)
     if method == "bmm_lora":
