@@ -399,3 +399,30 @@ def test_from_pretrained_failure_leaves_the_model_wrappable(tmp_path):
     assert empty.adapter_names == [] and empty.active_adapter is None
     with pytest.raises(ValueError, match="no adapter is loaded"):
         empty(input_ids=torch.randint(3, VOCAB, (1, 4)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton kernels on the GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_backend_end_to_end(dtype):
+    # On CUDA, backend="auto" picks the Triton kernels; the reference backend is the oracle.
+    model = tiny_model("qwen3", "sdpa", dtype=dtype, hidden=64).cuda()
+    wrapped = get_iapt_model(model, IAPTConfig(bottleneck_dim=16, init_std_up=0.5), seed=1)
+    wrapped.add_adapter("other", IAPTConfig(bottleneck_dim=16, init_std_up=0.5), seed=2)
+    ids, mask, inst = (t.cuda() for t in padded_batch(4, 12, "left", seed=83))
+    names = ["default", "other", "other", "default"]
+    with torch.no_grad():
+        out = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, adapter_names=names).logits
+        wrapped.backend = "torch"
+        ref = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, adapter_names=names).logits
+        wrapped.backend = "auto"
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    assert (out - ref)[mask.bool()].abs().max().item() <= tol
+    tokens = wrapped.generate(ids, attention_mask=mask, instruction_mask=inst, adapter_names=names,
+                              max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (4, 16)
+    wrapped.train()
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, labels=labels).loss
+    loss.backward()
+    grads = [p.grad for p in wrapped.generators["default"].parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
