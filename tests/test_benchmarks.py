@@ -126,10 +126,10 @@ def test_failing_baselines_are_reported_failed_never_dropped(tmp_path, monkeypat
 
     real_prepare = e2e.prepare
 
-    def prepare(method, backbone, num_adapters, plan, trainable=False):
+    def prepare(method, backbone, num_adapters, plan, **kwargs):
         if method == "peft_lora":
             raise RuntimeError("peft refused to build")
-        prep = real_prepare(method, backbone, num_adapters, plan, trainable)
+        prep = real_prepare(method, backbone, num_adapters, plan, **kwargs)
         if method == "bmm_lora":
             def broken_generate(*args, **kwargs):
                 raise ValueError("generate blew up")
