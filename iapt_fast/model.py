@@ -158,6 +158,16 @@ class IAPTModel(nn.Module):
             self.add_adapter(adapter_name, config, seed=seed)
             self.set_adapter(adapter_name)
 
+    def __getattr__(self, name: str) -> Any:
+        # As PEFT models do: anything IAPTModel does not define is the wrapped model's
+        # (generation_config, gradient_checkpointing_enable, dtype, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model" or "base_model" not in self._modules:
+                raise
+            return getattr(self._modules["base_model"], name)
+
     # ================================================================== properties
     @property
     def adapter_names(self) -> list[str]:

@@ -68,6 +68,7 @@ class AdapterPack:
         return param.data_ptr() == ptr
 
 
+@torch.inference_mode(False)  # a pack built under inference_mode would poison later training
 @torch.no_grad()
 def build_packs(bank: GeneratorBank) -> dict[tuple, AdapterPack]:
     """Stack every adapter of ``bank`` into per-group packs and alias its Parameters to them."""

@@ -285,3 +285,20 @@ def test_bad_adapter_input_leaves_loaded_adapters_untouched(tmp_path, monkeypatc
     with torch.no_grad():  # still serving
         wrapped(input_ids=ids, attention_mask=mask, adapter_names=["a", "wide"])
     assert os.path.isdir(good)
+
+
+def test_serving_under_inference_mode_then_training():
+    wrapped = tenants("llama")
+    ids, mask, _ = padded_batch(2, 6, "left", seed=89)
+    with torch.inference_mode():  # builds the serving packs
+        wrapped.generate(ids, attention_mask=mask, adapter_names=["a", "b"], max_new_tokens=2, pad_token_id=0)
+    opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    wrapped(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+    opt.step()  # in place on parameters that alias the packs
+    with torch.no_grad():
+        served = wrapped(input_ids=ids, attention_mask=mask, adapter_names=["a", "a"]).logits
+        wrapped.backend = "torch"
+    assert torch.isfinite(served).all()
+    # PEFT-style attribute forwarding to the wrapped model
+    assert wrapped.generation_config is wrapped.base_model.generation_config
+    assert wrapped.dtype == torch.float32
