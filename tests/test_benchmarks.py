@@ -43,8 +43,10 @@ def _iapt_integration_available() -> bool:
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # A generous budget: on a loaded machine the quick run must still measure every case
+    # (the budget's skipping is tested on its own).
     proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--device", "cpu", "--out", str(out),
-                           "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--no-progress", "--budget-s", "1000"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "results.json", encoding="utf-8") as fh:
         return out, json.load(fh), proc.stdout

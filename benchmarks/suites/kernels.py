@@ -66,7 +66,6 @@ def cases(device: str, quick: bool) -> list[KernelCase]:
     if quick:
         return [KernelCase(4, 64, 128, 16, 4, 4, f32)]
     return [
-        KernelCase(4, 128, 256, 20, 4, 1, f32),
         KernelCase(8, 256, 512, 40, 4, 1, f32),
         KernelCase(8, 256, 512, 40, 4, 32, f32),
         KernelCase(16, 512, 1024, 80, 4, 1, f32),
