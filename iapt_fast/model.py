@@ -47,6 +47,7 @@ BASE_ADAPTER = "__base__"
 _PREFIX_KW = "iapt_prefix"
 _SKIP_KW = "iapt_skip"
 _STATE_KW = "iapt_state"
+VERIFIED_ATTENTION = ("eager", "sdpa")
 _UNSUPPORTED_GENERATE = {
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
@@ -408,6 +409,12 @@ class IAPTModel(nn.Module):
 
     def _make_request(self, mask: Tensor, instruction_mask: Tensor | None, adapter_names, batch: int,
                       length: int, device) -> _Request:
+        implementation = getattr(self.base_model.config, "_attn_implementation", None)
+        if implementation not in VERIFIED_ATTENTION:
+            # Other kernels build their masks differently (flash: unpadding; flex: block
+            # masks); until verified against the slow reference they are refused, not guessed.
+            raise ValueError(f"attn_implementation={implementation!r} is not supported by IAPT yet; "
+                             f"use one of {VERIFIED_ATTENTION}")
         if instruction_mask is None:
             inst = mask.bool()
         else:
