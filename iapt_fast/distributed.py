@@ -109,9 +109,13 @@ class DistContext:
 
 
 def _launch_env(env: Mapping[str, str]) -> dict[str, Any] | None:
-    """The launcher's variables, validated; None when no launcher set any of them."""
+    """The launcher's variables, validated; None when this is not a multi-process launch.
+
+    RANK/WORLD_SIZE say a launcher started us; MASTER_ADDR/PORT alone do not
+    (``accelerate launch`` sets them for a single process too).
+    """
     present = {k: env[k] for k in _LAUNCH_VARS if env.get(k) not in (None, "")}
-    if not present:
+    if "RANK" not in present and "WORLD_SIZE" not in present:
         return None
     missing = [k for k in _LAUNCH_VARS if k not in present]
     if missing:
@@ -505,17 +509,13 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def _gathered_adapter(model: nn.Module, adapter_name: str | None = None):
     """A CPU AdapterGenerators with the full weights of the (possibly sharded) adapter; collective."""
-    from .adapter_io import build_adapter
-    from .generator import WEIGHT_NAMES
+    from .generator import WEIGHT_NAMES, AdapterGenerators
 
     name = adapter_name if adapter_name is not None else model._require_active()
     adapter = model.generators[name]
-    tensors = {}
-    for layer in adapter.layer_indices:
-        gen = adapter[layer]
-        for w in WEIGHT_NAMES:
-            tensors[f"layers.{layer}.{w}"] = _full(getattr(gen, w).detach()).cpu()
-    return build_adapter(adapter.config, tensors, adapter.hidden_size, model._arch.num_layers, torch.device("cpu"))
+    weights = {layer: {w: _full(getattr(adapter[layer], w).detach()).cpu() for w in WEIGHT_NAMES}
+               for layer in adapter.layer_indices}
+    return AdapterGenerators.from_weights(adapter.config, adapter.hidden_size, model._arch.num_layers, weights)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, ctx: DistContext | None = None,

@@ -90,21 +90,23 @@ def reference(data, tmp_path_factory):
     return out
 
 
-def _launch(mode: str, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp(mode))
-    proc, _ = _torchrun([WORKER, mode, out], timeout=240)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> str:
+    """One 2-rank job: DDP, then FSDP, each training joint (+ checkpoint, resume) and bi-level."""
+    out = str(tmp_path_factory.mktemp("runs"))
+    proc, _ = _torchrun([WORKER, "train", out], timeout=300)
     _check(proc)
     return out
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    return _launch("ddp", tmp_path_factory)
+def ddp_run(runs):
+    return os.path.join(runs, "ddp")
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    return _launch("fsdp", tmp_path_factory)
+def fsdp_run(runs):
+    return os.path.join(runs, "fsdp")
 
 
 def _check_run(out: str, reference: dict, strategy: str) -> dict:
@@ -158,9 +160,17 @@ def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, reference, data):
     _close(W.trainable(model), reference["joint"], "FSDP checkpoint resumed by the single-process Trainer")
 
 
-def test_cli_under_torchrun_matches_one_process(tmp_path):
-    """`torchrun --nproc_per_node 2 -m iapt_fast.train` completes; its adapter and its gathered
-    evaluation equal the single-process CLI's."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_under_torchrun_and_accelerate_matches_one_process(tmp_path):
+    """The CLI, unchanged: `torchrun --nproc_per_node 2 -m iapt_fast.train` (DDP) completes and
+    its adapter and gathered evaluation equal the single-process CLI's; `accelerate launch
+    --use_fsdp` (FSDP picked from accelerate's environment, activation checkpointing on)
+    resumes the DDP run's checkpoint and ends where the single process does."""
     from train_fixtures import save_tiny_model, sentiment_rows, write_jsonl
 
     from iapt_fast.adapter_io import read_adapter
@@ -187,6 +197,20 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     _close(got, want, "CLI adapter, 2 ranks vs 1")
     assert (tmp_path / "dist" / "checkpoint-2" / "trainer_state.pt").is_file()
     assert proc.stdout.count('"steps": 3') == 1  # metrics printed by rank 0 only
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "iapt_fast.train", *common,
+           "--output-dir", str(tmp_path / "fsdp"), "--gradient-checkpointing",
+           "--resume", str(tmp_path / "dist" / "checkpoint-2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    _check(proc)
+    fsdp_metrics = json.load(open(tmp_path / "fsdp" / "metrics.json"))
+    assert fsdp_metrics["distributed"] == "fsdp" and fsdp_metrics["steps"] == 3
+    assert fsdp_metrics["eval_loss"] == pytest.approx(single_metrics["eval_loss"], rel=1e-5)
+    _, got = read_adapter(tmp_path / "fsdp", 32, 2)
+    _close(got, want, "CLI adapter, FSDP resumed from a DDP checkpoint vs 1 process")
 
 
 # ------------------------------------------------------------------ failures: fast, clear, no hang

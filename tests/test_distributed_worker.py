@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/test_distributed_worker.py MODE OUT_DIR
 
-MODE: ddp | fsdp (train, evaluate, checkpoint, resume, save the adapter; rank 0 writes the
-results to OUT_DIR), crash (rank 1 raises mid-job), hang (rank 1 stops answering; the
+MODE: train (under DDP, then FSDP in the same job: train, evaluate, checkpoint, resume, save
+the adapter; rank 0 writes the results to OUT_DIR/ddp and OUT_DIR/fsdp), crash (rank 1 raises mid-job), hang (rank 1 stops answering; the
 others must fail after the configured timeout). The builders below are shared with the
 test, which trains the same model on the same data in one process as the reference.
 """
@@ -68,46 +68,56 @@ def trainable(model) -> dict:
     return {n: _full(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _train_modes(mode: str, out: str) -> None:
-    import torch
-    from iapt_fast.data import IAPTCollator
-    from iapt_fast.distributed import DistributedTrainer, init_distributed, prepare_model, shutdown
+def _train_modes(root: str) -> None:
+    import dataclasses
 
-    ctx = init_distributed(mode, timeout_s=TIMEOUT_S)
+    from iapt_fast.distributed import init_distributed, shutdown
+
+    ctx = init_distributed("ddp", timeout_s=TIMEOUT_S)
     try:
-        tok = build_tokenizer()
-        train, evals, dev = build_data(tok)
-        collator = IAPTCollator.from_tokenizer(tok)
-        results: dict = {"world_size": ctx.world_size, "strategy": ctx.strategy}
-        saved: dict = {}
-        gc = mode == "fsdp"  # activation checkpointing composed with FSDP
-
-        def run(name: str, bilevel: bool = False, resume: str | None = None, out_name: str | None = None):
-            model = prepare_model(build_model(tok), ctx)
-            cfg = train_config(os.path.join(out, out_name or name), bilevel=bilevel, gradient_checkpointing=gc)
-            tr = DistributedTrainer(model, cfg, train, collator, ctx, eval_examples=evals,
-                                    dev_examples=dev if bilevel else None)
-            tr.train(resume_from=resume)
-            return model, tr
-
-        model, tr = run("joint")
-        results["joint_eval"] = tr.evaluate()
-        results["joint_losses"] = [h["loss"] for h in tr.history if "loss" in h]
-        tr.save_adapter(os.path.join(out, "adapter"))
-        tr.save_history()
-        saved["joint"] = trainable(model)
-
-        model, tr = run("resumed", resume=os.path.join(out, "joint", "checkpoint-2"))
-        saved["resumed"] = trainable(model)
-
-        model, tr = run("bilevel", bilevel=True)
-        saved["bilevel"] = trainable(model)
-        if ctx.is_main:
-            torch.save(saved, os.path.join(out, "params.pt"))
-            with open(os.path.join(out, "results.json"), "w") as fh:
-                json.dump(results, fh)
+        # One process group serves both strategies: one launch instead of two.
+        _train_one("ddp", os.path.join(root, "ddp"), ctx)
+        _train_one("fsdp", os.path.join(root, "fsdp"), dataclasses.replace(ctx, strategy="fsdp"))
     finally:
         shutdown(ctx)
+
+
+def _train_one(mode: str, out: str, ctx) -> None:
+    import torch
+    from iapt_fast.data import IAPTCollator
+    from iapt_fast.distributed import DistributedTrainer, prepare_model
+
+    tok = build_tokenizer()
+    train, evals, dev = build_data(tok)
+    collator = IAPTCollator.from_tokenizer(tok)
+    results: dict = {"world_size": ctx.world_size, "strategy": ctx.strategy}
+    saved: dict = {}
+    gc = mode == "fsdp"  # activation checkpointing composed with FSDP
+
+    def run(name: str, bilevel: bool = False, resume: str | None = None, out_name: str | None = None):
+        model = prepare_model(build_model(tok), ctx)
+        cfg = train_config(os.path.join(out, out_name or name), bilevel=bilevel, gradient_checkpointing=gc)
+        tr = DistributedTrainer(model, cfg, train, collator, ctx, eval_examples=evals,
+                                dev_examples=dev if bilevel else None)
+        tr.train(resume_from=resume)
+        return model, tr
+
+    model, tr = run("joint")
+    results["joint_eval"] = tr.evaluate()
+    results["joint_losses"] = [h["loss"] for h in tr.history if "loss" in h]
+    tr.save_adapter(os.path.join(out, "adapter"))
+    tr.save_history()
+    saved["joint"] = trainable(model)
+
+    model, tr = run("resumed", resume=os.path.join(out, "joint", "checkpoint-2"))
+    saved["resumed"] = trainable(model)
+
+    model, tr = run("bilevel", bilevel=True)
+    saved["bilevel"] = trainable(model)
+    if ctx.is_main:
+        torch.save(saved, os.path.join(out, "params.pt"))
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump(results, fh)
 
 
 def _failure_modes(mode: str) -> None:
@@ -136,7 +146,7 @@ def _failure_modes(mode: str) -> None:
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    if mode in ("ddp", "fsdp"):
-        _train_modes(mode, out)
+    if mode == "train":
+        _train_modes(out)
     else:
         _failure_modes(mode)
