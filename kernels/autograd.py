@@ -4,10 +4,10 @@ Forward launches (DESIGN §3 shapes; B rows, N tokens, d hidden, m bottleneck, T
   1. adapter_mm      W_dp[a] = W_down[a]·W_pool[a]  -> [A, d, 16] float32, adapters in use only
   2. pool_fwd        per (row, split): online masked softmax of H·W_dp, partial Aᵀ·H
   3. combine         Ph [B, T, d] float32, row stats (max, 1/sum) [B, T]
-  4. lines_mm P      p  = Ph·W_down[a]           [B, T, m] float32 (saved for backward)
+  4. lines_mm GEMM   p  = Ph·W_down[a]           [B, T, m] float32 (saved; split over K if few tiles)
   5. lines_mm OUT    P  = R(p)·W_up[a]           [B, T, d] hidden dtype
-Backward: lines_mm DP (dp, rational coefficient grads), lines_mm DPH (dPh), pool_bwd_scores
-(A, dA, δ), pool_bwd (dH, dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm (dW_pool = W_downᵀ·dW_dp).
+Backward: lines_mm GEMM (dr = dP·W_upᵀ), rat_bwd (dp = dr·R'(p), rational coefficient grads),
+lines_mm GEMM (dPh = dp·W_downᵀ), pool_bwd_scores (A, dA, δ), pool_bwd (dH, dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm (dW_pool = W_downᵀ·dW_dp).
 
 Saved between passes: W_dp [A, d, 16], Ph [B, T, d], p [B, T, m] and two [B, T] statistics,
 all float32: O(B·T·(d+m)), never O(B·N·T). Weights may have another dtype than hidden: every
@@ -21,24 +21,36 @@ from torch import Tensor
 from . import launch as L
 from .generator_bwd import pool_bwd_kernel, pool_bwd_scores_kernel
 from .generator_fwd import combine_kernel, pool_fwd_kernel
-from .lines import MODE_DP, MODE_DPH, MODE_OUT, MODE_P, adapter_mm_kernel, lines_mm_kernel, seg_outer_kernel
+from .lines import MODE_GEMM, MODE_OUT, adapter_mm_kernel, lines_mm_kernel, rat_bwd_kernel, seg_outer_kernel
 
 __all__ = ["triton_prompt_generator", "PromptGeneratorFunction"]
 
 
-def _lines_mm(mode, x, w, w_strides, out, order, sids, num, den, aux, dnum, dden,
-              batch, tokens, k, nout, version_b, prec):
+def _lines_mm(mode, x, w, w_strides, out_shape, out_dtype, order, sids, num, den, batch, tokens, k, nout,
+              version_b, prec, dev):
+    """out [B, T, nout] = f(x [B, T, k]) · W[a(row)]; W strides (k, nout) given explicitly.
+
+    Splits K across programs (float32 atomics into a zeroed buffer) when the line blocks
+    alone are too few to fill the GPU: p = Ph·W_down has K = d = 4096 but only
+    cdiv(B·T, 64)·cdiv(m, 64) output tiles (10 at B = 32, m = 320)."""
     tpl = L.lines_per_row(tokens)
-    grid = (L.triton.cdiv(batch, L.LINES_BLOCK // tpl), L.triton.cdiv(nout, L.LINES_BLOCK_OUT))
-    L.launch(lines_mm_kernel, grid,
-             [x, w, out, order, sids, num, den, aux, dnum, dden,
-              batch, tokens, k, nout,
+    row_blocks = L.triton.cdiv(batch, L.LINES_BLOCK // tpl)
+    col_blocks = L.triton.cdiv(nout, L.LINES_BLOCK_OUT)
+    k_splits, per_split = L.choose_k_splits(row_blocks * col_blocks, k, dev)
+    atomic = k_splits > 1 and mode == MODE_GEMM
+    if not atomic:
+        k_splits, per_split = 1, max(k, 1)
+    if atomic:
+        out = torch.zeros(*out_shape, dtype=torch.float32, device=dev)
+    else:
+        out = L.empty(*out_shape, dtype=out_dtype, device=dev)
+    L.launch(lines_mm_kernel, (row_blocks, col_blocks, k_splits),
+             [x, w, out, order, sids, num, den, batch, tokens, k, nout, per_split,
               x.stride(0), x.stride(1), x.stride(2), w.stride(0), w_strides[0], w_strides[1],
-              out.stride(0), out.stride(1), out.stride(2), aux.stride(0), aux.stride(1), aux.stride(2),
-              num.stride(0), den.stride(0)],
-             dict(MODE=mode, TPL=tpl, BLOCK_L=L.LINES_BLOCK, BLOCK_K=L.LINES_BLOCK_K,
-                  BLOCK_NO=L.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b,
-                  PREC=prec))
+              out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0)],
+             dict(MODE=mode, ATOMIC=atomic, TPL=tpl, BLOCK_L=L.LINES_BLOCK, BLOCK_K=L.LINES_BLOCK_K,
+                  BLOCK_NO=L.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b, PREC=prec))
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _adapter_mm(x, x_strides, y, y_strides, out, used, ni, k, nj, nj_store, prec):
@@ -117,12 +129,11 @@ class PromptGeneratorFunction(torch.autograd.Function):
                      dict(BLOCK_D=bd, TP=L.TP_DOT))
         del part, stat_m, stat_l
 
-        p = L.empty(batch, tokens, bottleneck, **f32)
-        _lines_mm(MODE_P, pooled, w_down, (w_down.stride(1), w_down.stride(2)), p, order, sids, rat_num, rat_den,
-                  pooled, p, p, batch, tokens, dim, bottleneck, version_b, cfg["prec"])
-        out = L.empty(batch, tokens, dim, dtype=hidden.dtype, device=dev)
-        _lines_mm(MODE_OUT, p, w_up, (w_up.stride(1), w_up.stride(2)), out, order, sids, rat_num, rat_den,
-                  p, p, p, batch, tokens, bottleneck, dim, version_b, cfg["prec"])
+        p = _lines_mm(MODE_GEMM, pooled, w_down, (w_down.stride(1), w_down.stride(2)), (batch, tokens, bottleneck),
+                      torch.float32, order, sids, rat_num, rat_den, batch, tokens, dim, bottleneck, version_b,
+                      cfg["prec"], dev)
+        out = _lines_mm(MODE_OUT, p, w_up, (w_up.stride(1), w_up.stride(2)), (batch, tokens, dim), hidden.dtype,
+                        order, sids, rat_num, rat_den, batch, tokens, bottleneck, dim, version_b, cfg["prec"], dev)
 
         ctx.save_for_backward(hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
                               w_down, w_pool, rat_num, rat_den, w_up)
@@ -145,13 +156,20 @@ class PromptGeneratorFunction(torch.autograd.Function):
 
         dnum = torch.zeros(n_adapters, rat_num.shape[1], **f32)
         dden = torch.zeros(n_adapters, rat_den.shape[1], **f32)
+        dr = _lines_mm(MODE_GEMM, grad_out, w_up, (w_up.stride(2), w_up.stride(1)), (batch, tokens, bottleneck),
+                       torch.float32, order, sids, rat_num, rat_den, batch, tokens, dim, bottleneck, version_b, prec, dev)
         dp = L.empty(batch, tokens, bottleneck, **f32)
-        _lines_mm(MODE_DP, grad_out, w_up, (w_up.stride(2), w_up.stride(1)), dp, order, sids, rat_num, rat_den,
-                  p, dnum, dden, batch, tokens, dim, bottleneck, version_b, prec)
+        tpl = L.lines_per_row(tokens)
+        L.launch(rat_bwd_kernel, (L.triton.cdiv(batch, L.LINES_BLOCK // tpl), L.triton.cdiv(bottleneck, L.LINES_BLOCK_OUT)),
+                 [dr, p, dp, order, sids, rat_num, rat_den, dnum, dden, batch, tokens, bottleneck,
+                  rat_num.stride(0), rat_den.stride(0)],
+                 dict(TPL=tpl, BLOCK_L=L.LINES_BLOCK, BLOCK_M=L.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
+                      VERSION_B=version_b))
+        del dr
+        dpooled = _lines_mm(MODE_GEMM, dp, w_down, (w_down.stride(2), w_down.stride(1)), (batch, tokens, dim),
+                            torch.float32, order, sids, rat_num, rat_den, batch, tokens, bottleneck, dim, version_b,
+                            prec, dev)
         delta = torch.zeros(batch, tokens, **f32)
-        dpooled = L.empty(batch, tokens, dim, **f32)
-        _lines_mm(MODE_DPH, dp, w_down, (w_down.stride(2), w_down.stride(1)), dpooled, order, sids, rat_num,
-                  rat_den, dp, dnum, dden, batch, tokens, bottleneck, dim, version_b, prec)
 
         dwdp = torch.zeros(n_adapters, dim, L.TP_DOT, **f32)
         attn = L.empty(batch, seq, tokens, **f32)

@@ -20,6 +20,8 @@ LINES_BLOCK = 64
 LINES_BLOCK_K = 64
 LINES_BLOCK_OUT = 64
 NUM_WARPS = 4
+# Split-K of the head GEMMs: at least this much K per program.
+LINES_MIN_K_PER_SPLIT = 256
 # Stand-in SM count when no GPU is visible (H100 SXM has 132).
 DEFAULT_SM_COUNT = 132
 # Programs per SM the split heuristic aims for.
@@ -80,6 +82,17 @@ def choose_splits(batch: int, seq: int, device: torch.device, num_splits: int | 
     want = max(1, min(want, n_tiles))
     per_split = triton.cdiv(n_tiles, want)
     return triton.cdiv(n_tiles, per_split), per_split
+
+
+def choose_k_splits(tiles: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K per split) so that tiles × splits approaches the programs target, each
+    split keeping at least LINES_MIN_K_PER_SPLIT of K."""
+    target = PROGRAMS_PER_SM * sm_count(device)
+    if tiles >= target or k <= LINES_MIN_K_PER_SPLIT:
+        return 1, max(k, 1)
+    want = min(triton.cdiv(target, tiles), triton.cdiv(k, LINES_MIN_K_PER_SPLIT))
+    per_split = triton.cdiv(k, want)
+    return triton.cdiv(k, per_split), per_split
 
 
 @dataclass

@@ -22,25 +22,27 @@ from .common import cast_for, dot_ff
 from .rational_tl import rat_coef_grads_atomic, rat_dx, rat_forward
 
 # lines_mm_kernel modes
-MODE_P = 0      # p   = Ph · W_down[a]
-MODE_OUT = 1    # P   = R(p) · W_up[a]
-MODE_DP = 2     # dp  = (dP · W_up[a]ᵀ) · R'(p), plus rational coefficient gradients
-MODE_DPH = 3    # dPh = dp · W_down[a]ᵀ
+MODE_GEMM = 0   # out = x · W[a]            (p = Ph·W_down, dr = dP·W_upᵀ, dPh = dp·W_downᵀ)
+MODE_OUT = 1    # out = R(x) · W[a]         (P = R(p)·W_up)
 
 
 @triton.jit
 def lines_mm_kernel(
-    x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, aux_ptr, dnum_ptr, dden_ptr,
-    B, T, K, NOUT,
-    s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_ab, s_at, s_an, s_na, s_da,
-    MODE: tl.constexpr, TPL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_NO: tl.constexpr, P1: tl.constexpr, Q: tl.constexpr, VERSION_B: tl.constexpr,
-    PREC: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr,
+    B, T, K, NOUT, K_PER_SPLIT,
+    s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_na, s_da,
+    MODE: tl.constexpr, ATOMIC: tl.constexpr, TPL: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_NO: tl.constexpr, P1: tl.constexpr, Q: tl.constexpr,
+    VERSION_B: tl.constexpr, PREC: tl.constexpr,
 ):
-    """out[row, t, :] = f(x[row, t, :] · W[a(row)]) for the BLOCK_L lines of this program."""
+    """out[row, t, :] = f(x[row, t, :]) · W[a(row)] for the BLOCK_L lines of this program,
+    over the slice [pid_k·K_PER_SPLIT, +K_PER_SPLIT) of K. With ATOMIC (split K; out float32
+    and zeroed) the slice's product is added with one atomic per element per program."""
     BLOCK_R: tl.constexpr = BLOCK_L // TPL
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
+    k_lo = tl.program_id(2) * K_PER_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     offs_l = tl.arange(0, BLOCK_L)
     slot = offs_l // TPL
     t = offs_l % TPL
@@ -53,6 +55,7 @@ def lines_mm_kernel(
     o_ok = offs_o < NOUT
     offs_bk = tl.arange(0, BLOCK_K)
     out = tl.zeros([BLOCK_L, BLOCK_NO], tl.float32)
+    # Rows are adapter-sorted: visit each distinct adapter of this block once.
     for j in range(0, BLOCK_R):
         pj = pid_r * BLOCK_R + j
         if pj < B:
@@ -61,10 +64,9 @@ def lines_mm_kernel(
             if (j == 0) | (a != a_prev):
                 a64 = a.to(tl.int64)
                 sel = line_ok & (lad == a)
-                acc = tl.zeros([BLOCK_L, BLOCK_NO], tl.float32)
-                for k0 in range(0, K, BLOCK_K):
+                for k0 in range(k_lo, k_hi, BLOCK_K):
                     offs_k = k0 + offs_bk
-                    k_ok = offs_k < K
+                    k_ok = offs_k < k_hi
                     xm = sel[:, None] & k_ok[None, :]
                     x = tl.load(x_ptr + row[:, None] * s_xb + t[:, None] * s_xt + offs_k[None, :] * s_xk,
                                 mask=xm, other=0.0).to(tl.float32)
@@ -73,19 +75,58 @@ def lines_mm_kernel(
                                                      P1, Q, VERSION_B), 0.0)
                     w = tl.load(w_ptr + a64 * s_wa + offs_k[:, None] * s_wk + offs_o[None, :] * s_wn,
                                 mask=k_ok[:, None] & o_ok[None, :], other=0.0)
-                    acc += dot_ff(x, w, PREC)
-                am = sel[:, None] & o_ok[None, :]
-                if MODE == 2:
-                    pv = tl.load(aux_ptr + row[:, None] * s_ab + t[:, None] * s_at + offs_o[None, :] * s_an,
-                                 mask=am, other=0.0)
-                    g = tl.where(am, acc, 0.0)
-                    dx, numer, denom = rat_dx(pv, num_ptr + a64 * s_na, den_ptr + a64 * s_da, P1, Q, VERSION_B)
-                    rat_coef_grads_atomic(pv, g, numer, denom, den_ptr + a64 * s_da, dnum_ptr + a64 * P1,
-                                          dden_ptr + a64 * Q, P1, Q, VERSION_B)
-                    acc = g * dx
-                out += tl.where(am, acc, 0.0)
-    tl.store(out_ptr + row[:, None] * s_ob + t[:, None] * s_ot + offs_o[None, :] * s_on,
-             cast_for(out, out_ptr), mask=line_ok[:, None] & o_ok[None, :])
+                    # x is zero outside this adapter's lines, so the sum over adapters is exact.
+                    out += dot_ff(x, w, PREC)
+    o_ptrs = out_ptr + row[:, None] * s_ob + t[:, None] * s_ot + offs_o[None, :] * s_on
+    o_mask = line_ok[:, None] & o_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(o_ptrs, out, mask=o_mask)
+    else:
+        tl.store(o_ptrs, cast_for(out, out_ptr), mask=o_mask)
+
+
+@triton.jit
+def rat_bwd_kernel(
+    dr_ptr, p_ptr, dp_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, dnum_ptr, dden_ptr,
+    B, T, M,
+    s_na, s_da,
+    TPL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, P1: tl.constexpr,
+    Q: tl.constexpr, VERSION_B: tl.constexpr,
+):
+    """dp = dr·R'(p) on [B, T, M] float32 (contiguous), and the rational coefficient
+    gradients Σ dr·∂R/∂a_i, Σ dr·∂R/∂b_j per adapter: one atomic per coefficient, adapter
+    and program."""
+    BLOCK_R: tl.constexpr = BLOCK_L // TPL
+    pid_r = tl.program_id(0)
+    offs_l = tl.arange(0, BLOCK_L)
+    slot = offs_l // TPL
+    t = offs_l % TPL
+    pos = pid_r * BLOCK_R + slot
+    pos_ok = pos < B
+    line_ok = pos_ok & (t < T)
+    row = tl.load(order_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+    lad = tl.load(sids_ptr + pos, mask=pos_ok, other=-1)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    off = row[:, None] * T * M + t[:, None] * M + offs_m[None, :]
+    ok = line_ok[:, None] & m_ok[None, :]
+    dr = tl.load(dr_ptr + off, mask=ok, other=0.0)
+    pv = tl.load(p_ptr + off, mask=ok, other=0.0)
+    dp = tl.zeros([BLOCK_L, BLOCK_M], tl.float32)
+    for j in range(0, BLOCK_R):
+        pj = pid_r * BLOCK_R + j
+        if pj < B:
+            a = tl.load(sids_ptr + pj)
+            a_prev = tl.load(sids_ptr + tl.maximum(pj - 1, 0))
+            if (j == 0) | (a != a_prev):
+                a64 = a.to(tl.int64)
+                sel = ok & (lad == a)[:, None]
+                g = tl.where(sel, dr, 0.0)
+                dx, numer, denom = rat_dx(pv, num_ptr + a64 * s_na, den_ptr + a64 * s_da, P1, Q, VERSION_B)
+                rat_coef_grads_atomic(pv, g, numer, denom, den_ptr + a64 * s_da, dnum_ptr + a64 * P1,
+                                      dden_ptr + a64 * Q, P1, Q, VERSION_B)
+                dp += g * dx
+    tl.store(dp_ptr + off, dp, mask=ok)
 
 
 @triton.jit

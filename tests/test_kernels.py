@@ -89,6 +89,18 @@ def test_split_over_n(num_splits):
     check(prob, kernel(prob, num_splits=num_splits))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_k_head(monkeypatch, dtype):
+    # The head GEMMs with K = d (p = Ph·W_down, dr = dP·W_upᵀ) split K across programs with
+    # float32 atomics when there are few line tiles; at real sizes that needs d > 256.
+    from iapt_fast.kernels import launch
+
+    monkeypatch.setattr(launch, "LINES_MIN_K_PER_SPLIT", 32)
+    assert launch.choose_k_splits(1, 96, torch.device("cpu")) == (3, 32)
+    prob = make_problem(dtype=dtype)
+    check(prob, kernel(prob))
+
+
 def test_split_over_n_half_with_empty_split():
     # A split whose tokens are all masked must contribute nothing (not NaN) to the combine.
     prob = make_problem(batch=2, seq=96, dim=32, bottleneck=16, mask_kind="full", dtype=torch.float16)

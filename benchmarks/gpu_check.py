@@ -1,0 +1,217 @@
+"""GPU check of the fused generator kernels: correctness at realistic size, then timings.
+
+Times forward and forward+backward at bf16, d = 4096, m = 320, T = 4, for 2k–64k tokens and 1
+or 32 adapters: the Triton kernels vs the eager PyTorch reference vs torch.compile of the
+reference (triton.testing.do_bench medians), with the achieved bandwidth of reading H
+against a measured device-to-device copy. Writes Markdown + JSON under benchmarks/results/
+naming the card and the date, and prints a short table last.
+
+    python benchmarks/gpu_check.py                 # on a CUDA machine (benchmarks/gpu_check.sh)
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run   # CPU: tiny shapes, interpreter
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from iapt_fast import functional, reference  # noqa: E402
+
+# (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,
+# where the forward splits N (flash-decoding) to fill the GPU.
+REAL_SHAPES = [(4, 512), (16, 512), (32, 512), (64, 512), (64, 1024), (128, 512), (2, 8192), (1, 16384)]
+DRY_SHAPES = [(2, 40), (1, 100)]
+
+
+def bench(fn, cuda: bool) -> float:
+    """Median milliseconds of fn()."""
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(cuda: bool) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read + written."""
+    n_bytes = (1 << 30) if cuda else (1 << 24)
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda" if cuda else "cpu").normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), cuda)
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def make_inputs(batch, seq, dim, bottleneck, tokens, adapters, device, dtype, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+
+    hidden = rnd(batch, seq, dim)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(device)
+    weights = [rnd(adapters, dim, bottleneck, std=dim**-0.5), rnd(adapters, bottleneck, tokens, std=bottleneck**-0.5),
+               rnd(adapters, 7, std=0.3), rnd(adapters, 5, std=0.3), rnd(adapters, bottleneck, dim, std=bottleneck**-0.5)]
+    ids = (torch.arange(batch) % adapters).to(device) if adapters > 1 else None
+    return hidden, mask, weights, ids
+
+
+def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
+    device = "cuda" if cuda else "cpu"
+    dt = torch.bfloat16
+    hidden, mask, weights, ids = make_inputs(batch, seq, args.dim, args.bottleneck, args.tokens, adapters, device, dt)
+    leaves = [hidden.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
+
+    impls = {
+        "triton": lambda: functional.prompt_generator(leaves[0], mask, *leaves[1:], adapter_ids=ids, backend="triton"),
+        "eager": lambda: reference.prompt_generator(leaves[0], mask, *leaves[1:], ids),
+    }
+    if compiled_fn is not None:
+        impls["compile"] = lambda: compiled_fn(leaves[0], mask, *leaves[1:], ids)
+    grad = torch.randn(batch, args.tokens, args.dim, device=device, dtype=dt)
+
+    row = {"batch": batch, "seq": seq, "tokens": batch * seq, "adapters": adapters}
+    # Correctness at this size: max error of Triton and of the bf16 reference vs float32 reference.
+    with torch.no_grad():
+        out = impls["triton"]().float()
+        ref32 = reference.prompt_generator(hidden.float(), mask, *[w.float() for w in weights], ids)
+        ref_bf = impls["eager"]().float()
+    row["max_err_triton"] = float((out - ref32).abs().max())
+    row["max_err_bf16_reference"] = float((ref_bf - ref32).abs().max())
+    row["finite"] = bool(torch.isfinite(out).all())
+
+    for name, fn in impls.items():
+        try:
+            with torch.no_grad():
+                fwd = bench(fn, cuda)
+
+            def fwd_bwd(fn=fn):
+                o = fn()
+                o.backward(grad)
+                for leaf in leaves:
+                    leaf.grad = None
+
+            both = bench(fwd_bwd, cuda)
+            row[f"{name}_fwd_ms"] = fwd
+            row[f"{name}_bwd_ms"] = max(both - fwd, 0.0)
+        except Exception as err:  # e.g. out of memory in the eager reference at 64k tokens
+            row[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            if cuda:
+                torch.cuda.empty_cache()
+    h_bytes = batch * seq * args.dim * hidden.element_size()
+    if "triton_fwd_ms" in row:
+        gbs = h_bytes / (row["triton_fwd_ms"] * 1e-3) / 1e9
+        row["triton_fwd_GBps"] = gbs
+        row["fwd_fraction_of_copy"] = gbs / copy_gbs
+        for other in ("eager", "compile"):
+            if f"{other}_fwd_ms" in row:
+                row[f"fwd_speedup_vs_{other}"] = row[f"{other}_fwd_ms"] / row["triton_fwd_ms"]
+                row[f"bwd_speedup_vs_{other}"] = row[f"{other}_bwd_ms"] / max(row["triton_bwd_ms"], 1e-9)
+    return row
+
+
+def fmt(v, spec=".3g"):
+    return "—" if v is None else format(v, spec)
+
+
+def markdown(meta, rows) -> str:
+    lines = [f"# Generator kernels on {meta['device']} ({meta['date']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, bf16, d={meta['dim']}, m={meta['bottleneck']}, "
+             f"T={meta['tokens']}; do_bench medians (ms). Copy bandwidth (read+write): {meta['copy_GBps']:.0f} GB/s. "
+             "GB/s = bytes of H read once / forward time.", "",
+             "| B×N | adapters | Triton fwd | eager fwd | compile fwd | Triton bwd | eager bwd | compile bwd | "
+             "fwd GB/s | % of copy | fwd × eager | fwd × compile | bwd × eager | max err (Triton / bf16 ref) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']}×{r['seq']} | {r['adapters']} | {fmt(r.get('triton_fwd_ms'))} | {fmt(r.get('eager_fwd_ms'))} | "
+            f"{fmt(r.get('compile_fwd_ms'))} | {fmt(r.get('triton_bwd_ms'))} | {fmt(r.get('eager_bwd_ms'))} | "
+            f"{fmt(r.get('compile_bwd_ms'))} | {fmt(r.get('triton_fwd_GBps'), '.0f')} | "
+            f"{fmt(100 * r['fwd_fraction_of_copy'] if 'fwd_fraction_of_copy' in r else None, '.0f')} | "
+            f"{fmt(r.get('fwd_speedup_vs_eager'), '.1f')} | {fmt(r.get('fwd_speedup_vs_compile'), '.1f')} | "
+            f"{fmt(r.get('bwd_speedup_vs_eager'), '.1f')} | {fmt(r['max_err_triton'], '.2e')} / "
+            f"{fmt(r['max_err_bf16_reference'], '.2e')} |")
+    errors = [(r["batch"], r["seq"], r["adapters"], k, v) for r in rows for k, v in r.items() if k.endswith("_error")]
+    if errors:
+        lines += ["", "Errors:"] + [f"- {b}×{n}, {a} adapters, {k}: {v}" for b, n, a, k, v in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--compile-tokens", type=int, nargs="*", default=None,
+                        help="B·N values at which torch.compile of the reference is also timed (each shape "
+                             "compiles; default 16384 65536, none in --dry-run)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        print("gpu_check: no CUDA device; use --dry-run (with TRITON_INTERPRET=1) on a CPU", file=sys.stderr)
+        return 2
+    if args.dry_run and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("gpu_check --dry-run on CPU needs TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        args.dim, args.bottleneck, args.tokens, shapes = 64, 20, 4, DRY_SHAPES
+        args.adapters = [1, 3]
+        args.compile_tokens = args.compile_tokens or []
+    else:
+        args.dim, args.bottleneck, args.tokens, shapes = 4096, 320, 4, REAL_SHAPES
+        args.compile_tokens = [16384, 65536] if args.compile_tokens is None else args.compile_tokens
+
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU interpreter ({platform.processor() or 'cpu'})",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "triton": triton.__version__, "dim": args.dim,
+        "bottleneck": args.bottleneck, "tokens": args.tokens, "dry_run": args.dry_run,
+    }
+    meta["copy_GBps"] = copy_bandwidth(cuda)
+    print(f"{meta['device']}: copy bandwidth {meta['copy_GBps']:.0f} GB/s", flush=True)
+    compiled = torch.compile(reference.prompt_generator) if args.compile_tokens else None
+
+    rows = []
+    for adapters in args.adapters:
+        for batch, seq in shapes:
+            use_compile = compiled if batch * seq in args.compile_tokens else None
+            start = time.time()
+            row = run_case(batch, seq, adapters, args, cuda, use_compile, meta["copy_GBps"])
+            rows.append(row)
+            print(f"  {batch}x{seq} A={adapters}: triton fwd {fmt(row.get('triton_fwd_ms'))} ms, "
+                  f"bwd {fmt(row.get('triton_bwd_ms'))} ms, eager fwd {fmt(row.get('eager_fwd_ms'))} ms "
+                  f"({time.time() - start:.0f} s)", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    card = "".join(c if c.isalnum() else "_" for c in meta["device"]).strip("_")[:40]
+    stem = f"gpu_check_{card}_{_dt.date.today().isoformat()}" + ("_dryrun" if args.dry_run else "")
+    md = markdown(meta, rows)
+    (args.out / f"{stem}.md").write_text(md)
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {args.out / stem}.md/.json\n")
+    print(md)
+    bad = [r for r in rows if not r["finite"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

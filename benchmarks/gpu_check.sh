@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One command on a CUDA machine (< 6 min on an H100/H200, torch 2.11 / triton 3.6):
+#   1. install the package offline if iapt_fast.kernels is not importable yet,
+#   2. run the kernel tests natively on the GPU,
+#   3. time the kernels at realistic shapes (benchmarks/gpu_check.py), writing
+#      benchmarks/results/gpu_check_<card>_<date>.{md,json} and printing a short table.
+# Extra arguments go to gpu_check.py (e.g. --adapters 1).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+if ! python -c "import iapt_fast.kernels" 2>/dev/null; then
+    pip install --no-deps --no-build-isolation -e . -q || exit 1
+fi
+mkdir -p benchmarks/results
+status=0
+# Fewer hypothesis examples on the GPU: every new shape class compiles fresh kernels.
+IAPT_HYPOTHESIS_EXAMPLES="${IAPT_HYPOTHESIS_EXAMPLES:-6}" timeout 240 \
+    python -m pytest -q -x tests/test_kernels.py tests/test_kernels_hypothesis.py 2>&1 \
+    | tee benchmarks/results/gpu_check_tests.log | tail -15
+test_status=${PIPESTATUS[0]}
+[ "$test_status" -ne 0 ] && { echo "gpu_check: kernel tests FAILED (status $test_status)"; status=1; }
+timeout 300 python benchmarks/gpu_check.py "$@" || status=1
+exit $status
