@@ -171,6 +171,15 @@ def test_recorder_budget_and_exceptions():
     skipped = spent.run("s", "c", "m", {}, lambda: pytest.fail("must not run past the budget"))
     assert skipped.status == "skipped" and "budget" in skipped.error
     assert [r.status for r in rec.rows + spent.rows] == ["ok", "failed", "skipped"]
+    # A case estimated to overrun what is left is not started either.
+    budget = common.Budget(60.0)
+    assert budget.skip_reason() is None and budget.skip_reason(estimate_s=5.0) is None
+    assert "would not fit" in budget.skip_reason(estimate_s=120.0)
+    # Cases measured together are recorded as they came out, whatever the budget says now.
+    late = common.Recorder(common.Budget(0.0))
+    assert late.record("s", "c", "m", {}, {"y": 2.0}, seconds=3.0).status == "ok"
+    failed = late.record("s", "c", "m", {}, KeyError("gone"), seconds=3.0)
+    assert failed.status == "failed" and failed.error == "KeyError: 'gone'" and failed.seconds == 3.0
 
 
 def test_tensor_peak_counts_live_storages_once():

@@ -52,6 +52,18 @@ class Budget:
     def exhausted(self) -> bool:
         return self.seconds is not None and self.elapsed() >= self.seconds
 
+    def remaining(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - self.elapsed()
+
+    def skip_reason(self, estimate_s: float | None = None) -> str | None:
+        """Why a case must not start now (None: it may), given its estimated duration."""
+        if self.exhausted():
+            return f"time budget of {self.seconds:.0f} s exhausted before this case started"
+        if estimate_s is not None and estimate_s > self.remaining():
+            return (f"would not fit the time budget: estimated {estimate_s:.0f} s, "
+                    f"{self.remaining():.0f} s of {self.seconds:.0f} s left")
+        return None
+
 
 class Recorder:
     """Collects rows. ``run`` executes one case and turns any exception into a failed row."""
@@ -64,9 +76,10 @@ class Recorder:
     def run(self, suite: str, case: str, method: str, params: dict[str, Any],
             fn: Callable[[], dict[str, float | None]]) -> Row:
         row = Row(suite=suite, case=case, method=method, params=dict(params))
-        if self.budget.exhausted():
+        reason = self.budget.skip_reason()
+        if reason is not None:
             row.status = "skipped"
-            row.error = f"time budget of {self.budget.seconds:.0f} s exhausted before this case started"
+            row.error = reason
         else:
             start = time.perf_counter()
             try:
@@ -78,19 +91,35 @@ class Recorder:
             finally:
                 release_memory()
             row.seconds = time.perf_counter() - start
+        return self._add(row)
+
+    def record(self, suite: str, case: str, method: str, params: dict[str, Any],
+               result: dict[str, float | None] | Exception, seconds: float) -> Row:
+        """Record a case measured already (e.g. interleaved with others): ok or failed."""
+        row = Row(suite=suite, case=case, method=method, params=dict(params), seconds=seconds)
+        if isinstance(result, Exception):
+            row.status = "failed"
+            row.error = f"{type(result).__name__}: {result}"[:2000]
+            row.traceback = "".join(traceback.format_exception(result)[-6:])[-4000:]
+        else:
+            row.metrics = {k: _clean(v) for k, v in result.items()}
+        return self._add(row)
+
+    def skip(self, suite: str, case: str, method: str, params: dict[str, Any], reason: str) -> Row:
+        return self._add(Row(suite=suite, case=case, method=method, params=dict(params), status="skipped",
+                             error=reason))
+
+    def _add(self, row: Row) -> Row:
         self.rows.append(row)
         if self.progress is not None:
             self.progress.update(1)
-            self.progress.set_postfix_str(f"{suite}:{case}:{method} {row.status}", refresh=False)
+            self.progress.set_postfix_str(f"{row.suite}:{row.case}:{row.method} {row.status}", refresh=False)
         return row
 
     def fail(self, suite: str, case: str, method: str, params: dict[str, Any], error: str) -> Row:
         """Record a case that cannot even start (e.g. its model failed to build)."""
-        row = Row(suite=suite, case=case, method=method, params=dict(params), status="failed", error=error)
-        self.rows.append(row)
-        if self.progress is not None:
-            self.progress.update(1)
-        return row
+        return self._add(Row(suite=suite, case=case, method=method, params=dict(params), status="failed",
+                             error=error))
 
 
 def _clean(value: Any) -> float | None:

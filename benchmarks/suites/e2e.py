@@ -124,14 +124,6 @@ def _memory(prep: Prepared, mem: dict[str, float | None]) -> dict[str, float | N
             "process_peak_mb": mem["process_peak_mb"]}
 
 
-def _unpack(result: dict[str, float | None] | Exception | None) -> dict[str, float | None]:
-    if isinstance(result, Exception):
-        raise result
-    if result is None:
-        raise RuntimeError("not measured")
-    return result
-
-
 def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_targets: list[str]) -> dict[str, Any]:
     """Run the suite into ``rec``; returns its settings for the report."""
     cfg = settings(device, quick)
@@ -173,19 +165,31 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
                                     built=preps)
         except Exception as err:  # the method's rows are all failed, with the build error
             build_errors[method] = f"building {method}: {type(err).__name__}: {err}"
+    previous: tuple[float, float] | None = None  # (seconds, work) of the last measured case
     for b, p in grid:
+        work = float(b * (p + cfg["new_tokens"]))
+        estimate = previous[0] * work / previous[1] if previous else None
+        reason = rec.budget.skip_reason(estimate)
         results: dict[str, Any] = {}
-        if not rec.budget.exhausted():
+        seconds = 0.0
+        if reason is None:
+            start = time.perf_counter()
             try:
                 results = measure_case(preps, _Case(b, p, cfg["new_tokens"], device, spec.vocab_size), cfg["reps"])
             except Exception as err:  # e.g. the inputs could not be built: every method fails
                 results = {m: err for m in preps}
+            seconds = time.perf_counter() - start
+            previous = (seconds, work)
         for method in methods:
             params = {"batch": b, "prompt": p, "new_tokens": cfg["new_tokens"], "method_label": METHOD_LABELS[method]}
+            case = f"b{b} p{p}"
             if method in build_errors:
-                rec.fail(SUITE, f"b{b} p{p}", method, params, build_errors[method])
-                continue
-            rec.run(SUITE, f"b{b} p{p}", method, params, lambda r=results.get(method): _unpack(r))
+                rec.fail(SUITE, case, method, params, build_errors[method])
+            elif reason is not None:
+                rec.skip(SUITE, case, method, params, reason)
+            else:
+                # seconds: the whole case, every method interleaved
+                rec.record(SUITE, case, method, params, results.get(method, RuntimeError("not measured")), seconds)
     del preps
     release_memory()
     del backbone

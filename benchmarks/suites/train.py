@@ -7,12 +7,13 @@ tokens per second (batch · sequence / step) and peak memory.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
 from benchmarks.suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
-from benchmarks.suites.e2e import _unpack, settings as e2e_settings
+from benchmarks.suites.e2e import settings as e2e_settings
 from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, Prepared, budget, build_backbone, prepare
 
 SUITE = "train"
@@ -131,7 +132,10 @@ def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dic
     for b, s in cfg["shapes"]:
         preps: dict[str, Prepared] = {}
         results: dict[str, Any] = {}
-        if not rec.budget.exhausted():
+        reason = rec.budget.skip_reason()
+        seconds = 0.0
+        if reason is None:
+            start = time.perf_counter()
             for method in METHODS:
                 try:
                     preps[method] = prepare(method, backbone, 1, plan, trainable=True)
@@ -141,8 +145,14 @@ def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dic
                 results.update(measure_case(preps, b, s, cfg["steps"], cfg["warmup"], device, spec.vocab_size))
             except Exception as err:
                 results.update({m: err for m in preps})
+            seconds = time.perf_counter() - start
         for method in METHODS:
-            rec.run(SUITE, f"b{b} s{s}", method, {"batch": b, "seq": s}, lambda r=results.get(method): _unpack(r))
+            params = {"batch": b, "seq": s}
+            if reason is not None:
+                rec.skip(SUITE, f"b{b} s{s}", method, params, reason)
+            else:
+                rec.record(SUITE, f"b{b} s{s}", method, params, results.get(method, RuntimeError("not measured")),
+                           seconds)
         del preps
         release_memory()
     del backbone
