@@ -365,28 +365,40 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     title = machine_line(results["machine"])
     written = []
 
-    def bars(ax, groups: list[str], series: list[str], value, ylabel: str, log: bool = False) -> None:
+    def bars(ax, groups: list[str], series: list[str], value, ylabel: str, log: bool = False, spread=None) -> None:
+        """Grouped bars; ``spread(group, series)`` -> (low, high) draws p10–p90 whiskers."""
         width = 0.8 / max(1, len(series))
         plotted = 0
         for i, s in enumerate(series):
-            xs, ys, failed = [], [], []
+            xs, ys, lows, highs, missing = [], [], [], [], []
             for j, g in enumerate(groups):
                 v = value(g, s)
                 x = j + (i - (len(series) - 1) / 2) * width
                 if v is None:
-                    failed.append(x)
-                else:
-                    xs.append(x)
-                    ys.append(v)
+                    missing.append(x)
+                    continue
+                xs.append(x)
+                ys.append(v)
+                lo, hi = spread(g, s) if spread else (None, None)
+                lows.append(v - lo if lo is not None else 0.0)
+                highs.append(hi - v if hi is not None else 0.0)
             # Fixed colours: a series with no bar (all failed) must not shift the others' colours.
-            ax.bar(xs, ys, width, label=s if xs else f"{s} (failed)", color=f"C{i}")
+            ax.bar(xs, ys, width, label=s if xs else f"{s} (no result)", color=f"C{i}",
+                   yerr=[lows, highs] if spread and xs else None, capsize=2, ecolor="0.3")
+            for x in missing:  # failed or skipped: a red cross on the axis, never a silent gap
+                ax.text(x, 0.02, "×", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                        color="red", fontsize=10)
             plotted += len(xs)
-            for x in failed:
-                ax.text(x, 0, "×", ha="center", va="bottom", color="red", fontsize=9)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
+        ax.set_xlim(-0.5, len(groups) - 0.5)  # keep the crosses of missing bars inside the axes
         ax.set_ylabel(ylabel)
-        if log and plotted:  # a log axis without a single bar has no range
+        if not plotted:
+            ax.text(0.5, 0.5, "no results: every case failed or was skipped", transform=ax.transAxes,
+                    ha="center", va="center", color="red", fontsize=9)
+            ax.set_yticks([])
+            return
+        if log:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
@@ -405,10 +417,12 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
         impls = list(dict.fromkeys(r["method"].split("/")[0] for r in kr))
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
         for ax, mode in zip(axes, ("fwd", "bwd", "fwdbwd")):
-            bars(ax, cases, impls, getter("kernels", "median_ms", lambda s, mode=mode: f"{s}/{mode}"),
-                 "median ms (log)", log=True)
+            name = (lambda s, mode=mode: f"{s}/{mode}")
+            lo, hi = getter("kernels", "p10_ms", name), getter("kernels", "p90_ms", name)
+            bars(ax, cases, impls, getter("kernels", "median_ms", name), "median ms (log), p10–p90", log=True,
+                 spread=lambda g, s, lo=lo, hi=hi: (lo(g, s), hi(g, s)))
             ax.set_title(f"generator {mode}")
-        fig.suptitle(f"Kernels — {title}", fontsize=8)
+        fig.suptitle(f"Kernels — {title}  (× = failed or skipped)", fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
         plt.close(fig)
@@ -418,11 +432,14 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
         cases = list(dict.fromkeys(r["case"] for r in er))
         methods = list(dict.fromkeys(r["method"] for r in er))
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-        for ax, (key, label) in zip(axes, (("tokens_per_s", "generated tokens/s"), ("prefill_ms", "prefill ms"),
+        lo, hi = getter("e2e", "prefill_p10_ms"), getter("e2e", "prefill_p90_ms")
+        spreads = {"prefill_ms": lambda g, s: (lo(g, s), hi(g, s))}
+        for ax, (key, label) in zip(axes, (("tokens_per_s", "generated tokens/s"),
+                                           ("prefill_ms", "prefill ms (p10–p90)"),
                                            ("decode_ms_per_token", "decode ms per step"))):
-            bars(ax, cases, methods, getter("e2e", key), label)
+            bars(ax, cases, methods, getter("e2e", key), label, spread=spreads.get(key))
             ax.set_title(label)
-        fig.suptitle(f"Multi-tenant generation (K = batch adapters) — {title}", fontsize=8)
+        fig.suptitle(f"Multi-tenant generation (K = batch adapters; × = failed or skipped) — {title}", fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "e2e.png"), dpi=110)
         plt.close(fig)
