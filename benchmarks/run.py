@@ -14,8 +14,20 @@ Suites:
 
 Writes results.json (every row, the machine, versions, settings), results.md and PNG plots to
 --out (default benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the tables with the
-ratios against the DESIGN §5 targets. A method that fails is a failed row with its error.
+ratios against the DESIGN §5 targets. A method that fails is a failed row with its error; a
+case the time budget (--budget-s) cannot fit is a skipped row with the reason.
 Exit status: 0, or 1 with --strict when any row failed.
+
+results.json:
+    machine    date_utc, cpu_model, cpu_count, torch_threads, memory_gb, gpu {name, capability,
+               memory_gb, cuda} or null, versions {python, torch, triton, transformers, peft, ...},
+               git_commit, git_dirty, command
+    settings   per suite: backbone, dtype, grid, LoRA/IAPT parameter budget, timer, memory metric, notes
+    rows       one per (suite, case, method): params, status ok|failed|skipped, error, traceback,
+               metrics (kernels: median_ms p10_ms p90_ms gbs frac_copy_bw bytes first_call_s;
+               e2e: prefill_ms decode_ms_per_token tokens_per_s total_ms peak_mem_mb weights_mb
+               extra_mem_mb distinct_adapters ...; train: step_ms tokens_per_s peak_mem_mb ...), seconds
+    ratios     suite, case, name, value (null when an input failed), target, met, note
 """
 from __future__ import annotations
 
@@ -50,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks.suites.e2e import DEFAULT_LORA_TARGETS
     from benchmarks.suites.models import DEFAULT_METHODS, METHODS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    head, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=head, epilog=rest,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda if available")
@@ -64,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LoRA target modules (their rank is set to match IAPT's parameter count)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget; cases that would start later are reported as skipped")
+                        help="wall-clock budget in seconds; cases that would start after it, or would not "
+                             f"fit in it, are reported as skipped (default: {DEFAULT_BUDGET_S}, --quick "
+                             f"{QUICK_BUDGET_S})")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any row failed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
