@@ -324,19 +324,21 @@ def prepare_model(model: nn.Module, ctx: DistContext, reshard_after_forward: boo
     none/ddp: moves it to ``ctx.device`` and (ddp) gives every rank rank 0's trainable weights;
     the DDP wrapper itself is made by :class:`DistributedTrainer`. fsdp: also shards it in
     place with FSDP2 ``fully_shard`` — each decoder layer, then the root — so parameter names
-    are unchanged and parameters become DTensors. Call it once, before building an optimizer
-    (FSDP replaces the parameter objects).
+    are unchanged and parameters become DTensors. Pass the model still on the CPU: each layer
+    then reaches the GPU one at a time and only as its shard, so a backbone larger than one
+    GPU fits. Call it once, before building an optimizer (FSDP replaces the parameter objects).
     """
     if not isinstance(ctx, DistContext):
         raise TypeError(f"ctx must be a DistContext, got {type(ctx).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters")
-    model.to(ctx.device)
-    if ctx.strategy == "none":
-        return model
     if any(_is_dtensor(p) for p in model.parameters()):
         raise ValueError("model is already sharded (its parameters are DTensors); call prepare_model once")
-    _broadcast_trainable(model, ctx)
+    if ctx.strategy != "fsdp":
+        model.to(ctx.device)
+    if ctx.strategy == "none":
+        return model
+    _broadcast_trainable(model, ctx)  # CPU tensors travel on gloo (see init_distributed)
     if ctx.strategy == "ddp":
         return model
     try:
@@ -353,6 +355,7 @@ def prepare_model(model: nn.Module, ctx: DistContext, reshard_after_forward: boo
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     # The root group: generators (used from hooks inside the root's forward), embeddings, head.
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    model.to(ctx.device)  # buffers (rotary tables) that no group moved; sharded parameters stay put
     return model
 
 
@@ -755,11 +758,15 @@ class DistributedTrainer(Trainer):
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint written by any world size (or by the single-process Trainer)."""
         file = os.path.join(path, STATE_NAME)
-        # Decided on rank 0 and shared, so no rank raises alone and leaves the others waiting.
-        problem = None if os.path.isfile(file) else f"no {STATE_NAME} in {path!r}"
-        problem = _broadcast_object(problem, self.ctx) or problem
-        if problem:
-            raise FileNotFoundError(problem)
+        # Counted over all ranks, so every rank raises together instead of one raising alone
+        # and leaving the others waiting in a collective.
+        (blind,) = _all_reduce_sum([0 if os.path.isfile(file) else 1], self.ctx)
+        if blind:
+            raise FileNotFoundError(
+                f"{int(blind)} of {self.ctx.world_size} rank(s) find no {STATE_NAME} in {path!r}"
+                + ("" if blind == self.ctx.world_size else
+                   " (rank 0 writes checkpoints: multi-node resume needs --output-dir on a shared filesystem)")
+            )
         # weights_only=False: the state holds Python RNG tuples; it is our own file.
         state = torch.load(file, map_location="cpu", weights_only=False)
         if state["bilevel"] != self.config.bilevel:
@@ -787,6 +794,13 @@ class DistributedTrainer(Trainer):
         self._set_rng_state(rngs[self.ctx.rank] if same_world else state["rng"])
         self.step = int(state["step"])
         self.history = list(state["history"])
+
+    def train(self, resume_from: str | None = None, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Trainer.train on every rank; ``resume_from="auto"`` is resolved by rank 0 for all."""
+        if resume_from == "auto":
+            from .trainer import latest_checkpoint
+            resume_from = _broadcast_object(latest_checkpoint(self.config.output_dir), self.ctx)
+        return super().train(resume_from=resume_from, stop_after=stop_after)
 
     def save_history(self, path: str | None = None) -> str:
         path = path or os.path.join(self.config.output_dir, "history.jsonl")

@@ -272,7 +272,9 @@ def _run(args: argparse.Namespace, ctx) -> int:
 
     device = ctx.device
     torch.manual_seed(args.seed)
-    model = load_iapt_model(args.model, adapter_cfg, args.precision, device, args.attn_implementation, args.seed)
+    # FSDP: loaded on the CPU, each layer reaches the GPU only as its shard (prepare_model).
+    load_device = torch.device("cpu") if ctx.strategy == "fsdp" else device
+    model = load_iapt_model(args.model, adapter_cfg, args.precision, load_device, args.attn_implementation, args.seed)
     model = prepare_model(model, ctx)  # FSDP shards here, before the optimizer exists
 
     eval_fn = None

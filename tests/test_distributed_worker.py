@@ -105,6 +105,7 @@ def _train_one(mode: str, out: str, ctx) -> None:
     model, tr = run("joint")
     results["joint_eval"] = tr.evaluate()
     results["joint_losses"] = [h["loss"] for h in tr.history if "loss" in h]
+    results["joint_grad_norms"] = [h["grad_norm"] for h in tr.history if "grad_norm" in h]
     tr.save_adapter(os.path.join(out, "adapter"))
     tr.save_history()
     saved["joint"] = trainable(model)
