@@ -282,6 +282,26 @@ def test_gpu_kernel_ratios_and_targets():
     assert r_small["fwd: Triton fraction of copy bandwidth"]["target"] is None  # below 16k tokens: no target
 
 
+def test_gpu_plan_is_what_the_issue_asks():
+    """The CUDA grid cannot run here; at least its plan is checked against issue 7 and DESIGN §5."""
+    from benchmarks.suites import e2e, kernels, train
+
+    grid = kernels.cases("cuda", quick=False)
+    big = [c for c in grid if (c.d, c.m, c.t, c.dtype) == (4096, 320, 4, "bfloat16")]
+    assert max(c.tokens for c in big) == 65536 and {c.adapters for c in big} == {1, 32}
+    assert any(c.tokens >= 16384 and c.batch <= 4 for c in big)  # few long rows: the split-N path
+    assert kernels.impls("cuda") == ["eager", "compile", "triton"]
+    cfg = e2e.settings("cuda", quick=False)
+    spec = cfg["spec"]
+    assert (spec.hidden_size, spec.intermediate_size, spec.num_attention_heads, spec.vocab_size) == \
+        (4096, 11008, 32, 32000) and str(spec.num_hidden_layers) in spec.name
+    assert cfg["batches"] == [1, 8, 32] and cfg["prompts"] == [128, 512] and cfg["new_tokens"] == 64
+    assert cfg["dtype"] == "bfloat16" and train.settings("cuda", quick=False)["dtype"] == "bfloat16"
+    assert set(models.DEFAULT_METHODS["cuda"]) == set(models.METHODS)
+    plan = models.budget(spec, ["q_proj", "v_proj"])
+    assert plan["iapt_bottleneck"] == 320 and plan["lora_rank"] == 160
+
+
 def test_report_renders_a_gpu_machine(tmp_path):
     machine = report.machine_info("cpu")
     machine["gpu"] = {"name": "NVIDIA H200", "capability": "9.0", "memory_gb": 139.8, "multiprocessors": 132,
