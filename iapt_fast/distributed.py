@@ -814,14 +814,22 @@ class DistributedTrainer(Trainer):
         save_adapter(self.model, directory, self.ctx)
 
 
+def _shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (the same on every rank) laid out as the DTensor ``like``; every rank must call it."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(like.device)
+    try:
+        # Every rank holds the whole tensor: each keeps its own shard, nothing is sent.
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # a torch without src_data_rank: rank 0's copy is scattered (same result)
+        return distribute_tensor(full, like.device_mesh, like.placements)
+
+
 def _copy_into(param: Tensor, full: Tensor) -> None:
     """Copy a whole tensor into a parameter, or into this rank's shard of a DTensor one."""
     if _is_dtensor(param):
-        from torch.distributed.tensor import distribute_tensor
-        # Every rank holds the whole tensor: each keeps its own shard, nothing is sent.
-        shard = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                  src_data_rank=None)
-        param.to_local().copy_(shard.to_local())
+        param.to_local().copy_(_shard_like(full.to(param.dtype), param).to_local())
     else:
         param.copy_(full)
 
@@ -832,13 +840,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, sd: Mapping[str, Any]) -> 
     if not any(_is_dtensor(p) for p in params):
         optimizer.load_state_dict(sd)
         return
-    from torch.distributed.tensor import distribute_tensor
-
     state = {}
     for idx, s in sd["state"].items():
         p = params[int(idx)]
-        state[idx] = {k: (distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                          if isinstance(v, Tensor) and _is_dtensor(p) and v.shape == p.shape else v)
+        state[idx] = {k: (_shard_like(v, p) if isinstance(v, Tensor) and _is_dtensor(p) and v.shape == p.shape else v)
                       for k, v in s.items()}
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 

@@ -8,6 +8,7 @@ fails the test instead of blocking CI. Budget: ~2.5 min on a loaded 2-core machi
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -163,6 +164,23 @@ def test_fsdp_checkpoint_resumes_in_one_process(fsdp_run, reference, data):
     tr.train(resume_from=os.path.join(fsdp_run, "joint", "checkpoint-2"))
     assert tr.step == 4
     _close(W.trainable(model), reference["joint"], "FSDP checkpoint resumed by the single-process Trainer")
+
+
+def test_transformers_trainer_under_ddp(runs, data):
+    """The engine users already have: transformers.Trainer (IAPTHFTrainer) wraps IAPTModel in
+    DDP by itself under torchrun; the ranks stay identical and the adapter-only checkpoint loads."""
+    from iapt_fast import IAPTModel
+    from test_distributed_worker import make_llama_for
+
+    out = os.path.join(runs, "hf")
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["wrapper"] == "DistributedDataParallel"
+    assert results["rank_spread"] == 0.0 and math.isfinite(results["loss"])
+    params = torch.load(os.path.join(out, "params.pt"))
+    start = W.trainable(W.build_model(data[0]))
+    assert all(not torch.equal(params[k], start[k]) for k in start)  # every generator tensor trained
+    loaded = IAPTModel.from_pretrained(make_llama_for(data[0]), os.path.join(out, "checkpoint-3"))
+    assert all(torch.equal(a, params[k]) for k, a in W.trainable(loaded).items())
 
 
 def _free_port() -> int:

@@ -78,6 +78,7 @@ def _train_modes(root: str) -> None:
         # One process group serves both strategies: one launch instead of two.
         _train_one("ddp", os.path.join(root, "ddp"), ctx)
         _train_one("fsdp", os.path.join(root, "fsdp"), dataclasses.replace(ctx, strategy="fsdp"))
+        _train_hf(os.path.join(root, "hf"), ctx)
     finally:
         shutdown(ctx)
 
@@ -119,6 +120,33 @@ def _train_one(mode: str, out: str, ctx) -> None:
         torch.save(saved, os.path.join(out, "params.pt"))
         with open(os.path.join(out, "results.json"), "w") as fh:
             json.dump(results, fh)
+
+
+def _train_hf(out: str, ctx) -> None:
+    """transformers.Trainer (IAPTHFTrainer) in the same job: accelerate wraps IAPTModel in DDP."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainingArguments
+
+    from iapt_fast.data import IAPTCollator
+    from iapt_fast.hf_trainer import IAPTHFTrainer
+
+    tok = build_tokenizer()
+    train, _, _ = build_data(tok)
+    model = build_model(tok)
+    args = TrainingArguments(output_dir=out, use_cpu=True, per_device_train_batch_size=2, max_steps=3,
+                             save_strategy="steps", save_steps=2, report_to=[], remove_unused_columns=False,
+                             ddp_backend="gloo", learning_rate=1e-2, logging_steps=1, disable_tqdm=True, seed=0)
+    hf = IAPTHFTrainer(model=model, args=args, train_dataset=train, data_collator=IAPTCollator.from_tokenizer(tok))
+    result = hf.train()
+    flat = torch.cat([v.flatten() for v in trainable(model).values()])
+    gathered = [torch.zeros_like(flat) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, flat)
+    if ctx.is_main:
+        torch.save(trainable(model), os.path.join(out, "params.pt"))
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump({"wrapper": type(hf.model_wrapped).__name__, "loss": result.training_loss,
+                       "rank_spread": max((g - gathered[0]).abs().max().item() for g in gathered)}, fh)
 
 
 def _failure_modes(mode: str) -> None:
