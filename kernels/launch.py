@@ -3,6 +3,7 @@ recorder that captures every launch (kernel, signature, constexprs, warps) inste
 it, so the CPU test suite can compile exactly what the host code would launch for sm_90."""
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,9 +64,15 @@ def precision(hidden_dtype: torch.dtype) -> dict:
 
 
 def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (DEFAULT_SM_COUNT off the GPU)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_SM_COUNT
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def choose_splits(batch: int, seq: int, device: torch.device, num_splits: int | None = None) -> tuple[int, int]:
