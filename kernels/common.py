@@ -25,12 +25,21 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
+def _half_dot(a, b):
+    """a·b of two half-precision tiles with float32 accumulation."""
+    if INTERPRETED and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, out_dtype=tl.float32)
+
+
+@triton.jit
 def dot_hf(h, w, SPLIT: tl.constexpr, PREC: tl.constexpr):
     """h [M, K] in the hidden dtype times w [K, N] float32 -> float32 [M, N]."""
     if SPLIT:
         w_hi = w.to(h.dtype)
         w_lo = (w - w_hi.to(tl.float32)).to(h.dtype)
-        return tl.dot(h, w_hi, out_dtype=tl.float32) + tl.dot(h, w_lo, out_dtype=tl.float32)
+        return _half_dot(h, w_hi) + _half_dot(h, w_lo)
     else:
         return tl.dot(h.to(tl.float32), w, input_precision=PREC)
 
@@ -41,7 +50,7 @@ def dot_fh(w, h, SPLIT: tl.constexpr, PREC: tl.constexpr):
     if SPLIT:
         w_hi = w.to(h.dtype)
         w_lo = (w - w_hi.to(tl.float32)).to(h.dtype)
-        return tl.dot(w_hi, h, out_dtype=tl.float32) + tl.dot(w_lo, h, out_dtype=tl.float32)
+        return _half_dot(w_hi, h) + _half_dot(w_lo, h)
     else:
         return tl.dot(w, h.to(tl.float32), input_precision=PREC)
 

@@ -49,17 +49,17 @@ def lines_per_row(num_tokens: int) -> int:
 def precision(hidden_dtype: torch.dtype) -> dict:
     """Precision switches for the kernels (see kernels/common.py).
 
-    Returns dict(fwd_split, bwd_split, prec). bf16 SPLIT is never used under the interpreter,
-    whose bf16 dots are wrong (DESIGN §6); float16 SPLIT is kept in the forward there (it is
-    right, and it is what the CPU tests check); the backward splits only bf16, whose range is
-    that of float32 (a float16 split of a gradient could overflow).
+    Returns dict(fwd_split, bwd_split, prec): the forward splits float32 operands into two
+    halves of the hidden dtype for float16 and bfloat16; the backward only for bfloat16,
+    whose range is float32's (a float16 half of a gradient could overflow); other float32
+    dots run as "tf32x3" on the GPU for half-precision inputs, "ieee" otherwise and in the
+    interpreter.
     """
-    interp = interpreting()
     half = hidden_dtype in (torch.float16, torch.bfloat16)
     return {
-        "fwd_split": hidden_dtype == torch.float16 or (hidden_dtype == torch.bfloat16 and not interp),
-        "bwd_split": hidden_dtype == torch.bfloat16 and not interp,
-        "prec": "tf32x3" if (half and not interp) else "ieee",
+        "fwd_split": half,
+        "bwd_split": hidden_dtype == torch.bfloat16,
+        "prec": "tf32x3" if (half and not interpreting()) else "ieee",
     }
 
 
