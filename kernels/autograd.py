@@ -91,7 +91,9 @@ class PromptGeneratorFunction(torch.autograd.Function):
         if has_ids:
             ids = adapter_ids.contiguous()
             sids, order = torch.sort(ids, stable=True)
-            used = torch.bincount(ids, minlength=n_adapters).to(torch.int32)
+            # index_put, not bincount: bincount syncs with the host on CUDA.
+            used = torch.zeros(n_adapters, dtype=torch.int32, device=dev)
+            used[ids] = 1
         else:
             ids = torch.zeros(max(batch, 1), dtype=torch.long, device=dev)
             sids = torch.zeros(batch, dtype=torch.long, device=dev)
