@@ -114,7 +114,7 @@ def budget(spec: BackboneSpec, targets: list[str], bottleneck: int | None = None
 # ---------------------------------------------------------------------------- methods
 @dataclass
 class Prepared:
-    """A model ready for one method; ``kwargs(batch)`` are the extra generate/forward kwargs."""
+    """A model ready for one method; ``call_kwargs(batch)`` gives the extra generate/forward kwargs."""
 
     method: str
     model: Any
@@ -179,7 +179,7 @@ def prepare(method: str, backbone: nn.Module, num_adapters: int, plan: dict[str,
     if method == "merged_lora":
         merged = peft_model.merge_and_unload()
         merged.eval()
-        return Prepared(method, merged, names[:1], trainable_params=0)
+        return Prepared(method, merged, names[:1], trainable_params=plan["lora_params"])  # before merging
     for name in names[1:]:
         peft_model.add_adapter(name, lora_cfg)
     trainable_params = sum(p.numel() for n, p in peft_model.named_parameters()
