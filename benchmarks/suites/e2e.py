@@ -36,7 +36,7 @@ def settings(device: str, quick: bool) -> dict[str, Any]:
         return {"spec": spec, "dtype": "float32", "batches": [4], "prompts": [32], "new_tokens": 6, "reps": 2}
     spec = BackboneSpec("small Llama-shaped", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=8, vocab_size=8192)
-    return {"spec": spec, "dtype": "float32", "batches": [1, 8, 32], "prompts": [64], "new_tokens": 32, "reps": 3}
+    return {"spec": spec, "dtype": "float32", "batches": [1, 8, 32], "prompts": [64], "new_tokens": 32, "reps": 5}
 
 
 def count(device: str, quick: bool, methods: list[str]) -> int:

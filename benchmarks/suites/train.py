@@ -28,7 +28,7 @@ def settings(device: str, quick: bool) -> dict[str, Any]:
                 "warmup": 2, "steps": 3 if quick else 5}
     spec = e2e_settings(device, quick)["spec"]
     return {"spec": spec, "dtype": "float32", "shapes": [(2, 32)] if quick else [(4, 128)],
-            "warmup": 1, "steps": 2 if quick else 4}
+            "warmup": 1, "steps": 2 if quick else 6}
 
 
 def count(device: str, quick: bool) -> int:
