@@ -302,16 +302,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     for name in args.methods:
         lr = method_lr(name) if name != "zero_shot" else None
+        tuned = None
         if name != "zero_shot" and args.tune:
-            lr = tune_lr(name, load_base, tokenizer, splits, args, results)
+            lr, tuned = tune_lr(name, load_base, tokenizer, splits, args, results)
         print(f"== {name}" + (f" (lr {lr:g})" if lr else ""), flush=True)
-        model = build_method(name, load_base, args, tokenizer)
+        if tuned is not None:  # the sweep already trained this exact run (same steps, seed, data)
+            model, history, train_seconds = tuned
+        else:
+            model = build_method(name, load_base, args, tokenizer)
         entry: dict[str, Any] = {"trainable_parameters": count_trainable(model) if name != "zero_shot" else 0,
                                  "lr": lr, "steps": 0 if name == "zero_shot" else args.steps}
         if name != "zero_shot":
-            t0 = time.perf_counter()
-            history = train_method(name, model, tokenizer, splits, args, lr, args.steps, None)
-            entry["train_seconds"] = time.perf_counter() - t0
+            if tuned is None:
+                t0 = time.perf_counter()
+                history = train_method(name, model, tokenizer, splits, args, lr, args.steps, None)
+                train_seconds = time.perf_counter() - t0
+            entry["train_seconds"] = train_seconds
             times = [h["time"] for h in history if "time" in h]
             entry["seconds_per_step"] = statistics.median(times)
             entry["curve"] = [[h["step"], h["loss"]] for h in history if "loss" in h]
@@ -327,23 +333,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def tune_lr(name: str, load_base, tokenizer, splits, args, results) -> float:
-    """The same sweep for every method: each LR of its grid, --tune-steps steps, dev accuracy."""
+def tune_lr(name: str, load_base, tokenizer, splits, args, results):
+    """The same sweep for every method: each LR of its grid, --tune-steps steps, dev accuracy.
+
+    Returns (best lr, (model, history, seconds) of that run when --tune-steps == --steps, else None).
+    Dev examples are the bi-level dev split: held out from training, never the test set.
+    """
     base_lr = method_lr(name)
     grid = [base_lr * f for f in args.tune_factors]
     dev = splits["dev"][: args.tune_examples]
-    scores = {}
+    scores, runs = {}, {}
     for lr in grid:
         model = build_method(name, load_base, args, tokenizer)
-        train_method(name, model, tokenizer, splits, args, lr, args.tune_steps,
-                     os.path.join(args.out, "runs", f"tune-{name}-{lr:g}"))
+        t0 = time.perf_counter()
+        history = train_method(name, model, tokenizer, splits, args, lr, args.tune_steps,
+                               os.path.join(args.out, "runs", f"tune-{name}-{lr:g}"))
+        seconds = time.perf_counter() - t0
         scores[lr] = accuracy(model, tokenizer, dev, args, f"dev {name} lr={lr:g}")["accuracy"]
         print(f"   tune {name} lr={lr:g}: dev accuracy {scores[lr]:.4f}", flush=True)
+        key = lambda v: (scores[v], -abs(math.log(v / base_lr)))  # noqa: E731  ties: nearest the default
+        if args.tune_steps == args.steps and max(scores, key=key) == lr:
+            runs = {lr: (model, history, seconds)}  # keep only the best run so far in memory
         del model
-    best = max(grid, key=lambda lr: (scores[lr], -abs(math.log(lr / base_lr))))
+    best = max(grid, key=key)
     results["tuning"][name] = {"grid": grid, "dev_accuracy": [scores[lr] for lr in grid], "chosen": best,
                                "steps": args.tune_steps, "dev_examples": len(dev)}
-    return best
+    return best, runs.get(best)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="LoRA modules; rank matched to IAPT's budget")
     p.add_argument("--tune", action="store_true", help="learning-rate sweep per method on dev before the run")
     p.add_argument("--tune-factors", default="0.3,1,3", help="LR multipliers of the sweep")
-    p.add_argument("--tune-steps", type=int, default=30)
-    p.add_argument("--tune-examples", type=int, default=200)
+    p.add_argument("--tune-steps", type=int, default=None, help="steps of each sweep run (default --steps: "
+                   "the chosen run is then reused as the final one)")
+    p.add_argument("--tune-examples", type=int, default=200, help="dev examples scoring each sweep run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared 2-core machine 1 thread ran 3x faster than 2 (spinning)")
@@ -453,7 +469,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.tune_factors = [float(f) for f in args.tune_factors.split(",")]
     if args.quick:
         args.steps, args.n_test, args.n_dev = min(args.steps, 8), min(args.n_test, 64), min(args.n_dev, 32)
-        args.tune_steps, args.tune_examples = min(args.tune_steps, 4), min(args.tune_examples, 32)
+        args.tune_examples = min(args.tune_examples, 32)
+    if args.tune_steps is None:
+        args.tune_steps = args.steps
     if args.out is None:
         date = _dt.date.today().isoformat()
         suffix = "-synthetic" if args.synthetic else "-quick" if args.quick else ""
