@@ -361,6 +361,53 @@ def tune_lr(name: str, load_base, tokenizer, splits, args, results):
     return best, runs.get(best)
 
 
+def diagnose(args: argparse.Namespace) -> dict[str, Any]:
+    """Why IAPT starts where it starts: residual-stream scale per layer, and the response loss of
+    the untrained model for each (pool_input, init_std_up), next to the base model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from iapt_fast import IAPTConfig, get_iapt_model
+    from iapt_fast.data import IAPTCollator, tokenize_records
+    from iapt_fast.evaluation import evaluate_loss
+
+    torch.set_num_threads(args.threads)
+    path = prepare_smollm2(args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    splits = load_rotten_tomatoes(args.n_test, args.n_dev, args.seed, args.max_review_tokens, tokenizer)
+    rows = splits["dev"][: args.diag_examples]
+    exs = tokenize_records(tokenizer, [(PROMPT.format(text=t), lab) for t, lab in rows], args.max_length, add_eos=False)
+    collator = IAPTCollator.from_tokenizer(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out: dict[str, Any] = {"examples": len(exs), "layers": {}, "init_loss": {}}
+    batch = collator(exs[:16])
+    with torch.no_grad():
+        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True).hidden_states
+    real = batch["attention_mask"].bool()
+    for index, layer in enumerate(base.model.layers):
+        h = hidden[index][real]
+        with torch.no_grad():
+            normed = layer.input_layernorm(hidden[index])[real]
+        rms, nrms = h.pow(2).mean(-1).sqrt(), normed.pow(2).mean(-1).sqrt()
+        out["layers"][index] = {"rms_median": float(rms.median()), "rms_max": float(rms.max()),
+                                "abs_max": float(h.abs().max()), "normed_rms_median": float(nrms.median()),
+                                "normed_rms_max": float(nrms.max())}
+    out["init_loss"]["base"] = evaluate_loss(base, exs, collator, args.eval_batch_size)
+    print(f"base model response loss {out['init_loss']['base']:.3f}", flush=True)
+    for pool in ("hidden", "normed"):
+        for std in (0.02, 1e-3, 1e-5):
+            model = get_iapt_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+                                   IAPTConfig(num_soft_tokens=args.num_soft_tokens, pool_input=pool, init_std_up=std),
+                                   seed=args.seed)
+            key = f"{pool}/{std:g}"
+            out["init_loss"][key] = evaluate_loss(model, exs, collator, args.eval_batch_size)
+            print(f"untrained IAPT {key}: response loss {out['init_loss'][key]:.3f}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "diagnostics.json"), "w", encoding="utf-8") as fh:
+        json.dump(out, fh, indent=2)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +480,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few steps, small test set: a few minutes")
     p.add_argument("--synthetic", action="store_true", help="tiny random model and toy data (no model/data packages)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="only measure the residual-stream scale per layer and the untrained IAPT loss "
+                        "per (pool_input, init_std_up); writes diagnostics.json")
+    p.add_argument("--diag-examples", type=int, default=48, help="dev examples of --diagnose")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=8)
@@ -481,6 +532,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.diagnose:
+        diagnose(args)
+        return 0
     results = run(args)
     print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
     return 0 if results["methods"] else 1
