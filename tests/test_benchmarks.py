@@ -195,6 +195,17 @@ def test_tensor_peak_counts_live_storages_once():
     assert common.tensor_peak_mb(lambda: torch.ones(2**20, dtype=torch.float16) * 2) == pytest.approx(4.0)
 
 
+def test_case_duration_estimate():
+    assert common.estimate_seconds([], 10.0) is None
+    assert common.estimate_seconds([(8.0, 70.0)], 32.0) == pytest.approx(280.0)  # one point: linear
+    # Two points: the power law through them (here t ∝ w^(1/3)), extrapolated.
+    est = common.estimate_seconds([(1.0, 35.0), (8.0, 70.0)], 32.0)
+    assert est == pytest.approx(70.0 * 4 ** (1 / 3))
+    # Never below a w^0.3 growth, never above linear.
+    assert common.estimate_seconds([(1.0, 10.0), (2.0, 10.0)], 4.0) == pytest.approx(10.0 * 2**0.3)
+    assert common.estimate_seconds([(1.0, 1.0), (2.0, 8.0)], 4.0) == pytest.approx(16.0)
+
+
 def test_quantiles_match_numpy():
     np = pytest.importorskip("numpy")
     gen = torch.Generator().manual_seed(1)

@@ -65,6 +65,24 @@ class Budget:
         return None
 
 
+def estimate_seconds(history: list[tuple[float, float]], work: float) -> float | None:
+    """Duration of a case of size ``work`` from (work, seconds) of the cases measured before.
+
+    A power law through the last two points (exponent clamped to [0.3, 1]: generation cost
+    grows sublinearly in the batch, since per-step overheads do not grow with it); linear
+    from a single point, which overestimates and so errs on the side of skipping.
+    """
+    if not history:
+        return None
+    w1, t1 = history[-1]
+    exponent = 1.0
+    if len(history) >= 2:
+        w0, t0 = history[-2]
+        if w0 > 0 and t0 > 0 and w1 != w0:
+            exponent = min(1.0, max(0.3, math.log(t1 / t0) / math.log(w1 / w0)))
+    return t1 * (work / w1) ** exponent
+
+
 class Recorder:
     """Collects rows. ``run`` executes one case and turns any exception into a failed row."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
+from benchmarks.suites.common import MEMORY_NOTE, Recorder, estimate_seconds, measure_memory, module_mb, quantiles, release_memory, time_calls
 from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, METHODS, BackboneSpec, Prepared, budget, \
     build_backbone, prepare
 
@@ -165,11 +165,10 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
                                     built=preps)
         except Exception as err:  # the method's rows are all failed, with the build error
             build_errors[method] = f"building {method}: {type(err).__name__}: {err}"
-    previous: tuple[float, float] | None = None  # (seconds, work) of the last measured case
+    history: list[tuple[float, float]] = []  # (work, seconds) of the cases measured so far
     for b, p in grid:
         work = float(b * (p + cfg["new_tokens"]))
-        estimate = previous[0] * work / previous[1] if previous else None
-        reason = rec.budget.skip_reason(estimate)
+        reason = rec.budget.skip_reason(estimate_seconds(history, work))
         results: dict[str, Any] = {}
         seconds = 0.0
         if reason is None:
@@ -179,7 +178,7 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
             except Exception as err:  # e.g. the inputs could not be built: every method fails
                 results = {m: err for m in preps}
             seconds = time.perf_counter() - start
-            previous = (seconds, work)
+            history.append((work, seconds))
         for method in methods:
             params = {"batch": b, "prompt": p, "new_tokens": cfg["new_tokens"], "method_label": METHOD_LABELS[method]}
             case = f"b{b} p{p}"
