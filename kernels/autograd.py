@@ -7,7 +7,9 @@ Forward launches (DESIGN §3 shapes; B rows, N tokens, d hidden, m bottleneck, T
   4. lines_mm GEMM   p  = Ph·W_down[a]           [B, T, m] float32 (saved; split over K if few tiles)
   5. lines_mm OUT    P  = R(p)·W_up[a]           [B, T, d] hidden dtype
 Backward: lines_mm GEMM (dr = dP·W_upᵀ), rat_bwd (dp = dr·R'(p), rational coefficient grads),
-lines_mm GEMM (dPh = dp·W_downᵀ), pool_bwd_scores (A, dA, δ), pool_bwd (dH, dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm (dW_pool = W_downᵀ·dW_dp).
+lines_mm GEMM (dPh = dp·W_downᵀ), pool_bwd_scores (A, dA, δ; [B, N, T] float32 scratch),
+pool_bwd (dH, dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm
+(dW_pool = W_downᵀ·dW_dp). H is read once by the forward and twice by the backward.
 
 Saved between passes: W_dp [A, d, 16], Ph [B, T, d], p [B, T, m] and two [B, T] statistics,
 all float32: O(B·T·(d+m)), never O(B·N·T). Weights may have another dtype than hidden: every

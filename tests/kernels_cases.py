@@ -87,11 +87,14 @@ def run_reference(prob: Problem, leaves, grad_out):
     return out, grads
 
 
-def rule(out, ref, pt, name, factor=2.0):
-    """DESIGN §4 rule; atol also gets 8 float32 ulps of the largest reference value, because
-    float32 outputs and gradients of magnitude ~100 differ from the reference by summation
-    order alone (both are at rounding level; the 2× factor is then a coin toss)."""
-    atol = ATOL.get(out.dtype, 1e-5) + 8 * torch.finfo(torch.float32).eps * float(ref.detach().abs().max()) if ref.numel() else None
+def rule(out, ref, pt, name, factor=2.0, rel=0.0):
+    """DESIGN §4 rule, with atol = the dtype's atol + 64 float32 ulps of max|ref| (7.6e-6
+    relative). The extra term matters for float32 only: the kernels sum in another order than
+    the reference (pooled-hidden algebra, tiles, atomics), and on sums with cancellation
+    (rational coefficient gradients, |H| ~ 1e3) float32 rounding alone then differs by 5–40×
+    between two correct orders, while both stay near 1e-6 relative; a real defect is orders
+    larger. (torch.testing's float32 default allows 1.3e-6 relative per element.)"""
+    atol = ATOL.get(out.dtype, 1e-5) + (64 * torch.finfo(torch.float32).eps + rel) * float(ref.detach().abs().max()) if ref.numel() else None
     if factor != 2.0:  # the rule with another factor: max|out − ref| ≤ factor·max|pt − ref| + atol
         pt = ref + (pt - ref) * (factor / 2.0)
     assert_close_by_rule(out, ref, pt, name, atol=atol)
@@ -109,7 +112,10 @@ def check(prob: Problem, fn, grad=True, grad_out_noncontig=False, factor=2.0):
     pt_leaves = prob.inputs()
     tag = f"[seed={prob.seed}]"
     gen = torch.Generator().manual_seed(prob.seed + 1)
-    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
+    # The incoming gradient is an input: round it to the test dtype first so that the float64
+    # oracle sees the very values the implementation and the test-dtype reference get (else a
+    # value near a bf16 rounding midpoint becomes a coin toss the rule can fail on).
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype).double().to(out.device)
     out_ref, grads_ref = run_reference(prob, ref_leaves, g)
     out_pt, grads_pt = run_reference(prob, pt_leaves, g)
     rule(out, out_ref, out_pt, f"output {tag}", factor)
@@ -120,6 +126,11 @@ def check(prob: Problem, fn, grad=True, grad_out_noncontig=False, factor=2.0):
         g_impl = g_impl.transpose(1, 2).contiguous().transpose(1, 2)
         assert not g_impl.is_contiguous()
     grads = torch.autograd.grad(out, leaves, g_impl)
+    # With half-precision hidden states the kernels keep float32 operands as hi + lo halves
+    # (kernels/common.py): ~2^-16 relative, invisible in half-precision results but not in
+    # float32 weight gradients (float32 master weights), which get that much extra slack.
+    split_rel = 2.0**-14 if dtype in (torch.float16, torch.bfloat16) else 0.0
     for name, leaf, got, want, pt in zip(NAMES, leaves, grads, grads_ref, grads_pt):
         assert got.dtype == leaf.dtype, f"grad of {name}: dtype {got.dtype} != {leaf.dtype}"
-        rule(got, want, pt, f"grad of {name} {tag}", factor)
+        rel = split_rel if got.dtype == torch.float32 else 0.0
+        rule(got, want, pt, f"grad of {name} {tag}", factor, rel)

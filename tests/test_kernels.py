@@ -60,13 +60,14 @@ def test_rational_version_a(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_magnitude_hidden(dtype):
-    # |H| ~ 1e3 with peaked softmax logits (|U| ~ 30): the online max and rescaling across
-    # tiles (one split over 70 tokens) must stay finite and exact. In float32 the kernels'
-    # order (Aᵀ·H)·W_down rounds differently from the reference's Aᵀ·(H·W_down) on inputs of
-    # this size: measured p error 2× the reference's, output and weight gradients up to ~6×,
-    # all near 1e-5 relative (rounding, not a defect: a real bug is orders larger), so float32
-    # gets factor 10 here; bfloat16 errors are dominated by its own rounding and keep factor 2.
-    prob = make_problem(dtype=dtype, scale=1e3, logit_scale=30.0, seq=70)
+    # |H| ~ 1e3 with O(1) softmax logits: the pooled vectors are ~1e3 and the online max and
+    # rescaling across tiles (one split over 70 tokens) must stay finite and exact. Logits of
+    # ~30 and more make float32 results depend on summation order alone (reordering the d-sum
+    # of the reference itself moves its error 20×), which test_saturated_softmax covers. Even
+    # here, float32 errors on inputs of 1e3 are rounding lotteries of a few × either way
+    # (seen: coefficient gradients 4.5× the reference's, at 5e-6 relative), so float32 uses
+    # factor 10; bfloat16 errors are dominated by its own rounding and keep factor 2.
+    prob = make_problem(dtype=dtype, scale=1e3, logit_scale=3.0, seq=70)
     check(prob, kernel(prob, num_splits=1), factor=10.0 if dtype == torch.float32 else 2.0)
 
 
