@@ -50,6 +50,7 @@ def prompt_generator(
     adapter_ids: Tensor | None = None,
     backend: str = "auto",
     rational_version: str = "B",
+    check_ids: bool = True,
 ) -> Tensor:
     """Generate the soft tokens of every row of a (mixed-adapter) batch.
 
@@ -63,6 +64,10 @@ def prompt_generator(
             None means A == 1.
         backend: "auto" (Triton for CUDA tensors, the reference otherwise), "torch" or "triton".
         rational_version: "B" (safe PAU, default) or "A".
+        check_ids: verify that every adapter id lies in [0, A). On CUDA that reads the ids
+            back to the host (a device sync per call); callers that built the ids on the host
+            from validated adapter names (IAPTModel does) pass False to keep the launch queue
+            full. An out-of-range id with check_ids=False is undefined behaviour.
     Returns:
         [B, T, d] in ``hidden.dtype``; float32 accumulation. A row whose mask is all zeros
         gives zeros. Differentiable w.r.t. ``hidden`` and every weight on both backends.
@@ -71,7 +76,7 @@ def prompt_generator(
     """
     chosen = resolve_backend(backend, hidden.device if isinstance(hidden, Tensor) else torch.device("cpu"))
     mask, adapter_ids = _validate(
-        hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, chosen, rational_version
+        hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, chosen, rational_version, check_ids
     )
     if chosen == "torch":
         return reference.prompt_generator(
@@ -91,7 +96,7 @@ def prompt_generator(
     )
 
 
-def _validate(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, backend, version):
+def _validate(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, backend, version, check_ids):
     if version not in ("A", "B"):
         raise ValueError(f"rational_version must be 'A' or 'B', got {version!r}")
     tensors = {"hidden": hidden, "mask": mask, "w_down": w_down, "w_pool": w_pool,
@@ -153,7 +158,7 @@ def _validate(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids,
             raise ValueError(f"adapter_ids must be [B={batch}], got shape {tuple(adapter_ids.shape)}")
         if adapter_ids.device != hidden.device:
             raise ValueError(f"adapter_ids is on {adapter_ids.device} but hidden is on {hidden.device}")
-        if batch > 0:
+        if check_ids and batch > 0:
             lo, hi = (int(v) for v in torch.aminmax(adapter_ids))
             if lo < 0 or hi >= num_adapters:
                 raise ValueError(f"adapter_ids must lie in [0, {num_adapters}), got values in [{lo}, {hi}]")

@@ -640,6 +640,7 @@ class IAPTModel(nn.Module):
             soft = _functional.prompt_generator(
                 source, mask, **weights, adapter_ids=ids if len(weights["w_down"]) > 1 else None,
                 backend=self.backend, rational_version=group.version,
+                check_ids=False,  # built on the host from validated adapter names: no device sync
             )
             if rows is None:
                 return soft

@@ -93,3 +93,13 @@ def test_backend_and_version_errors():
         prompt_generator(**{**args, "hidden": args["hidden"].double()}, backend="triton")
     with pytest.raises(ValueError, match="T <= 16"):
         prompt_generator(**{**args, "w_pool": torch.randn(1, 4, 17)}, backend="triton")
+
+
+def test_check_ids_false_skips_only_the_range_check():
+    args = _args(A=3)
+    ids = torch.tensor([2, 0])
+    torch.testing.assert_close(prompt_generator(**args, adapter_ids=ids, check_ids=False),
+                               prompt_generator(**args, adapter_ids=ids), rtol=0, atol=0)
+    # Shape and dtype checks still run.
+    with pytest.raises(ValueError, match=r"adapter_ids must be \[B=2\]"):
+        prompt_generator(**args, adapter_ids=torch.tensor([0]), check_ids=False)
