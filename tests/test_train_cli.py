@@ -249,3 +249,20 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", model_dir, "--train-file", "x.jsonl", "--output-dir", str(tmp_path), "--choices", "[1]"])
     assert "--choices" in capsys.readouterr().err
+
+
+def test_iapt_learns_the_content_not_only_the_answer_format(tok, tmp_path):
+    # The label depends on the review's first word: only a prefix that reads the instruction can
+    # beat 50 %. (Guards against a pipeline that learns the label prior and nothing else.)
+    from iapt_fast.evaluation import score_choices
+
+    rows, test = sentiment_rows(320, seed=7), sentiment_rows(100, seed=8)
+    exs = tokenize_records(tok, [(f"Review: {r['text']}\nSentiment:", " " + r["label"]) for r in rows],
+                           max_length=32, add_eos=False)
+    model = get_iapt_model(make_llama(len(tok)), IAPTConfig(num_soft_tokens=4, bottleneck_dim=16), seed=0)
+    Trainer(model, TrainConfig(output_dir=str(tmp_path), batch_size=16, lr=3e-3, max_steps=100, progress=False),
+            exs, IAPTCollator.from_tokenizer(tok)).train()
+    choices = [" positive", " negative"]
+    scores = score_choices(model, tok, [f"Review: {r['text']}\nSentiment:" for r in test], choices)
+    gold = torch.tensor([choices.index(" " + r["label"]) for r in test])
+    assert (scores.argmax(1) == gold).float().mean() > 0.9
