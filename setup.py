@@ -23,7 +23,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "accelerate", "matplotlib"],
         "bench": ["matplotlib", "peft"],
     },
     entry_points={"console_scripts": ["iapt-train=iapt_fast.train:main"]},
