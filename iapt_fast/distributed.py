@@ -445,13 +445,9 @@ def sharded_choice_eval_fn(tokenizer: Any, pairs: Sequence[tuple[str, str]], cho
     Pairs whose response is not one of ``choices`` are skipped; None when none is left.
     Every rank must call the returned function (it runs collectives).
     """
-    from .evaluation import score_choices
+    from .evaluation import choice_examples, score_choices
 
-    gold, prompts = [], []
-    for prompt, response in pairs:
-        if response in choices:
-            prompts.append(prompt)
-            gold.append(choices.index(response))
+    prompts, gold = choice_examples(pairs, choices)
     if not prompts:
         return None
     mine_prompts, real = _padded_shard(prompts, ctx)

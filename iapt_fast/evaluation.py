@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .data import IGNORE_INDEX, IAPTCollator, _special_prefix, tokenize_pair
 
-__all__ = ["accepts_instruction_mask", "model_inputs", "response_loss_sum", "evaluate_loss", "score_choices",
+__all__ = ["accepts_instruction_mask", "model_inputs", "response_loss_sum", "evaluate_loss", "score_choices", "choice_examples",
            "wilson_interval"]
 
 
@@ -145,6 +145,16 @@ def score_choices(model: nn.Module, tokenizer: Any, prompts: Sequence[str], choi
     finally:
         model.train(was_training)
     return scores
+
+
+def choice_examples(pairs: Sequence[tuple[str, str]], choices: Sequence[str]) -> tuple[list[str], list[int]]:
+    """(prompts, gold choice index) of the (prompt, response) pairs whose response is a choice."""
+    prompts, gold = [], []
+    for prompt, response in pairs:
+        if response in choices:
+            prompts.append(prompt)
+            gold.append(list(choices).index(response))
+    return prompts, gold
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:

@@ -202,13 +202,9 @@ def _prepare_data(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
 
 
 def _choice_eval_fn(tokenizer, pairs, choices, batch_size: int, max_length: int):
-    from .evaluation import score_choices
+    from .evaluation import choice_examples, score_choices
 
-    gold, prompts = [], []
-    for prompt, response in pairs:
-        if response in choices:
-            prompts.append(prompt)
-            gold.append(choices.index(response))
+    prompts, gold = choice_examples(pairs, choices)
     if not prompts:
         return None
 

@@ -13,9 +13,6 @@ from iapt_fast.data import (IGNORE_INDEX, IAPTCollator, PromptFormat, detect_cho
 from train_fixtures import make_tokenizer, sentiment_rows, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 def _ids(tok, text):

@@ -15,13 +15,7 @@ from slow_reference import VOCAB, padded_batch, slow_greedy, slow_logits, tiny_m
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: a second intra-op thread only spins against the other CI work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-4  # fp32 logits vs the slow reference
 
 

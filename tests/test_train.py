@@ -18,7 +18,7 @@ from iapt_fast.bilevel import is_rational_parameter, split_parameters
 from iapt_fast.data import IAPTCollator, tokenize_records
 from iapt_fast.generator import AdapterGenerators
 from iapt_fast.trainer import BatchStream, TrainConfig, Trainer, latest_checkpoint
-from train_fixtures import make_tokenizer, sentiment_rows
+from train_fixtures import sentiment_rows
 
 
 class ToyIAPT(nn.Module):
@@ -34,18 +34,9 @@ class ToyIAPT(nn.Module):
         return types.SimpleNamespace(logits=(h + p.mean(1, keepdim=True)) @ self.embed.weight.T)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only spins against the rest of the CI.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,14 @@ from iapt_fast.data import IAPTCollator, tokenize_records
 from iapt_fast.evaluation import evaluate_loss
 from iapt_fast.train import build_parser, main
 from iapt_fast.trainer import TrainConfig, Trainer
-from train_fixtures import make_llama, make_tokenizer, save_tiny_model, sentiment_rows, write_jsonl
+from train_fixtures import make_llama, save_tiny_model, sentiment_rows, write_jsonl
 
 PROMPT = "Review: {text}\\nSentiment:"  # as typed in a shell: \n arrives as two characters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only spins against the rest of the CI.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

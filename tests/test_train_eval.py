@@ -11,21 +11,12 @@ import torch
 from iapt_fast.data import IAPTCollator, tokenize_records
 from iapt_fast.evaluation import evaluate_loss, response_loss_sum, score_choices, wilson_interval
 from iapt_fast.trainer import TrainConfig, Trainer
-from train_fixtures import make_llama, make_tokenizer, sentiment_rows
+from train_fixtures import make_llama, sentiment_rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second intra-op thread only spins against the rest of the CI.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
