@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import IGNORE_INDEX, IAPTCollator
-from .evaluation import model_inputs, response_loss_sum
+from .evaluation import model_inputs, response_loss_sum, response_loss_totals
 from .trainer import STATE_NAME, BatchStream, TrainConfig, Trainer
 
 __all__ = [
@@ -415,24 +415,11 @@ def _padded_shard(items: Sequence[Any], ctx: DistContext) -> tuple[list[Any], in
     return mine + [items[0]] * (per_rank - len(mine)), len(mine)
 
 
-@torch.no_grad()
 def _sharded_eval_loss(model: nn.Module, examples: Sequence[Any], collator: IAPTCollator, batch_size: int,
                        with_mask: bool, device: torch.device, ctx: DistContext) -> float:
     """Token-weighted mean response loss over all ranks' shards (every rank gets the same value)."""
     rows, real = _padded_shard(examples, ctx)
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = collator(rows[start:start + batch_size])
-            if start + batch_size > real:
-                _mask_labels(batch, slice(max(real - start, 0), None))
-            logits = model(**model_inputs(batch, with_mask, device)).logits
-            loss, n = response_loss_sum(logits, batch["labels"].to(device))
-            total, count = total + float(loss), count + n
-    finally:
-        model.train(was_training)
+    total, count = response_loss_totals(model, rows, collator, batch_size, with_mask, device, real=real)
     total, count = _all_reduce_sum([total, count], ctx)
     return total / max(count, 1)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .data import IGNORE_INDEX, IAPTCollator, _special_prefix, tokenize_pair
 
-__all__ = ["accepts_instruction_mask", "model_inputs", "response_loss_sum", "evaluate_loss", "score_choices", "choice_examples",
+__all__ = ["accepts_instruction_mask", "model_inputs", "response_loss_sum", "evaluate_loss", "score_choices", "choice_examples", "response_loss_totals",
            "wilson_interval"]
 
 
@@ -64,22 +64,38 @@ def response_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: Sequence[Mapping[str, Sequence[int]]], collator: IAPTCollator,
-                  batch_size: int = 32, device: torch.device | str | None = None) -> float:
-    """Token-weighted mean response loss over ``examples`` (tokenized, with labels)."""
-    device = device or next(model.parameters()).device
-    with_mask = accepts_instruction_mask(model)
+def response_loss_totals(model: nn.Module, examples: Sequence[Any], collator: IAPTCollator, batch_size: int,
+                         with_mask: bool, device: torch.device | str, real: int | None = None) -> tuple[float, int]:
+    """(summed response loss, response-token count) over ``examples`` in eval mode.
+
+    Rows from index ``real`` on are padding (a sharded evaluation's filler): they run the
+    forward, so every rank does the same work, but add nothing.
+    """
+    real = len(examples) if real is None else real
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(examples), batch_size):
             batch = collator(examples[start:start + batch_size])
+            labels = batch["labels"]
+            if start + batch_size > real:
+                labels = labels.clone()
+                labels[max(real - start, 0):] = IGNORE_INDEX
             logits = model(**model_inputs(batch, with_mask, device)).logits
-            loss, n = response_loss_sum(logits, batch["labels"].to(device))
+            loss, n = response_loss_sum(logits, labels.to(device))
             total, count = total + float(loss), count + n
     finally:
         model.train(was_training)
+    return total, count
+
+
+def evaluate_loss(model: nn.Module, examples: Sequence[Mapping[str, Sequence[int]]], collator: IAPTCollator,
+                  batch_size: int = 32, device: torch.device | str | None = None) -> float:
+    """Token-weighted mean response loss over ``examples`` (tokenized, with labels)."""
+    device = device or next(model.parameters()).device
+    total, count = response_loss_totals(model, examples, collator, batch_size,
+                                        accepts_instruction_mask(model), device)
     return total / max(count, 1)
 
 
