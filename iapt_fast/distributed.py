@@ -495,11 +495,11 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def _gathered_adapter(model: nn.Module, adapter_name: str | None = None):
     """A CPU AdapterGenerators with the full weights of the (possibly sharded) adapter; collective."""
-    from .generator import WEIGHT_NAMES, AdapterGenerators
+    from .generator import AdapterGenerators
 
     name = adapter_name if adapter_name is not None else model._require_active()
     adapter = model.generators[name]
-    weights = {layer: {w: _full(getattr(adapter[layer], w).detach()).cpu() for w in WEIGHT_NAMES}
+    weights = {layer: {w: _full(getattr(adapter[layer], w).detach()).cpu() for w in adapter[layer].names}
                for layer in adapter.layer_indices}
     return AdapterGenerators.from_weights(adapter.config, adapter.hidden_size, model._arch.num_layers, weights)
 

@@ -51,6 +51,8 @@ def prompt_generator(
     backend: str = "auto",
     rational_version: str = "B",
     check_ids: bool = True,
+    anchor: Tensor | None = None,
+    anchor_scale: Tensor | None = None,
 ) -> Tensor:
     """Generate the soft tokens of every row of a (mixed-adapter) batch.
 
@@ -68,9 +70,14 @@ def prompt_generator(
             back to the host (a device sync per call); callers that built the ids on the host
             from validated adapter names (IAPTModel does) pass False to keep the launch queue
             full. An out-of-range id with check_ids=False is undefined behaviour.
+        anchor: [A, T, d] or None: the static part B of the anchored form, added to the
+            output (None: zero, the paper's form). Same dtype and device as the weights.
+        anchor_scale: [A] or None: the fixed scale s of the generator term (None: one).
+            Treated as a constant by the Triton backend (it must not require grad there).
     Returns:
-        [B, T, d] in ``hidden.dtype``; float32 accumulation. A row whose mask is all zeros
-        gives zeros. Differentiable w.r.t. ``hidden`` and every weight on both backends.
+        [B, T, d] = anchor[a] + anchor_scale[a] · R(p)·W_up[a] in ``hidden.dtype``; float32
+        accumulation. A row whose mask is all zeros gets its generator term zero (only the
+        anchor). Differentiable w.r.t. ``hidden``, every weight and the anchor on both backends.
     Raises:
         TypeError / ValueError naming the offending argument.
     """
@@ -78,9 +85,11 @@ def prompt_generator(
     mask, adapter_ids = _validate(
         hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, chosen, rational_version, check_ids
     )
+    _validate_anchor(anchor, anchor_scale, w_down, w_pool, chosen)
     if chosen == "torch":
         return reference.prompt_generator(
-            hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version
+            hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version,
+            anchor, anchor_scale,
         )
     if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -92,8 +101,31 @@ def prompt_generator(
     except ImportError as err:  # triton missing on this platform
         raise ValueError(f"backend='triton' is unavailable: {err}") from err
     return triton_prompt_generator(
-        hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version
+        hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version,
+        anchor=anchor, anchor_scale=anchor_scale,
     )
+
+
+def _validate_anchor(anchor, anchor_scale, w_down, w_pool, backend) -> None:
+    num_adapters, dim = w_down.shape[0], w_down.shape[1]
+    num_tokens = w_pool.shape[2]
+    for name, value, shape in (("anchor", anchor, (num_adapters, num_tokens, dim)),
+                               ("anchor_scale", anchor_scale, (num_adapters,))):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+        if value.dtype != w_down.dtype:
+            raise TypeError(f"{name} must have the weights' dtype {w_down.dtype}, got {value.dtype}")
+        if value.device != w_down.device:
+            raise ValueError(f"{name} is on {value.device} but the weights are on {w_down.device}")
+        if tuple(value.shape) != shape:
+            dims = "[A, T, d]" if name == "anchor" else "[A]"
+            raise ValueError(f"{name} must be {dims} = {shape}, got shape {tuple(value.shape)}")
+    if (backend == "triton" and anchor_scale is not None and anchor_scale.requires_grad
+            and torch.is_grad_enabled()):
+        raise ValueError("anchor_scale must not require grad on the Triton backend (it is a fixed scale; "
+                         "detach it, or use backend='torch')")
 
 
 def _validate(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, backend, version, check_ids):

@@ -10,7 +10,10 @@ Initialisation (every parameter gets a non-zero gradient on the first backward):
     W_pool ~ N(0, 1/m)      the pooling starts near uniform but not exactly uniform
     rational                least-squares fit to ``config.rational_init``
     W_up   ~ N(0, init_std_up²)   small, never exactly zero: zero soft tokens give NaN
-                                  gradients through RMSNorm (DESIGN §8)
+                                  gradients through RMSNorm
+    anchor B  (anchored form)     the backbone's own input hidden states of this layer for an
+                                  init sequence of T tokens (computed by the caller, see
+                                  iapt_fast.anchor); anchor_scale s = RMS(B), a fixed buffer
 """
 from __future__ import annotations
 
@@ -23,19 +26,35 @@ from torch import Tensor, nn
 from .config import CUSTOM_INIT, IAPTConfig
 from .rational import fit_rational
 
-__all__ = ["LayerGenerator", "AdapterGenerators", "GeneratorBank", "WEIGHT_NAMES"]
+__all__ = ["LayerGenerator", "AdapterGenerators", "GeneratorBank", "WEIGHT_NAMES", "ANCHOR_NAMES", "tensor_names",
+           "anchor_scale_of"]
 
 WEIGHT_NAMES = ("w_down", "w_pool", "rat_num", "rat_den", "w_up")
+# The anchored form's extra tensors: a trainable Parameter and a fixed buffer.
+ANCHOR_NAMES = ("anchor", "anchor_scale")
+
+
+def tensor_names(config: IAPTConfig) -> tuple[str, ...]:
+    """Names of the per-layer tensors of an adapter with ``config`` (weights file order)."""
+    return WEIGHT_NAMES + ANCHOR_NAMES if config.anchored else WEIGHT_NAMES
+
+
+def anchor_scale_of(anchor: Tensor, scaled: bool) -> Tensor:
+    """s = RMS(anchor) (a 0-dim float32 tensor), or 1 when ``scaled`` is False."""
+    if not scaled:
+        return torch.ones((), dtype=torch.float32, device=anchor.device)
+    return anchor.detach().float().pow(2).mean().sqrt()
 
 
 class LayerGenerator(nn.Module):
     """The generator of one layer for one adapter.
 
-    Parameters: w_down [d, m], w_pool [m, T], rat_num [p+1], rat_den [q], w_up [m, d].
+    Parameters: w_down [d, m], w_pool [m, T], rat_num [p+1], rat_den [q], w_up [m, d], and in
+    the anchored form anchor [T, d] (Parameter) and anchor_scale [] (buffer: a fixed scale).
     """
 
     def __init__(self, hidden_size: int, config: IAPTConfig, rat_num: Tensor, rat_den: Tensor,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, anchor: Tensor | None = None) -> None:
         super().__init__()
         d = hidden_size
         m = config.resolved_bottleneck(hidden_size)
@@ -45,21 +64,31 @@ class LayerGenerator(nn.Module):
         self.rat_num = nn.Parameter(rat_num.clone().float())
         self.rat_den = nn.Parameter(rat_den.clone().float())
         self.w_up = nn.Parameter(torch.randn(m, d, generator=generator) * config.init_std_up)
+        self.names = tensor_names(config)
+        if config.anchored:
+            if anchor is None or tuple(anchor.shape) != (t, d):
+                raise ValueError(f"an anchored generator needs its anchor [T={t}, d={d}] (the backbone's hidden "
+                                 f"states of the init sequence), got {None if anchor is None else tuple(anchor.shape)}")
+            self.anchor = nn.Parameter(anchor.detach().float().clone())
+            self.register_buffer("anchor_scale", anchor_scale_of(anchor, config.anchor_scaled))
 
     def weights(self) -> dict[str, Tensor]:
-        """This layer's weights with a leading adapter axis of size 1 (views, no copies)."""
-        return {name: getattr(self, name).unsqueeze(0) for name in WEIGHT_NAMES}
+        """This layer's tensors with a leading adapter axis of size 1 (views, no copies):
+        WEIGHT_NAMES, plus ANCHOR_NAMES in the anchored form (the keyword arguments of
+        ``prompt_generator``)."""
+        return {name: getattr(self, name).unsqueeze(0) for name in self.names}
 
     @property
     def shape_key(self) -> tuple[int, ...]:
         """Adapters whose generators share this key can be stacked into one launch."""
-        return (*self.w_down.shape, self.w_pool.shape[1], self.rat_num.numel(), self.rat_den.numel())
+        return (*self.w_down.shape, self.w_pool.shape[1], self.rat_num.numel(), self.rat_den.numel(), self.names)
 
 
 class AdapterGenerators(nn.Module):
     """All target layers of one adapter: ``layers[str(layer_index)]`` is a LayerGenerator."""
 
-    def __init__(self, config: IAPTConfig, hidden_size: int, num_layers: int, seed: int | None = None) -> None:
+    def __init__(self, config: IAPTConfig, hidden_size: int, num_layers: int, seed: int | None = None,
+                 anchors: dict[int, Tensor] | None = None) -> None:
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
@@ -69,14 +98,18 @@ class AdapterGenerators(nn.Module):
                                      config.rational_fit_interval)
         self.rational_fit_error = err
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if config.anchored and anchors is None:
+            raise ValueError("an anchored adapter needs anchors: {layer: [T, d]} hidden states of its init "
+                             "sequence (IAPTModel computes them from the backbone)")
         self.layers = nn.ModuleDict(
-            {str(i): LayerGenerator(hidden_size, config, num, den, gen) for i in self.layer_indices}
+            {str(i): LayerGenerator(hidden_size, config, num, den, gen, anchors[i] if anchors else None)
+             for i in self.layer_indices}
         )
 
     @classmethod
     def from_weights(cls, config: IAPTConfig, hidden_size: int, num_layers: int,
                      weights: dict[int, dict[str, Tensor]]) -> "AdapterGenerators":
-        """An adapter holding exactly ``weights`` (layer → WEIGHT_NAMES → per-adapter tensor),
+        """An adapter holding exactly ``weights`` (layer → tensor_names → per-adapter tensor),
         without paying for a random initialisation or a rational fit (adapter loading).
 
         The tensors are used as they are (no copy); shapes are the caller's responsibility.
@@ -91,8 +124,12 @@ class AdapterGenerators(nn.Module):
         for i in adapter.layer_indices:
             gen = LayerGenerator.__new__(LayerGenerator)
             nn.Module.__init__(gen)
-            for name in WEIGHT_NAMES:
-                setattr(gen, name, nn.Parameter(weights[i][name]))
+            gen.names = tensor_names(config)
+            for name in gen.names:
+                if name == "anchor_scale":
+                    gen.register_buffer(name, weights[i][name])
+                else:
+                    setattr(gen, name, nn.Parameter(weights[i][name]))
             layers[str(i)] = gen
         adapter.layers = nn.ModuleDict(layers)
         return adapter
@@ -122,13 +159,15 @@ class GeneratorBank(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.adapters.keys())
 
-    def add_adapter(self, name: str, config: IAPTConfig, seed: int | None = None) -> AdapterGenerators:
-        """Create a freshly initialised adapter called ``name``."""
+    def add_adapter(self, name: str, config: IAPTConfig, seed: int | None = None,
+                    anchors: dict[int, Tensor] | None = None) -> AdapterGenerators:
+        """Create a freshly initialised adapter called ``name`` (``anchors``: {layer: [T, d]},
+        required by the anchored form)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
-        adapter = AdapterGenerators(config, self.hidden_size, self.num_layers, seed=seed)
+        adapter = AdapterGenerators(config, self.hidden_size, self.num_layers, seed=seed, anchors=anchors)
         self.adapters[name] = adapter
         return adapter
 
@@ -163,4 +202,4 @@ class GeneratorBank(nn.Module):
         keys = {g.shape_key for g in gens}
         if len(keys) != 1:
             raise ValueError(f"adapters {names} have different generator shapes at layer {layer}: {sorted(keys)}")
-        return {w: torch.stack([getattr(g, w) for g in gens]) for w in WEIGHT_NAMES}
+        return {w: torch.stack([getattr(g, w) for g in gens]) for w in gens[0].names}

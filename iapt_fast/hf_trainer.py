@@ -33,7 +33,8 @@ def load_adapter_weights_(model: IAPTModel, path: str | os.PathLike, adapter_nam
     arch_d, arch_l = model.generators.hidden_size, model.generators.num_layers
     config, tensors = read_adapter(path, arch_d, arch_l)
     adapter = model.generators[name]
-    ours = {f"layers.{n}": p for n, p in adapter.layers.named_parameters()}
+    # Buffers too: the anchored form's fixed scale is saved next to the trained tensors.
+    ours = {f"layers.{n}": p for n, p in (*adapter.layers.named_parameters(), *adapter.layers.named_buffers())}
     if set(ours) != set(tensors):
         raise ValueError(f"adapter in {os.fspath(path)!r} does not match adapter {name!r}: "
                          f"tensors {sorted(set(tensors) ^ set(ours))[:4]} differ")

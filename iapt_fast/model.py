@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import functional as _functional
 from .adapter_io import build_adapter, read_adapter, save_adapter
+from .anchor import anchor_states, anchor_token_ids
 from .architectures import cache_kwarg_name, get_architecture
 from .config import IAPTConfig
 from .generator import GeneratorBank
@@ -129,10 +130,11 @@ class IAPTModel(nn.Module):
         adapter_name: its name.
         backend: generator backend, "auto" (Triton on CUDA, reference on CPU), "torch" or "triton".
         seed: optional seed of the first adapter's initialisation.
+        tokenizer: needed only by ``anchor_init="text"`` (to tokenize ``prompt_init_text``).
     """
 
     def __init__(self, model: nn.Module, config: IAPTConfig | None, adapter_name: str = "default",
-                 backend: str = "auto", seed: int | None = None) -> None:
+                 backend: str = "auto", seed: int | None = None, tokenizer: Any | None = None) -> None:
         super().__init__()
         if config is not None and not isinstance(config, IAPTConfig):
             raise TypeError(f"config must be an IAPTConfig (or None: no adapter yet), got {type(config).__name__}")
@@ -156,7 +158,11 @@ class IAPTModel(nn.Module):
         self._install_hooks()
         model._iapt_wrapped = True
         if config is not None:
-            self.add_adapter(adapter_name, config, seed=seed)
+            try:
+                self.add_adapter(adapter_name, config, seed=seed, tokenizer=tokenizer)
+            except Exception:
+                self.remove_hooks()  # the caller's model must stay wrappable
+                raise
             self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:
@@ -194,8 +200,13 @@ class IAPTModel(nn.Module):
         return next(self.base_model.parameters()).device
 
     # ================================================================== adapters
-    def add_adapter(self, adapter_name: str, config: IAPTConfig | None = None, seed: int | None = None) -> None:
-        """Add a freshly initialised, trainable adapter (``config`` defaults to the active one's)."""
+    def add_adapter(self, adapter_name: str, config: IAPTConfig | None = None, seed: int | None = None,
+                    tokenizer: Any | None = None) -> None:
+        """Add a freshly initialised, trainable adapter (``config`` defaults to the active one's).
+
+        The anchored form runs the bare backbone once on the anchor's init sequence (T tokens)
+        to start each layer's anchor; ``tokenizer`` is needed for ``anchor_init="text"``.
+        """
         if config is None:
             if self._active_adapter is None:
                 raise ValueError("config is required: there is no active adapter to copy it from")
@@ -203,8 +214,11 @@ class IAPTModel(nn.Module):
         if not isinstance(config, IAPTConfig):
             raise TypeError(f"config must be an IAPTConfig or None, got {type(config).__name__}")
         self._check_new_name(adapter_name)
-        config.resolved_layers(self._arch.num_layers)  # range check before anything is built
-        adapter = self.generators.add_adapter(adapter_name, config, seed=seed)
+        layers = config.resolved_layers(self._arch.num_layers)  # range check before anything is built
+        anchors = None
+        if config.anchored:
+            anchors = anchor_states(self.base_model, anchor_token_ids(config, self.base_model, tokenizer), layers)
+        adapter = self.generators.add_adapter(adapter_name, config, seed=seed, anchors=anchors)
         for layer in adapter.layer_indices:  # each generator lives with its layer (device_map="auto")
             adapter[layer].to(self._arch.layer_device(layer))
         for param in adapter.parameters():
@@ -247,7 +261,7 @@ class IAPTModel(nn.Module):
         """One layer's weights in the DESIGN §3 layout (adapter axis first, A = 1).
 
         Returns detached copies: w_down [1, d, m], w_pool [1, m, T], rat_num [1, p+1],
-        rat_den [1, q], w_up [1, m, d].
+        rat_den [1, q], w_up [1, m, d]; anchored form also anchor [1, T, d], anchor_scale [1].
         """
         name = adapter_name if adapter_name is not None else self._require_active()
         if not isinstance(layer, int) or isinstance(layer, bool):
@@ -687,13 +701,15 @@ class IAPTModel(nn.Module):
         return self.base_model
 
 
-def get_iapt_model(model: nn.Module, config: IAPTConfig, adapter_name: str = "default",
-                   backend: str = "auto", seed: int | None = None) -> IAPTModel:
+def get_iapt_model(model: nn.Module, config: IAPTConfig | None = None, adapter_name: str = "default",
+                   backend: str = "auto", seed: int | None = None, tokenizer: Any | None = None) -> IAPTModel:
     """Wrap a transformers causal LM with IAPT: freezes the backbone, adds one generator per
-    target layer (DESIGN §1). See :class:`IAPTModel`."""
+    target layer. ``config`` defaults to ``IAPTConfig()`` (the anchored form, normed pooling);
+    ``tokenizer`` is needed only for ``anchor_init="text"``. See :class:`IAPTModel`."""
+    config = IAPTConfig() if config is None else config
     if not isinstance(config, IAPTConfig):
         raise TypeError(f"config must be an IAPTConfig, got {type(config).__name__}")
-    return IAPTModel(model, config, adapter_name=adapter_name, backend=backend, seed=seed)
+    return IAPTModel(model, config, adapter_name=adapter_name, backend=backend, seed=seed, tokenizer=tokenizer)
 
 
 # ====================================================================== helpers

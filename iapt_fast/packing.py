@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .generator import WEIGHT_NAMES, GeneratorBank
+from .generator import GeneratorBank
 
 __all__ = ["AdapterPack", "group_key", "build_packs"]
 
@@ -28,7 +28,8 @@ def group_key(bank: GeneratorBank, name: str) -> tuple:
     """Adapters with equal keys share one stack and one generator launch per layer.
 
     The key holds everything one ``prompt_generator`` call must agree on: the target layers,
-    T, m, rational degrees and version, the pooling input, and the weights' dtype/device.
+    T, m, rational degrees and version, the pooling input, the generator form (its tensor
+    names) and the weights' dtype/device.
     """
     adapter = bank[name]
     cfg = adapter.config
@@ -40,6 +41,7 @@ def group_key(bank: GeneratorBank, name: str) -> tuple:
         tuple(cfg.rational_degrees),
         cfg.rational_version,
         cfg.pool_input,
+        first.names,
         first.w_down.dtype,
         first.w_down.device,
     )
@@ -80,9 +82,10 @@ def build_packs(bank: GeneratorBank) -> dict[tuple, AdapterPack]:
         pack = AdapterPack(key=key, names=names, index={n: i for i, n in enumerate(names)})
         for layer in key[0]:
             gens = [bank[n][layer] for n in names]
-            stacked = {w: torch.stack([getattr(g, w).data for g in gens]) for w in WEIGHT_NAMES}
+            names_here = gens[0].names
+            stacked = {w: torch.stack([getattr(g, w).data for g in gens]) for w in names_here}
             for slot, gen in enumerate(gens):
-                for w in WEIGHT_NAMES:
+                for w in names_here:
                     getattr(gen, w).data = stacked[w][slot]
             pack.weights[layer] = stacked
         first = bank[names[0]][key[0][0]].w_down

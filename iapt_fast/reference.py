@@ -39,6 +39,8 @@ def prompt_generator(
     w_up: Tensor,
     adapter_ids: Tensor | None = None,
     version: str = "B",
+    anchor: Tensor | None = None,
+    anchor_scale: Tensor | None = None,
 ) -> Tensor:
     """Soft tokens of every row of a (mixed-adapter) batch.
 
@@ -48,8 +50,11 @@ def prompt_generator(
         w_down: [A, d, m]; w_pool: [A, m, T]; rat_num: [A, p+1]; rat_den: [A, q]; w_up: [A, m, d].
         adapter_ids: [B] int64 in [0, A); None means A == 1.
         version: rational version, "B" or "A".
+        anchor: [A, T, d] or None (zero): the static part B of the anchored form.
+        anchor_scale: [A] or None (one): the scale s of the generator term.
     Returns:
-        [B, T, d] in ``hidden.dtype``, accumulated in float32 (float64 for float64 input).
+        [B, T, d] = anchor[a] + anchor_scale[a] · R(p)·W_up[a] in ``hidden.dtype``, accumulated
+        in float32 (float64 for float64 input).
     """
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     batch = hidden.shape[0]
@@ -66,4 +71,9 @@ def prompt_generator(
     attn = masked_softmax(scores, mask.to(torch.bool)[:, :, None], dim=1)  # [B, N, T]
     pooled = torch.bmm(attn.transpose(1, 2), x)  # [B, T, m]
     act = rational(pooled, num[:, None, None, :], den[:, None, None, :], version)
-    return torch.bmm(act, wu).to(hidden.dtype)  # [B, T, d]
+    out = torch.bmm(act, wu)  # [B, T, d]
+    if anchor_scale is not None:
+        out = out * anchor_scale.to(cdt)[adapter_ids][:, None, None]
+    if anchor is not None:
+        out = out + anchor.to(cdt)[adapter_ids]
+    return out.to(hidden.dtype)

@@ -4,7 +4,7 @@ Example (a sentiment classifier from a CSV of reviews):
 
     iapt-train --model ./SmolLM2-135M-Instruct --train-file reviews.csv \\
         --prompt-template "Review: {text}\\nSentiment:" --response-template " {label}" \\
-        --max-steps 200 --batch-size 8 --lr 1e-3 --bilevel --output-dir runs/sentiment
+        --max-steps 150 --batch-size 8 --output-dir runs/sentiment
 
 Everything is checked before the model is loaded: files readable, fields present, no empty
 instruction or response. The adapter lands in --output-dir (``save_pretrained`` format, load
@@ -20,7 +20,12 @@ import sys
 import time
 from typing import Any, Sequence
 
+from .config import ANCHOR_INITS, GENERATOR_FORMS, POOL_INPUTS, IAPTConfig
+
 __all__ = ["build_parser", "main", "parse_args"]
+
+# The CLI's adapter defaults are IAPTConfig's: one recipe, whichever way a user starts.
+_ADAPTER_DEFAULTS = IAPTConfig()
 
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
 
@@ -98,10 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-soft-tokens", type=_positive_int, default=4, help="T, soft tokens per layer")
     g.add_argument("--bottleneck-dim", type=_positive_int, default=None, help="m (default: max(8, 5·d/64))")
     g.add_argument("--rational-init", default="gelu", help="gelu, relu, silu, tanh or identity")
-    g.add_argument("--pool-input", choices=("hidden", "normed"), default="hidden",
-                   help="pool the raw layer input (paper) or the layer's input norm of it")
+    g.add_argument("--pool-input", choices=POOL_INPUTS, default=_ADAPTER_DEFAULTS.pool_input,
+                   help="pool the layer's input norm of its input, or the raw residual stream (paper)")
+    g.add_argument("--generator-form", choices=GENERATOR_FORMS, default=_ADAPTER_DEFAULTS.generator_form,
+                   help="anchored: P = B + s·R(p)·W_up, starting as the backbone with an init "
+                        "sequence prepended; paper: P = R(p)·W_up (use with --pool-input hidden for the paper's form)")
+    g.add_argument("--anchor-init", choices=ANCHOR_INITS, default=_ADAPTER_DEFAULTS.anchor_init,
+                   help="init sequence of the anchor: T copies of BOS, or --prompt-init-text")
+    g.add_argument("--prompt-init-text", default=None,
+                   help="text whose first T tokens start the anchor (implies --anchor-init text)")
+    g.add_argument("--no-anchor-scale", action="store_true", help="fix s = 1 instead of s = RMS(anchor)")
     g.add_argument("--target-layers", default=None, help="comma-separated layer indices (default: all)")
-    g.add_argument("--init-std-up", type=float, default=0.02, help="std of W_up at initialisation")
+    g.add_argument("--init-std-up", type=float, default=_ADAPTER_DEFAULTS.init_std_up,
+                   help="std of W_up at initialisation")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (default: from --epochs)")
@@ -114,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the rational coefficients (default: 1e-6 with --bilevel, else --lr)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on rational coefficients)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: --warmup-ratio)")
-    g.add_argument("--warmup-ratio", type=float, default=0.06, help="warm-up share of the steps, then linear decay to 0")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="warm-up share of the steps, then linear decay to 0")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     g.add_argument("--bilevel", action="store_true",
                    help="the paper's bi-level mode: rational coefficients on the dev split (own LR), "
@@ -240,7 +254,6 @@ def _run(args: argparse.Namespace, ctx) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from . import IAPTConfig
     from .data import IAPTCollator
     from .distributed import make_trainer, prepare_model, save_adapter, sharded_choice_eval_fn
     from .trainer import TrainConfig
@@ -260,17 +273,25 @@ def _run(args: argparse.Namespace, ctx) -> int:
         save_every=args.save_every, save_total_limit=args.save_total_limit, seed=args.seed,
         progress=not args.no_progress,
     )
-    adapter_cfg = IAPTConfig(
-        num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, rational_init=args.rational_init,
-        pool_input=args.pool_input, target_layers=args.target_layers, init_std_up=args.init_std_up,
-        base_model_name_or_path=os.path.abspath(args.model),
-    )
+    try:
+        adapter_cfg = IAPTConfig(
+            num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, rational_init=args.rational_init,
+            pool_input=args.pool_input, target_layers=args.target_layers, init_std_up=args.init_std_up,
+            generator_form=args.generator_form,
+            anchor_init="text" if args.prompt_init_text is not None else args.anchor_init,
+            prompt_init_text=args.prompt_init_text, anchor_scaled=not args.no_anchor_scale,
+            base_model_name_or_path=os.path.abspath(args.model),
+        )
+    except ValueError as err:
+        print(f"iapt-train: error: {err}", file=sys.stderr)
+        return 2
 
     device = ctx.device
     torch.manual_seed(args.seed)
     # FSDP: loaded on the CPU, each layer reaches the GPU only as its shard (prepare_model).
     load_device = torch.device("cpu") if ctx.strategy == "fsdp" else device
-    model = load_iapt_model(args.model, adapter_cfg, args.precision, load_device, args.attn_implementation, args.seed)
+    model = load_iapt_model(args.model, adapter_cfg, args.precision, load_device, args.attn_implementation, args.seed,
+                            tokenizer=tokenizer)
     model = prepare_model(model, ctx)  # FSDP shards here, before the optimizer exists
 
     eval_fn = None
@@ -311,8 +332,9 @@ def _run(args: argparse.Namespace, ctx) -> int:
 
 
 def load_iapt_model(path: str, adapter_config, precision: str, device, attn_implementation: str | None = None,
-                    seed: int | None = None):
-    """Backbone from a local folder (in the precision's dtype), wrapped with a fresh float32 adapter."""
+                    seed: int | None = None, tokenizer: Any | None = None):
+    """Backbone from a local folder (in the precision's dtype), wrapped with a fresh float32 adapter
+    (``tokenizer``: for an anchor started from ``prompt_init_text``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -322,7 +344,7 @@ def load_iapt_model(path: str, adapter_config, precision: str, device, attn_impl
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model = get_iapt_model(base, adapter_config, seed=seed)
+    model = get_iapt_model(base, adapter_config, seed=seed, tokenizer=tokenizer)
     # The backbone may be bf16; the trained weights stay float32 master weights (trainer.py).
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -63,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0             # never applied to rational coefficients
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int | None = None       # None: warmup_ratio × max_steps
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"               # "fp32" | "bf16"
     gradient_checkpointing: bool = False

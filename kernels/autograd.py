@@ -6,10 +6,13 @@ Forward launches (DESIGN §3 shapes; B rows, N tokens, d hidden, m bottleneck, T
   3. combine         Ph [B, T, d] float32, row stats (max, 1/sum) [B, T]
   4. lines_mm GEMM   p  = Ph·W_down[a]           [B, T, m] float32 (saved; split over K if few tiles)
   5. lines_mm OUT    P  = R(p)·W_up[a]           [B, T, d] hidden dtype
+                     (anchored form: P = B[a] + s[a]·R(p)·W_up[a], fused into the store)
 Backward: lines_mm GEMM (dr = dP·W_upᵀ), rat_bwd (dp = dr·R'(p), rational coefficient grads),
 lines_mm GEMM (dPh = dp·W_downᵀ), pool_bwd_scores (A, dA, δ; [B, N, T] float32 scratch),
 pool_bwd (dH, dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter_mm
-(dW_pool = W_downᵀ·dW_dp). H is read once by the forward and twice by the backward.
+(dW_pool = W_downᵀ·dW_dp), and in the anchored form seg_sum (dB[a] = Σ dP over adapter a's
+rows) with the generator's incoming gradient scaled by s[a]. H is read once by the forward and
+twice by the backward.
 
 Saved between passes: W_dp [A, d, 16], Ph [B, T, d], p [B, T, m] and two [B, T] statistics,
 all float32: O(B·T·(d+m)), never O(B·N·T). Weights may have another dtype than hidden: every
@@ -23,13 +26,14 @@ from torch import Tensor
 from . import launch as L
 from .generator_bwd import pool_bwd_kernel, pool_bwd_scores_kernel
 from .generator_fwd import combine_kernel, pool_fwd_kernel
-from .lines import MODE_GEMM, MODE_OUT, adapter_mm_kernel, lines_mm_kernel, rat_bwd_kernel, seg_outer_kernel
+from .lines import (MODE_GEMM, MODE_OUT, adapter_mm_kernel, lines_mm_kernel, rat_bwd_kernel, seg_outer_kernel,
+                    seg_sum_kernel)
 
 __all__ = ["triton_prompt_generator", "PromptGeneratorFunction"]
 
 
 def _lines_mm(mode, x, w, w_strides, out_shape, out_dtype, order, sids, num, den, batch, tokens, k, nout,
-              version_b, prec, dev):
+              version_b, prec, dev, anchor=None, scale=None):
     """out [B, T, nout] = f(x [B, T, k]) · W[a(row)]; W strides (k, nout) given explicitly.
 
     Splits K across programs (float32 atomics into a zeroed buffer) when the line blocks
@@ -39,19 +43,24 @@ def _lines_mm(mode, x, w, w_strides, out_shape, out_dtype, order, sids, num, den
     row_blocks = L.triton.cdiv(batch, L.LINES_BLOCK // tpl)
     col_blocks = L.triton.cdiv(nout, L.LINES_BLOCK_OUT)
     k_splits, per_split = L.choose_k_splits(row_blocks * col_blocks, k, dev)
-    atomic = k_splits > 1 and mode == MODE_GEMM
+    atomic = k_splits > 1 and mode == MODE_GEMM and anchor is None and scale is None
     if not atomic:
         k_splits, per_split = 1, max(k, 1)
     if atomic:
         out = torch.zeros(*out_shape, dtype=torch.float32, device=dev)
     else:
         out = L.empty(*out_shape, dtype=out_dtype, device=dev)
+    a_arg = anchor if anchor is not None else x  # never read without ANCHOR / SCALE
+    s_arg = scale if scale is not None else x
+    a_strides = (anchor.stride(0), anchor.stride(1), anchor.stride(2)) if anchor is not None else (0, 0, 0)
     L.launch(lines_mm_kernel, (row_blocks, col_blocks, k_splits),
-             [x, w, out, order, sids, num, den, batch, tokens, k, nout, per_split,
+             [x, w, out, order, sids, num, den, a_arg, s_arg, batch, tokens, k, nout, per_split,
               x.stride(0), x.stride(1), x.stride(2), w.stride(0), w_strides[0], w_strides[1],
-              out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0)],
+              out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
+              *a_strides, scale.stride(0) if scale is not None else 0],
              dict(MODE=mode, ATOMIC=atomic, TPL=tpl, BLOCK_L=L.LINES_BLOCK, BLOCK_K=L.LINES_BLOCK_K,
-                  BLOCK_NO=L.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b, PREC=prec))
+                  BLOCK_NO=L.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b, PREC=prec,
+                  ANCHOR=anchor is not None, SCALE=scale is not None))
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -81,7 +90,8 @@ class PromptGeneratorFunction(torch.autograd.Function):
     """Autograd wrapper; inputs are assumed validated by iapt_fast.functional."""
 
     @staticmethod
-    def forward(ctx, hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version, num_splits):
+    def forward(ctx, hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version, num_splits,
+                anchor, anchor_scale):
         batch, seq, dim = hidden.shape
         n_adapters, _, bottleneck = w_down.shape
         tokens = w_pool.shape[2]
@@ -137,18 +147,19 @@ class PromptGeneratorFunction(torch.autograd.Function):
                       torch.float32, order, sids, rat_num, rat_den, batch, tokens, dim, bottleneck, version_b,
                       cfg["prec"], dev)
         out = _lines_mm(MODE_OUT, p, w_up, (w_up.stride(1), w_up.stride(2)), (batch, tokens, dim), hidden.dtype,
-                        order, sids, rat_num, rat_den, batch, tokens, bottleneck, dim, version_b, cfg["prec"], dev)
+                        order, sids, rat_num, rat_den, batch, tokens, bottleneck, dim, version_b, cfg["prec"], dev,
+                        anchor=anchor, scale=anchor_scale)
 
         ctx.save_for_backward(hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
-                              w_down, w_pool, rat_num, rat_den, w_up)
-        ctx.meta = (has_ids, version_b, cfg)
+                              w_down, w_pool, rat_num, rat_den, w_up, anchor_scale)
+        ctx.meta = (has_ids, version_b, cfg, anchor is not None, anchor.dtype if anchor is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
-         w_down, w_pool, rat_num, rat_den, w_up) = ctx.saved_tensors
-        has_ids, version_b, cfg = ctx.meta
+         w_down, w_pool, rat_num, rat_den, w_up, anchor_scale) = ctx.saved_tensors
+        has_ids, version_b, cfg, has_anchor, anchor_dtype = ctx.meta
         batch, seq, dim = hidden.shape
         n_adapters, _, bottleneck = w_down.shape
         tokens = w_pool.shape[2]
@@ -157,6 +168,18 @@ class PromptGeneratorFunction(torch.autograd.Function):
         prec = cfg["prec"]
         need = ctx.needs_input_grad
         wdt = w_down.dtype
+        seg = torch.searchsorted(sids, torch.arange(n_adapters + 1, device=dev, dtype=sids.dtype))
+        grad_anchor = None
+        if has_anchor and need[10]:
+            grad_anchor = L.empty(n_adapters, tokens, dim, dtype=anchor_dtype, device=dev)
+            bd = L.block_d(dim)
+            L.launch(seg_sum_kernel, (n_adapters, L.triton.cdiv(dim, bd)),
+                     [grad_out, grad_anchor, order, seg, tokens, dim, grad_out.stride(0), grad_out.stride(1),
+                      grad_out.stride(2), grad_anchor.stride(0), grad_anchor.stride(1), grad_anchor.stride(2)],
+                     dict(TPL=L.lines_per_row(tokens), BLOCK_D=bd))
+        if anchor_scale is not None:
+            # The generator term is s·G: its weights see s·dP (a [B, T, d] float32 scratch).
+            grad_out = grad_out.float() * anchor_scale.float()[ids[:batch]][:, None, None]
 
         dnum = torch.zeros(n_adapters, rat_num.shape[1], **f32)
         dden = torch.zeros(n_adapters, rat_den.shape[1], **f32)
@@ -194,7 +217,6 @@ class PromptGeneratorFunction(torch.autograd.Function):
                  dict(stream, STORE_DH=grad_h is not None))
         del attn, dattn
 
-        seg = torch.searchsorted(sids, torch.arange(n_adapters + 1, device=dev, dtype=sids.dtype))
         no_extra = (0, 0, 0)
         grad_up = grad_down = grad_pool = None
         if need[6]:
@@ -214,7 +236,7 @@ class PromptGeneratorFunction(torch.autograd.Function):
                         grad_pool, used, bottleneck, dim, tokens, tokens, prec)
         grad_num = dnum.to(rat_num.dtype) if need[4] else None
         grad_den = dden.to(rat_den.dtype) if need[5] else None
-        return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None
+        return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None, grad_anchor, None
 
 
 def triton_prompt_generator(
@@ -228,6 +250,8 @@ def triton_prompt_generator(
     adapter_ids: Tensor | None = None,
     rational_version: str = "B",
     num_splits: int | None = None,
+    anchor: Tensor | None = None,
+    anchor_scale: Tensor | None = None,
 ) -> Tensor:
     """Fused generator on validated inputs (use ``iapt_fast.functional.prompt_generator``).
 
@@ -236,11 +260,16 @@ def triton_prompt_generator(
         (T <= 16); rat_num [A, p+1]; rat_den [A, q]; w_up [A, m, d] (one float dtype);
         adapter_ids [B] int64 or None (A == 1); rational_version "A" | "B";
         num_splits: force the number of N-splits of the forward (None: heuristic).
+        anchor [A, T, d] or None; anchor_scale [A] or None (a constant: no gradient).
     Returns:
-        [B, T, d] in hidden.dtype; differentiable w.r.t. hidden and every weight.
+        [B, T, d] = anchor[a] + anchor_scale[a]·R(p)·W_up[a] in hidden.dtype; differentiable
+        w.r.t. hidden, every weight and the anchor.
     """
     if hidden.shape[0] == 0:
         # Keeps the graph connected so an empty batch still back-propagates zeros.
-        return (hidden.sum() * 0 + w_up.sum() * 0).to(hidden.dtype).expand(0, w_pool.shape[2], hidden.shape[2])
+        keep = hidden.sum() * 0 + w_up.sum() * 0 + (anchor.sum() * 0 if anchor is not None else 0)
+        return keep.to(hidden.dtype).expand(0, w_pool.shape[2], hidden.shape[2])
+    if anchor_scale is not None:
+        anchor_scale = anchor_scale.detach()
     return PromptGeneratorFunction.apply(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids,
-                                         rational_version, num_splits)
+                                         rational_version, num_splits, anchor, anchor_scale)

@@ -24,7 +24,7 @@ AMPERE_SHARED_LIMIT = 163 * 1024
 
 
 def _problem(hidden_dtype, weight_dtype, dim, bottleneck, tokens, adapters, degrees, version,
-             hidden_grad=True, seq=40, batch=2):
+             hidden_grad=True, seq=40, batch=2, anchored=False):
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -35,7 +35,11 @@ def _problem(hidden_dtype, weight_dtype, dim, bottleneck, tokens, adapters, degr
               (adapters, bottleneck, dim)]
     weights = [torch.randn(*s, generator=gen).to(weight_dtype).requires_grad_(True) for s in shapes]
     ids = torch.arange(batch) % adapters if adapters > 1 else None
-    return hidden, mask, weights, ids, version
+    anchor = {}
+    if anchored:  # the anchored form: the head's fused epilogue and the anchor-gradient kernel
+        anchor = {"anchor": torch.randn(adapters, tokens, dim, generator=gen).to(weight_dtype).requires_grad_(True),
+                  "anchor_scale": torch.rand(adapters, generator=gen).to(weight_dtype)}
+    return hidden, mask, weights, ids, version, anchor
 
 
 LEVELS = ("quick", "ci", "full")
@@ -53,11 +57,15 @@ def problems(level: str = "ci"):
     f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
     real = dict(dim=4096, bottleneck=320, tokens=4, degrees=(6, 5))
     out = [(f"{dt} A=3 d=4096 m=320 T=4 B", _problem(dt, dt, adapters=3, version="B", **real)) for dt in (bf16, f16, f32)]
+    out += [(f"{dt} A=3 d=4096 m=320 T=4 B anchored", _problem(dt, dt, adapters=3, version="B", anchored=True, **real))
+            for dt in (bf16, f16, f32)]
+    out.append(("bf16 + f32 weights A=1 anchored", _problem(bf16, f32, adapters=1, version="B", anchored=True, **real)))
     # batch 256: enough line tiles that the head GEMMs do not split K (the non-atomic variant).
     out.append(("bf16 A=1 B=256 (no ids)", _problem(bf16, bf16, adapters=1, version="B", batch=256, seq=4, **real)))
     if level == "quick":
         return out
     out.append(("bf16 d=16 T=16 A", _problem(bf16, bf16, 16, 24, 16, 3, (3, 2), "A")))
+    out.append(("f32 d=16 T=16 A anchored", _problem(f32, f32, 16, 24, 16, 3, (3, 2), "A", anchored=True)))
     if level == "ci":
         return out
     for dt in (f16, f32):
@@ -79,9 +87,9 @@ def record_all(level: str = "ci"):
     from iapt_fast.kernels import record_launches, triton_prompt_generator
 
     seen = {}
-    for label, (hidden, mask, weights, ids, version) in problems(level):
+    for label, (hidden, mask, weights, ids, version, anchor) in problems(level):
         with record_launches() as specs:
-            out = triton_prompt_generator(hidden, mask, *weights, ids, version)
+            out = triton_prompt_generator(hidden, mask, *weights, ids, version, **anchor)
             out.backward(torch.ones_like(out))
         for spec in specs:
             key = (spec.name, tuple(sorted(spec.signature.items())), tuple(sorted(spec.constexprs.items())), spec.num_warps)

@@ -28,16 +28,19 @@ MODE_OUT = 1    # out = R(x) · W[a]         (P = R(p)·W_up)
 
 @triton.jit
 def lines_mm_kernel(
-    x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr,
+    x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, anchor_ptr, scale_ptr,
     B, T, K, NOUT, K_PER_SPLIT,
-    s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_na, s_da,
+    s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_na, s_da, s_aa, s_at, s_an, s_sa,
     MODE: tl.constexpr, ATOMIC: tl.constexpr, TPL: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_NO: tl.constexpr, P1: tl.constexpr, Q: tl.constexpr,
-    VERSION_B: tl.constexpr, PREC: tl.constexpr,
+    VERSION_B: tl.constexpr, PREC: tl.constexpr, ANCHOR: tl.constexpr, SCALE: tl.constexpr,
 ):
     """out[row, t, :] = f(x[row, t, :]) · W[a(row)] for the BLOCK_L lines of this program,
     over the slice [pid_k·K_PER_SPLIT, +K_PER_SPLIT) of K. With ATOMIC (split K; out float32
-    and zeroed) the slice's product is added with one atomic per element per program."""
+    and zeroed) the slice's product is added with one atomic per element per program.
+
+    Epilogue of the anchored form (never with ATOMIC): out = anchor[a, t, :] + scale[a] · out
+    (ANCHOR adds the anchor, SCALE multiplies by the scale), fused into the single store."""
     BLOCK_R: tl.constexpr = BLOCK_L // TPL
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -79,6 +82,13 @@ def lines_mm_kernel(
                     out += dot_ff(x, w, PREC)
     o_ptrs = out_ptr + row[:, None] * s_ob + t[:, None] * s_ot + offs_o[None, :] * s_on
     o_mask = line_ok[:, None] & o_ok[None, :]
+    la = tl.maximum(lad, 0).to(tl.int64)
+    if SCALE:
+        sc = tl.load(scale_ptr + la * s_sa, mask=line_ok, other=0.0).to(tl.float32)
+        out = out * sc[:, None]
+    if ANCHOR:
+        out += tl.load(anchor_ptr + la[:, None] * s_aa + t[:, None] * s_at + offs_o[None, :] * s_an,
+                       mask=o_mask, other=0.0).to(tl.float32)
     if ATOMIC:
         tl.atomic_add(o_ptrs, out, mask=o_mask)
     else:
@@ -205,3 +215,27 @@ def adapter_mm_kernel(
             acc += dot_ff(x, y, PREC)
     tl.store(out_ptr + a * s_oa + offs_i[:, None] * s_oi + offs_j[None, :] * s_oj,
              cast_for(acc, out_ptr), mask=i_ok[:, None] & (offs_j < NJ_STORE)[None, :])
+
+
+@triton.jit
+def seg_sum_kernel(
+    x_ptr, out_ptr, order_ptr, seg_ptr,
+    T, D,
+    s_xb, s_xt, s_xd, s_oa, s_ot, s_od,
+    TPL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[a, t, :] = Σ_{rows of adapter a} x[row, t, :] (the anchor's gradient): one program
+    per (adapter, d-tile) reduces its adapter's segment of sorted rows in registers and stores
+    once. No atomics; adapters nobody used get exact zeros."""
+    a = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, TPL)
+    ok = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    start = tl.load(seg_ptr + a)
+    end = tl.load(seg_ptr + a + 1)
+    acc = tl.zeros([TPL, BLOCK_D], tl.float32)
+    for pos in range(start, end):
+        row = tl.load(order_ptr + pos).to(tl.int64)
+        acc += tl.load(x_ptr + row * s_xb + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd,
+                       mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + a * s_oa + offs_t[:, None] * s_ot + offs_d[None, :] * s_od, cast_for(acc, out_ptr), mask=ok)

@@ -10,7 +10,7 @@ import torch
 from helpers import ATOL, assert_close_by_rule
 from iapt_fast import reference
 
-NAMES = ("hidden", "w_down", "w_pool", "rat_num", "rat_den", "w_up")
+NAMES = ("hidden", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "anchor")
 
 
 @dataclass
@@ -21,12 +21,21 @@ class Problem:
     ids: torch.Tensor | None
     version: str
     seed: int
+    anchor: torch.Tensor | None = None  # [A, T, d]: a leaf (gets a gradient)
+    anchor_scale: torch.Tensor | None = None  # [A]: a constant
 
     def inputs(self, hidden_dtype=None, weight_dtype=None):
+        """Leaves: hidden, the five weights, and the anchor when the problem has one."""
         h = self.hidden if hidden_dtype is None else self.hidden.to(hidden_dtype)
-        ws = [w if weight_dtype is None else w.to(weight_dtype) for w in self.weights]
+        extra = [self.anchor] if self.anchor is not None else []
+        ws = [w if weight_dtype is None else w.to(weight_dtype) for w in self.weights + extra]
         leaves = [h.detach().clone().requires_grad_(True)] + [w.detach().clone().requires_grad_(True) for w in ws]
         return leaves
+
+    def anchor_kwargs(self, leaves) -> dict:
+        """anchor / anchor_scale keyword arguments for ``leaves`` (scale in the leaves' dtype)."""
+        scale = None if self.anchor_scale is None else self.anchor_scale.to(leaves[1].dtype)
+        return {"anchor": leaves[6] if len(leaves) > 6 else None, "anchor_scale": scale}
 
 
 def device() -> torch.device:
@@ -35,9 +44,11 @@ def device() -> torch.device:
 
 def make_problem(batch=3, seq=37, dim=96, bottleneck=24, tokens=4, adapters=3, degrees=(6, 5),
                  version="B", dtype=torch.float32, weight_dtype=None, scale=1.0, logit_scale=1.0, ids=None,
-                 mask_kind="mixed", seed=None) -> Problem:
+                 mask_kind="mixed", seed=None, anchored=False) -> Problem:
     """Random problem. |H| ~ scale; softmax logits U ~ logit_scale. mask_kind "mixed": row 0 right-padded, row 1 all masked (when B >= 3),
-    row 2 left-padded, the rest random; "full": every token pooled; "random": Bernoulli(0.7)."""
+    row 2 left-padded, the rest random; "full": every token pooled; "random": Bernoulli(0.7).
+    anchored: add an anchor [A, T, d] ~ N(0, 4) and a scale [A] ~ U(0.5, 3) (the anchored form);
+    "anchor_only" adds the anchor without a scale, "scale_only" the scale without an anchor."""
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     dev = device()
@@ -77,12 +88,16 @@ def make_problem(batch=3, seq=37, dim=96, bottleneck=24, tokens=4, adapters=3, d
         ids = torch.randint(0, adapters, (batch,), generator=gen)
     dt = dtype
     wdt = weight_dtype or dtype
+    anchor = rnd(adapters, tokens, dim, std=2.0).to(dev, wdt) if anchored in (True, "anchor_only") else None
+    anchor_scale = (0.5 + 2.5 * torch.rand(adapters, generator=gen, dtype=torch.float64)).to(dev, wdt) \
+        if anchored in (True, "scale_only") else None
     return Problem(hidden.to(dev, dt), mask.to(dev), [w.to(dev, wdt) for w in (w_down, w_pool, rat_num, rat_den, w_up)],
-                   None if ids is None else ids.to(dev), version, seed)
+                   None if ids is None else ids.to(dev), version, seed, anchor, anchor_scale)
 
 
 def run_reference(prob: Problem, leaves, grad_out):
-    out = reference.prompt_generator(leaves[0], prob.mask, *leaves[1:], prob.ids, prob.version)
+    out = reference.prompt_generator(leaves[0], prob.mask, *leaves[1:6], prob.ids, prob.version,
+                                     **prob.anchor_kwargs(leaves))
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     return out, grads
 

@@ -78,7 +78,7 @@ def _input_norm(model, layer):
 
 
 def slow_logits(model, generators: dict[int, dict[str, Tensor]], input_ids: Tensor, attention_mask: Tensor,
-                instruction_mask: Tensor, pool_input: str = "hidden", version: str = "B",
+                instruction_mask: Tensor, pool_input: str = "normed", version: str = "B",
                 prefix_rows: Tensor | None = None) -> Tensor:
     """Logits [B, N, V] of the literal reference.
 

@@ -310,7 +310,8 @@ def test_gpu_plan_is_what_the_issue_asks():
     assert cfg["dtype"] == "bfloat16" and train.settings("cuda", quick=False)["dtype"] == "bfloat16"
     assert set(models.DEFAULT_METHODS["cuda"]) == set(models.METHODS)
     plan = models.budget(spec, ["q_proj", "v_proj"])
-    assert plan["iapt_bottleneck"] == 320 and plan["lora_rank"] == 160
+    # 83.9 M generator weights + 0.5 M anchors (T·d per layer): LoRA q,v rank 161 is the nearest.
+    assert plan["iapt_bottleneck"] == 320 and plan["lora_rank"] == 161
 
 
 def test_report_renders_a_gpu_machine(tmp_path):
@@ -394,8 +395,10 @@ def test_budget_matches_real_parameter_counts():
     spec = _tiny_spec()
     for targets in (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]):
         plan = models.budget(spec, targets)
-        gens = AdapterGenerators(IAPTConfig(bottleneck_dim=plan["iapt_bottleneck"]), spec.hidden_size,
-                                 spec.num_hidden_layers)
+        cfg = IAPTConfig(bottleneck_dim=plan["iapt_bottleneck"])
+        layers = cfg.resolved_layers(spec.num_hidden_layers)
+        start = {layer: torch.randn(cfg.num_soft_tokens, spec.hidden_size) for layer in layers}
+        gens = AdapterGenerators(cfg, spec.hidden_size, spec.num_hidden_layers, anchors=start)
         assert sum(p.numel() for p in gens.parameters()) == plan["iapt_params"]
         backbone = models.build_backbone(spec, torch.device("cpu"), torch.float32)
         prep = models.prepare("peft_lora", backbone, 1, plan, trainable=True)

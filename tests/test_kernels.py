@@ -24,12 +24,34 @@ def _poison():
 
 
 def kernel(prob, **kw):
-    return lambda leaves: triton_prompt_generator(leaves[0], prob.mask, *leaves[1:], prob.ids, prob.version, **kw)
+    return lambda leaves: triton_prompt_generator(leaves[0], prob.mask, *leaves[1:6], prob.ids, prob.version,
+                                                  **prob.anchor_kwargs(leaves), **kw)
 
 
 def via_functional(prob):
-    return lambda leaves: functional.prompt_generator(leaves[0], prob.mask, *leaves[1:], adapter_ids=prob.ids,
-                                                      backend="triton", rational_version=prob.version)
+    return lambda leaves: functional.prompt_generator(leaves[0], prob.mask, *leaves[1:6], adapter_ids=prob.ids,
+                                                      backend="triton", rational_version=prob.version,
+                                                      **prob.anchor_kwargs(leaves))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_anchored_mixed_adapters(dtype):
+    # The anchored form: P = B[a] + s[a]·R(p)·W_up[a], fused into the head's store; dB is the
+    # per-adapter segment sum of dP. Adapter 1 is unused (its dB must be exactly zero).
+    prob = make_problem(batch=5, dtype=dtype, ids=torch.tensor([2, 0, 2, 0, 2]), anchored=True)
+    check(prob, via_functional(prob))
+
+
+@pytest.mark.parametrize("anchored", ["anchor_only", "scale_only"])
+def test_anchor_or_scale_alone(anchored):
+    prob = make_problem(batch=3, dtype=torch.float32, anchored=anchored)
+    check(prob, kernel(prob))
+
+
+def test_anchored_single_adapter_no_ids_bf16():
+    prob = make_problem(batch=2, adapters=1, dtype=torch.bfloat16, weight_dtype=torch.float32, anchored=True)
+    assert prob.ids is None
+    check(prob, kernel(prob))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -20,7 +20,7 @@ from iapt_fast import functional
 pytestmark = pytest.mark.skipif(not functional.triton_available(), reason="triton not importable")
 
 EXPECTED_KERNELS = {"adapter_mm_kernel", "pool_fwd_kernel", "combine_kernel", "lines_mm_kernel", "rat_bwd_kernel",
-                    "pool_bwd_scores_kernel", "pool_bwd_kernel", "seg_outer_kernel"}
+                    "pool_bwd_scores_kernel", "pool_bwd_kernel", "seg_outer_kernel", "seg_sum_kernel"}
 
 
 def compile_check(arch: int, level: str):
@@ -50,5 +50,9 @@ def test_every_launch_compiles(arch, level, limit_kb):
     assert {r["signature"]["h_ptr"] for r in real} == {"*bf16", "*fp16", "*fp32"}
     # The head GEMMs compile both with split-K atomics and with plain stores.
     assert {r["constexprs"]["ATOMIC"] for r in results if r["kernel"] == "lines_mm_kernel"} == {"True", "False"}
+    # The anchored form's fused epilogue compiles at the realistic shape in every dtype.
+    fused = [r for r in results if r["kernel"] == "lines_mm_kernel" and r["constexprs"]["ANCHOR"] == "True"]
+    assert {r["signature"]["out_ptr"] for r in fused} >= {"*bf16", "*fp16", "*fp32"}
+    assert {r["signature"]["x_ptr"] for r in results if r["kernel"] == "seg_sum_kernel"} >= {"*bf16", "*fp16", "*fp32"}
     # Half-precision inputs use tensor cores in the streaming kernels (SPLIT / tf32x3 dots).
     assert all(r["tensor_cores"] for r in real if r["signature"]["h_ptr"] != "*fp32")

@@ -252,11 +252,16 @@ def test_generator_weights_layout():
     wrapped = wrap(model, bottleneck_dim=12, num_soft_tokens=5, rational_degrees=(4, 3))
     w = wrapped.generator_weights(1)
     assert {k: tuple(v.shape) for k, v in w.items()} == {
-        "w_down": (1, 64, 12), "w_pool": (1, 12, 5), "rat_num": (1, 5), "rat_den": (1, 3), "w_up": (1, 12, 64)}
+        "w_down": (1, 64, 12), "w_pool": (1, 12, 5), "rat_num": (1, 5), "rat_den": (1, 3), "w_up": (1, 12, 64),
+        "anchor": (1, 5, 64), "anchor_scale": (1,)}
     gen = wrapped.generators["default"][1]
     assert torch.equal(w["w_up"][0], gen.w_up) and torch.equal(w["rat_num"][0], gen.rat_num)
     assert torch.equal(wrapped.generator_weights(-1)["w_down"], w["w_down"])
-    assert wrapped.num_trainable_parameters() == 2 * (2 * 64 * 12 + 12 * 5 + 5 + 3)
+    # The anchor trains; its scale is a fixed buffer.
+    assert wrapped.num_trainable_parameters() == 2 * (2 * 64 * 12 + 12 * 5 + 5 + 3 + 5 * 64)
+    paper = wrap(tiny_model("llama", "sdpa", hidden=64), bottleneck_dim=12, num_soft_tokens=5,
+                 generator_form="paper")
+    assert set(paper.generator_weights(0)) == {"w_down", "w_pool", "rat_num", "rat_den", "w_up"}
 
 
 def test_triton_backend_matches_reference_backend():

@@ -24,10 +24,11 @@ def cfg(**overrides) -> IAPTConfig:
 
 
 def tenants(family="llama", attn="sdpa", extra: dict | None = None) -> IAPTModel:
-    """A wrapped model with adapters a, b, c (m = 8) and wide (m = 12: a second shape group)."""
+    """A wrapped model with adapters a, b (m = 8), c (m = 8, pooling the raw hidden states: a
+    second group) and wide (m = 12: a third)."""
     wrapped = get_iapt_model(tiny_model(family, attn), cfg(), adapter_name="a", seed=1, backend="torch")
     wrapped.add_adapter("b", cfg(), seed=2)
-    wrapped.add_adapter("c", cfg(rational_init="tanh", pool_input="normed"), seed=3)
+    wrapped.add_adapter("c", cfg(rational_init="tanh", pool_input="hidden"), seed=3)
     wrapped.add_adapter("wide", cfg(bottleneck_dim=12), seed=4)
     for name, config in (extra or {}).items():
         wrapped.add_adapter(name, config, seed=len(wrapped.adapter_names) + 1)
@@ -99,7 +100,8 @@ def test_mixed_batch_matches_the_slow_reference_per_row():
     with torch.no_grad():
         mixed = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, adapter_names=names).logits
         per_row = {layer: {w: torch.cat([wrapped.generator_weights(layer, n)[w] for n in names]) for w in
-                           ("w_down", "w_pool", "rat_num", "rat_den", "w_up")} for layer in range(2)}
+                           ("w_down", "w_pool", "rat_num", "rat_den", "w_up", "anchor", "anchor_scale")}
+                   for layer in range(2)}
         ref = slow_logits(wrapped.base_model, per_row, ids, mask, inst)
     assert (mixed - ref)[mask.bool()].abs().max().item() <= TOL
 
@@ -157,7 +159,7 @@ def test_1000_adapters_loaded_memory_and_load_time(tmp_path, capsys):
     # After packing, every adapter's parameters alias one stack per layer: no second copy.
     storages = {p.untyped_storage().data_ptr() for n in wrapped.adapter_names
                 for p in wrapped.generators[n].parameters()}
-    assert len(storages) == 2 * 5
+    assert len(storages) == 2 * 6  # 2 layers × (5 weights + the anchor)
     with capsys.disabled():
         print(f"\n[multitenant] 1000 adapters: {per_adapter} B each, {per_adapter * 1000 / 2**20:.2f} MiB in all, "
               f"load {load_ms:.2f} ms/adapter (d=32, m=8, 2 layers)")

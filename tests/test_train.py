@@ -26,7 +26,9 @@ class ToyIAPT(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(vocab, d).requires_grad_(False)
-        self.gens = AdapterGenerators(IAPTConfig(num_soft_tokens=2, bottleneck_dim=8, init_std_up=0.5), d, 1, seed=seed)
+        start = {0: torch.randn(2, d)}  # the anchored form: a trainable anchor next to the weights
+        self.gens = AdapterGenerators(IAPTConfig(num_soft_tokens=2, bottleneck_dim=8, init_std_up=0.5), d, 1, seed=seed,
+                                      anchors=start)
 
     def forward(self, input_ids, attention_mask, instruction_mask):
         h = self.embed(input_ids)
@@ -66,7 +68,7 @@ def test_split_by_name(tok):
     model = ToyIAPT(len(tok))
     weights, rationals = split_parameters(model)
     assert {n.rsplit(".", 1)[1] for n, _ in rationals} == {"rat_num", "rat_den"}
-    assert {n.rsplit(".", 1)[1] for n, _ in weights} == {"w_down", "w_pool", "w_up"}
+    assert {n.rsplit(".", 1)[1] for n, _ in weights} == {"w_down", "w_pool", "w_up", "anchor"}  # the anchor trains on train
     assert "embed.weight" not in {n for n, _ in weights + rationals}  # frozen: in neither
     assert not is_rational_parameter("layers.0.rat_numerator_scale") and is_rational_parameter("x.rat_den")
 

@@ -242,16 +242,20 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "--choices" in capsys.readouterr().err
 
 
-def test_iapt_learns_the_content_not_only_the_answer_format(tok, tmp_path):
+@pytest.mark.parametrize("form,lr", [("anchored", 1e-2), ("paper", 3e-3)])
+def test_iapt_learns_the_content_not_only_the_answer_format(tok, tmp_path, form, lr):
     # The label depends on the review's first word: only a prefix that reads the instruction can
     # beat 50 %. (Guards against a pipeline that learns the label prior and nothing else.)
+    # On this tiny random model the anchored form reached 0.86 at lr 3e-3 and 1.0 at 1e-2.
     from iapt_fast.evaluation import score_choices
 
     rows, test = sentiment_rows(320, seed=7), sentiment_rows(100, seed=8)
     exs = tokenize_records(tok, [(f"Review: {r['text']}\nSentiment:", " " + r["label"]) for r in rows],
                            max_length=32, add_eos=False)
-    model = get_iapt_model(make_llama(len(tok)), IAPTConfig(num_soft_tokens=4, bottleneck_dim=16), seed=0)
-    Trainer(model, TrainConfig(output_dir=str(tmp_path), batch_size=16, lr=3e-3, max_steps=100, progress=False),
+    cfg = IAPTConfig(num_soft_tokens=4, bottleneck_dim=16) if form == "anchored" else \
+        IAPTConfig.paper(num_soft_tokens=4, bottleneck_dim=16)
+    model = get_iapt_model(make_llama(len(tok)), cfg, seed=0)
+    Trainer(model, TrainConfig(output_dir=str(tmp_path), batch_size=16, lr=lr, max_steps=100, progress=False),
             exs, IAPTCollator.from_tokenizer(tok)).train()
     choices = [" positive", " negative"]
     scores = score_choices(model, tok, [f"Review: {r['text']}\nSentiment:" for r in test], choices)

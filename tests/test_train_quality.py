@@ -1,7 +1,8 @@
 """The quality report's pipeline on a tiny random model (--synthetic): no model or data packages.
 
-Checks that every method trains through the shared loop and lands in the JSON/Markdown/PNG
-outputs with consistent numbers; the real run is benchmarks/results/quality-*/.
+Checks that every method trains through the shared loop, that the LR sweep is chosen on dev
+and re-run at the second seed, that finished runs are reused, and that the JSON/Markdown/PNG
+outputs hold consistent numbers; the real run is benchmarks/results/quality-*/.
 """
 from __future__ import annotations
 
@@ -17,31 +18,53 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
-def test_quick_synthetic_report(tmp_path):
+def test_quick_synthetic_report(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     from benchmarks import quality
 
+    methods = ["zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt"]
     before = torch.get_num_threads()
     try:
         args = quality.parse_args(["--quick", "--synthetic", "--steps", "3", "--n-test", "24", "--no-progress",
-                                   "--methods", "zero_shot,prompt_tuning,lora,iapt_bilevel", "--out", str(tmp_path)])
-        results = quality.run(args)
+                                   "--seeds", "0,1", "--tune", "--tune-factors", "1,3", "--methods",
+                                   ",".join(methods[:4]), "--out", str(tmp_path)])
+        quality.run(args)
+        # A second process on the same --out (other methods) and fixed LRs: no sweep for them.
+        args = quality.parse_args(["--quick", "--synthetic", "--steps", "3", "--n-test", "24", "--no-progress",
+                                   "--seeds", "0,1", "--lrs", "iapt=0.002,iapt_paper=0.001", "--methods",
+                                   "iapt_paper,iapt", "--out", str(tmp_path)])
+        quality.run(args)
+        runs = sorted(os.listdir(tmp_path / "runs"))
+        # Finished runs are reused, never retrained: a third call trains nothing.
+        monkeypatch.setattr(quality, "train_method", lambda *a, **k: pytest.fail("a finished run was retrained"))
+        results = quality.run(quality.parse_args(["--quick", "--synthetic", "--steps", "3", "--n-test", "24",
+                                                  "--no-progress", "--seeds", "0,1", "--tune", "--tune-factors",
+                                                  "1,3", "--lrs", "iapt=0.002,iapt_paper=0.001", "--methods",
+                                                  ",".join(methods), "--out", str(tmp_path)]))
     finally:
         torch.set_num_threads(before)
+    assert sorted(os.listdir(tmp_path / "runs")) == runs
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["methods"]) == ["zero_shot", "prompt_tuning", "lora", "iapt_bilevel"]
+    assert list(saved["methods"]) == methods
     for name, entry in saved["methods"].items():
-        t = entry["test"]
-        assert t["n"] == 24 and t["correct"] == round(t["accuracy"] * 24)
-        assert t["ci95"][0] <= t["accuracy"] <= t["ci95"][1]
-        if name != "zero_shot":
-            assert entry["steps"] == 3 and len(entry["curve"]) == 3 and entry["trainable_parameters"] > 0
-    iapt = saved["methods"]["iapt_bilevel"]
-    assert len(iapt["dev_curve"]) == 3 and iapt["rational_lr"] == 1e-6
+        assert 0 <= entry["mean"] <= 1 and entry["ci95_pooled"][0] <= entry["mean"] <= entry["ci95_pooled"][1]
+        if name == "zero_shot":
+            continue
+        assert entry["seeds"] == [0, 1] and entry["steps"] == 3 and entry["trainable_parameters"] > 0
+        assert len(entry["curves"]["0"]) == 3 and len(entry["curves"]["1"]) == 3
+        assert abs(entry["mean"] - sum(entry["test_accuracy"]) / 2) < 1e-12
+    # The sweep: two LRs at seed 0, chosen by dev accuracy (ties: nearest the default).
+    for name in methods[1:4]:
+        tuning = saved["tuning"][name]
+        assert len(tuning["grid"]) == 2
+        best = max(zip(tuning["dev_accuracy"], [-abs(lr / quality.DEFAULT_LR[name] - 1) for lr in tuning["grid"]],
+                       tuning["grid"]))[2]
+        assert tuning["chosen"] == best == saved["methods"][name]["lr"]
+    assert saved["methods"]["iapt"]["lr"] == 0.002 and "iapt" not in saved["tuning"]
     # LoRA's rank is chosen to match IAPT's parameter budget as closely as a whole rank allows.
-    ratio = saved["methods"]["lora"]["trainable_parameters"] / iapt["trainable_parameters"]
+    ratio = saved["methods"]["lora"]["trainable_parameters"] / saved["methods"]["iapt"]["trainable_parameters"]
     assert 0.5 < ratio < 1.5
     md = (tmp_path / "results.md").read_text()
-    assert all(name in md for name in saved["methods"])
+    assert all(entry["label"] in md for entry in saved["methods"].values())
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert results["methods"].keys() == saved["methods"].keys()

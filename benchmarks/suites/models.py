@@ -82,10 +82,6 @@ def build_backbone(spec: BackboneSpec, device: torch.device, dtype: torch.dtype,
 
 
 # ---------------------------------------------------------------------------- budgets
-def iapt_params_per_layer(d: int, m: int, num_tokens: int = 4, degrees: tuple[int, int] = (6, 5)) -> int:
-    """2·d·m + m·T + (p+1) + q (DESIGN §1)."""
-    return 2 * d * m + m * num_tokens + degrees[0] + 1 + degrees[1]
-
 
 def lora_width_per_layer(spec: BackboneSpec, targets: list[str]) -> int:
     """Σ (in + out) over the LoRA target linears of one layer: LoRA params per layer = r · this."""
@@ -102,8 +98,11 @@ def lora_width_per_layer(spec: BackboneSpec, targets: list[str]) -> int:
 def budget(spec: BackboneSpec, targets: list[str], bottleneck: int | None = None,
            num_tokens: int = 4) -> dict[str, Any]:
     """IAPT's trainable parameters per adapter and the LoRA rank closest to that budget."""
-    m = bottleneck if bottleneck is not None else max(8, 5 * spec.hidden_size // 64)
-    iapt = iapt_params_per_layer(spec.hidden_size, m, num_tokens) * spec.num_hidden_layers
+    from iapt_fast import IAPTConfig
+
+    cfg = IAPTConfig(num_soft_tokens=num_tokens, bottleneck_dim=bottleneck)
+    m = cfg.resolved_bottleneck(spec.hidden_size)
+    iapt = cfg.num_parameters(spec.hidden_size, spec.num_hidden_layers)
     width = lora_width_per_layer(spec, targets) * spec.num_hidden_layers
     rank = max(1, round(iapt / width))
     return {"iapt_bottleneck": m, "iapt_soft_tokens": num_tokens, "iapt_params": iapt,
