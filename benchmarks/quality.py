@@ -88,7 +88,8 @@ IAPT_ABLATIONS = {
     "iapt_up_0.1": dict(init_std_up=0.1),            # a 5× larger start of the generator term
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
-METHODS = ("zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt", *IAPT_ABLATIONS)
+MAIN_METHODS = ("zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt")
+METHODS = (*MAIN_METHODS, *IAPT_ABLATIONS)
 METHOD_LABELS = {
     "zero_shot": "zero-shot",
     "prompt_tuning": "prompt tuning (PEFT, TEXT init)",
@@ -523,6 +524,23 @@ def score_adapter(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+@torch.no_grad()
+def effective_pooled_tokens(model, base, hidden: tuple, instruction: "torch.Tensor") -> dict[int, float]:
+    """Per layer: how many instruction tokens the generator's pooling softmax spreads over,
+    exp(entropy), averaged over soft tokens and rows (1 = one token, n = uniform)."""
+    from iapt_fast.reference import masked_softmax
+
+    cfg = model.peft_config["default"]
+    out = {}
+    for index in model.generators["default"].layer_indices:
+        gen = model.generators["default"][index]
+        source = hidden[index] if cfg.pool_input == "hidden" else base.model.layers[index].input_layernorm(hidden[index])
+        attn = masked_softmax(source @ gen.w_down @ gen.w_pool, instruction[:, :, None], dim=1)
+        entropy = -(attn.clamp_min(1e-30).log() * attn).sum(1)
+        out[index] = round(float(entropy.exp().mean()), 2)
+    return out
+
+
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     """Where each IAPT form starts, and what its generators pool: the residual-stream scale per
     layer, the response loss of the untrained model per form next to the base model's, and the
@@ -532,7 +550,6 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     from iapt_fast import IAPTConfig, get_iapt_model
     from iapt_fast.data import IAPTCollator, tokenize_records
     from iapt_fast.evaluation import evaluate_loss
-    from iapt_fast.reference import masked_softmax
 
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
@@ -571,18 +588,19 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
                                seed=args.seed, tokenizer=tokenizer)
         out["init_loss"][key] = evaluate_loss(model, exs, collator, args.eval_batch_size)
         print(f"untrained IAPT {key}: response loss {out['init_loss'][key]:.3f}", flush=True)
-        # Effective number of pooled tokens per layer: exp(entropy) of the softmax, mean over T and rows.
-        inst = batch["instruction_mask"].bool()
-        eff = {}
-        for index in model.generators["default"].layer_indices:
-            gen = model.generators["default"][index]
-            source = hidden[index] if cfg.pool_input == "hidden" else base.model.layers[index].input_layernorm(hidden[index])
-            with torch.no_grad():
-                scores = source @ gen.w_down @ gen.w_pool
-                attn = masked_softmax(scores, inst[:, :, None], dim=1)
-                ent = -(attn.clamp_min(1e-30).log() * attn).sum(1)
-            eff[index] = float(ent.exp().mean())
-        out["pooling"][key] = eff
+        out["pooling"][key] = effective_pooled_tokens(model, base, hidden, batch["instruction_mask"].bool())
+    # The same for every trained IAPT run of this report (its saved parameters in runs/work/).
+    work = os.path.join(args.out, "runs", "work")
+    for run in sorted(os.listdir(work)) if os.path.isdir(work) else []:
+        state = os.path.join(work, run, "trained.pt")
+        method = run.split("-lr")[0]
+        if not (method.startswith("iapt") and os.path.isfile(state)):
+            continue
+        model = build_method(method, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+                             args, tokenizer, task, 0)
+        model.load_state_dict(torch.load(state), strict=False)
+        out["pooling"][f"trained {run}"] = effective_pooled_tokens(model, base, hidden, batch["instruction_mask"].bool())
+        print(f"pooling of trained {run}: {out['pooling'][f'trained {run}']}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "diagnostics.json"), "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=2)
@@ -685,7 +703,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only write the task's splits as instruction/response JSONL (for iapt-train)")
     p.add_argument("--score-adapter", default=None, metavar="PATH",
                    help="only score a saved IAPT adapter on the test split (writes scored_adapter.json)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(MAIN_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all but the ablations)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     p.add_argument("--seeds", default=None, help="seeds of the final runs, the sweep runs at the first "
                    "(default 0,1; --quick: 0)")
