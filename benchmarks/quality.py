@@ -638,6 +638,76 @@ def write_outputs(results: dict[str, Any], out: str) -> None:
     plot_curves(results, os.path.join(out, "curves.png"))
 
 
+def summarize(folder: str) -> str:
+    """summary.md + summary.png in ``folder`` from its <task>/results.json: every method on every
+    task (mean over seeds, each seed, pooled Wilson interval) and the IAPT targets
+    (library defaults ≥ prompt tuning + 3 points and ≥ LoRA − 1 point)."""
+    tasks = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name, "results.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                tasks[name] = json.load(fh)
+    methods = [m for m in METHODS if any(m in r["methods"] for r in tasks.values())]
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in methods:
+        cells = []
+        for r in tasks.values():
+            e = r["methods"].get(m)
+            cells.append("not run" if e is None else
+                         f"**{e['mean']:.3f}** ({', '.join(f'{a:.3f}' for a in e['test_accuracy'])}) "
+                         f"[{e['ci95_pooled'][0]:.3f}, {e['ci95_pooled'][1]:.3f}]" + (f" lr {e['lr']:g}" if e["lr"] else ""))
+        lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets (means over seeds):", ""]
+    for task, r in tasks.items():
+        got = r["methods"]
+        if "iapt" not in got:
+            continue
+        iapt = got["iapt"]["mean"]
+        for base, margin, word in (("prompt_tuning", 0.03, "prompt tuning + 3"), ("lora", -0.01, "LoRA − 1")):
+            if base in got:
+                need = got[base]["mean"] + margin
+                verdict = "met" if iapt >= need else f"missed by {100 * (need - iapt):.1f} points"
+                lines.append(f"- {task}: IAPT {iapt:.3f} vs {word} = {need:.3f}: {verdict}")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, "summary.md"), "w", encoding="utf-8") as fh:
+        fh.write(text)
+    _plot_summary(tasks, methods, os.path.join(folder, "summary.png"))
+    return text
+
+
+def _plot_summary(tasks: dict[str, Any], methods: list[str], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / max(len(tasks), 1)
+    for t, (task, r) in enumerate(tasks.items()):
+        for i, m in enumerate(methods):
+            e = r["methods"].get(m)
+            if e is None:
+                continue
+            x = i + (t - (len(tasks) - 1) / 2) * width
+            lo, hi = e["ci95_pooled"]
+            ax.bar(x, e["mean"], width * 0.9, color=f"C{t}", label=task if i == 0 or m == methods[0] else None,
+                   yerr=[[e["mean"] - lo], [hi - e["mean"]]], capsize=2)
+            ax.scatter([x] * len(e["test_accuracy"]), e["test_accuracy"], color="black", s=6, zorder=3)
+    ax.set_xticks(range(len(methods)), [METHOD_LABELS[m].split(" (")[0] for m in methods], rotation=25,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("bars: mean over seeds with the pooled 95 % Wilson interval; dots: each seed", fontsize=8)
+    ax.set_ylim(0.3, 1.0)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_curves(results: dict[str, Any], path: str) -> None:
     try:
         import matplotlib
@@ -699,6 +769,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and its pooling weights; writes diagnostics.json")
     p.add_argument("--diag-examples", type=int, default=48, help="dev examples of --diagnose")
     p.add_argument("--report-only", action="store_true", help="rebuild results.* from the finished runs only")
+    p.add_argument("--summary", default=None, metavar="DIR",
+                   help="only write DIR/summary.md and summary.png from DIR/<task>/results.json")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="only write the task's splits as instruction/response JSONL (for iapt-train)")
     p.add_argument("--score-adapter", default=None, metavar="PATH",
@@ -752,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.export:
         export_task(args)
+        return 0
+    if args.summary:
+        print(summarize(args.summary))
         return 0
     if args.score_adapter:
         score_adapter(args)

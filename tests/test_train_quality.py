@@ -22,6 +22,7 @@ def test_quick_synthetic_report(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     from benchmarks import quality
 
+    root, tmp_path = tmp_path, tmp_path / "rotten_tomatoes"
     methods = ["zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt"]
     before = torch.get_num_threads()
     try:
@@ -68,3 +69,10 @@ def test_quick_synthetic_report(tmp_path, monkeypatch):
     assert all(entry["label"] in md for entry in saved["methods"].values())
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert results["methods"].keys() == saved["methods"].keys()
+    # The cross-task summary quotes every method and checks the targets against these numbers.
+    text = quality.summarize(str(root))
+    iapt, pt, lora = (saved["methods"][m]["mean"] for m in ("iapt", "prompt_tuning", "lora"))
+    assert f"**{iapt:.3f}**" in text and "IAPT, library defaults" in text
+    assert ("prompt tuning + 3 = %.3f: %s" % (pt + 0.03, "met" if iapt >= pt + 0.03 else "missed")) in text
+    assert ("LoRA − 1 = %.3f: %s" % (lora - 0.01, "met" if iapt >= lora - 0.01 else "missed")) in text
+    assert (root / "summary.png").stat().st_size > 1000
