@@ -291,6 +291,11 @@ class IAPTModel(nn.Module):
             len(self.generators[n].layer_indices) != self._arch.num_layers for n in self.adapter_names
         )
 
+    def _require_hooks(self) -> None:
+        if not self._handles:
+            raise RuntimeError("this IAPTModel was detached from its backbone (remove_hooks()); wrap the backbone "
+                               "again with get_iapt_model / IAPTModel.from_pretrained")
+
     def _require_active(self) -> str:
         if self._active_adapter is None:
             raise ValueError("no adapter is loaded; add_adapter or load_adapter first")
@@ -338,8 +343,10 @@ class IAPTModel(nn.Module):
             input_ids: [B, N] (or pass ``inputs_embeds`` [B, N, d]).
             attention_mask: [B, N], 1 = real token; left or right padding.
             instruction_mask: [B, N], 1 = token the generators pool over (the instruction /
-                prompt). Default: every non-padding token. Must be non-empty in every row and
-                never mark padding.
+                prompt). Must be non-empty in every row and never mark padding. Default: with
+                ``labels``, each row's tokens before its first label that is not −100 (the
+                generators must never read the answer they are trained to predict); without
+                labels, every non-padding token.
             labels: [B, N] as the wrapped model takes them (−100 = ignored).
             adapter_names: one adapter name per row (``"__base__"`` = no adapter); default:
                 the active adapter for every row.
@@ -347,6 +354,7 @@ class IAPTModel(nn.Module):
         Returns:
             The wrapped model's output (logits [B, N, V], loss, cache ...).
         """
+        self._require_hooks()
         cache = kwargs.pop("cache", None)
         legacy = kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else legacy
@@ -357,6 +365,8 @@ class IAPTModel(nn.Module):
             return self._decode_step(input_ids, attention_mask, cache, labels, kwargs)
         batch, length = inputs.shape[:2]
         mask = self._check_mask(attention_mask, "attention_mask", batch, length, inputs.device)
+        if instruction_mask is None and labels is not None:
+            instruction_mask = _prompt_before_labels(labels, mask)
         request = self._make_request(mask, instruction_mask, adapter_names, batch, length, inputs.device)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = _positions(mask)
@@ -379,6 +389,7 @@ class IAPTModel(nn.Module):
         its reordering). Args as in :meth:`forward`; ``instruction_mask`` defaults to the
         prompt's attention mask (the whole prompt is the instruction).
         """
+        self._require_hooks()
         for key, what in _UNSUPPORTED_GENERATE.items():
             if generate_kwargs.get(key) is not None:
                 raise ValueError(f"IAPTModel.generate does not support {what} ({key}=) yet")
@@ -713,6 +724,29 @@ def get_iapt_model(model: nn.Module, config: IAPTConfig | None = None, adapter_n
 
 
 # ====================================================================== helpers
+def _prompt_before_labels(labels: Tensor, mask: Tensor) -> Tensor:
+    """[B, N] instruction mask: each row's real tokens before its first label that is not −100.
+
+    Rows without labels keep every real token (they predict nothing). A row whose first real
+    token is already labelled (plain language-model data) has no instruction to read.
+    """
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(mask.shape):
+        raise ValueError(f"labels must be a [B, N] = {tuple(mask.shape)} tensor like input_ids, "
+                         f"got {getattr(labels, 'shape', type(labels).__name__)}")
+    labelled = labels.to(mask.device).ne(-100) & mask.bool()
+    before = labelled.long().cumsum(-1).eq(0)
+    inst = before & mask.bool()
+    has_labels = labelled.any(-1)
+    inst = torch.where(has_labels[:, None], inst, mask.bool())
+    empty = has_labels & ~inst.any(-1)
+    if empty.any():
+        rows = torch.nonzero(empty).flatten().tolist()
+        raise ValueError(f"rows {rows} are labelled from their first token on, so no instruction can be derived "
+                         "from labels (the generators would read the answer they predict): pass instruction_mask=, "
+                         "1 on the prompt tokens")
+    return inst.long()
+
+
 def _positions(mask: Tensor) -> Tensor:
     """Position ids as the base model gives them: cumsum of the mask − 1, 0 on padding."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)

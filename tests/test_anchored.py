@@ -232,3 +232,38 @@ def test_bos_init_needs_a_bos_or_eos_token():
     with pytest.raises(ValueError, match="names a bos_token_id or eos_token_id"):
         get_iapt_model(model, IAPTConfig(bottleneck_dim=8))
     assert get_iapt_model(model, IAPTConfig.paper(bottleneck_dim=8)).adapter_names == ["default"]
+
+
+def test_training_without_instruction_mask_pools_over_the_prompt_only():
+    # A causal-LM collator gives labels (−100 on the prompt) but no instruction mask: the
+    # generators must read the prompt, never the answer they are trained to predict.
+    model = tiny_model("llama", "sdpa")
+    wrapped = get_iapt_model(model, IAPTConfig(bottleneck_dim=8, init_std_up=0.5), seed=2, backend="torch")
+    ids, mask, _ = padded_batch(3, 9, "left", seed=23)
+    labels = ids.masked_fill(mask == 0, -100)
+    prompt = mask.clone()
+    for b in range(3):
+        real = torch.nonzero(mask[b]).flatten()
+        labels[b, real[:-3]] = -100  # the last 3 real tokens are the answer
+        prompt[b, real[-3:]] = 0
+    derived = wrapped(input_ids=ids, attention_mask=mask, labels=labels)
+    explicit = wrapped(input_ids=ids, attention_mask=mask, labels=labels, instruction_mask=prompt)
+    leaked = wrapped(input_ids=ids, attention_mask=mask, labels=labels, instruction_mask=mask)
+    torch.testing.assert_close(derived.loss, explicit.loss, rtol=0, atol=0)
+    assert (derived.loss - leaked.loss).abs() > 1e-4  # the answer really would change the prefix
+    with pytest.raises(ValueError, match="labelled from their first token on"):
+        wrapped(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    with pytest.raises(ValueError, match="labels must be a"):
+        wrapped(input_ids=ids, attention_mask=mask, labels=labels[:, :4])
+
+
+def test_a_detached_model_refuses_to_run():
+    model = tiny_model("llama", "sdpa")
+    wrapped = get_iapt_model(model, IAPTConfig(bottleneck_dim=8), backend="torch")
+    ids = torch.randint(3, 50, (1, 5))
+    assert wrapped.remove_hooks() is model
+    with pytest.raises(RuntimeError, match="detached from its backbone"):
+        wrapped(input_ids=ids)
+    with pytest.raises(RuntimeError, match="detached from its backbone"):
+        wrapped.generate(ids, max_new_tokens=2)
+    get_iapt_model(model, IAPTConfig(bottleneck_dim=8))(input_ids=ids)  # the backbone wraps again
