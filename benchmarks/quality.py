@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.report_only:
         for method in args.methods:
             if method == "zero_shot":
-                run_one(method, None, args.seeds[0], ctx, dev=True, test=True)
+                run_one(method, None, args.seeds[0], ctx, dev=bool(splits["dev"]), test=True)
                 continue
             grid = method_grid(method, args)
             if len(grid) > 1:  # the sweep: dev only; the winner is scored on test afterwards
