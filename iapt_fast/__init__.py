@@ -23,6 +23,6 @@ __all__ = [
     "AdapterGenerators",
     "LayerGenerator",
 ]
-from .model import IAPTModel, get_iapt_model  # noqa: E402  (issue 4: HF integration)
+from .model import IAPTModel, get_iapt_model  # noqa: E402  (after the core: model imports it)
 
 __all__ += ["IAPTModel", "get_iapt_model"]

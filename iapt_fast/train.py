@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help='checkpoint folder to resume, or "auto" for the latest in --output-dir')
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    from .distributed import add_distributed_arguments  # issue 8: torchrun / accelerate launch
+    from .distributed import add_distributed_arguments  # torchrun / accelerate launch
     add_distributed_arguments(p)
     return p
 

@@ -294,7 +294,7 @@ def test_gpu_kernel_ratios_and_targets():
 
 
 def test_gpu_plan_is_what_the_issue_asks():
-    """The CUDA grid cannot run here; at least its plan is checked against issue 7 and DESIGN §5."""
+    """The CUDA grid cannot run here; at least its plan is checked against the GPU benchmark plan (d = 4096, m = 320, LLaMA-7B shapes)."""
     from benchmarks.suites import e2e, kernels, train
 
     grid = kernels.cases("cuda", quick=False)

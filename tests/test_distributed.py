@@ -1,4 +1,4 @@
-"""Distributed training (issue 8): real multi-process runs on CPU (gloo, 2 ranks, tiny Llama).
+"""Distributed training: real multi-process runs on CPU (gloo, 2 ranks, tiny Llama).
 
 The multi-process jobs run under ``torchrun --standalone`` exactly as a user would start
 them; each is launched once per module (tests/test_distributed_worker.py) and checked

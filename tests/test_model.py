@@ -1,4 +1,4 @@
-"""IAPTModel on tiny random models of every supported family (issue 4).
+"""IAPTModel on tiny random models of every supported family.
 
 The oracle is tests/slow_reference.py: it literally prepends the soft tokens to every layer's
 input, with no hooks and no KV cache.

@@ -1,4 +1,4 @@
-"""Many IAPT adapters on one frozen backbone, a different adapter per row (issue 5)."""
+"""Many IAPT adapters on one frozen backbone, a different adapter per row."""
 from __future__ import annotations
 
 import json
