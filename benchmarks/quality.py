@@ -415,8 +415,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
                         "device": "cpu"},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    with open(os.path.join(args.out, f"meta-{'-'.join(args.methods)}.json"), "w", encoding="utf-8") as fh:
+    meta_path = os.path.join(args.out, "meta.json")  # the latest invocation's settings (atomic)
+    with open(meta_path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
     if not args.report_only:
         for method in args.methods:
             if method == "zero_shot":
