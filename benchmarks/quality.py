@@ -328,6 +328,13 @@ def run_key(method: str, lr: float | None, seed: int) -> str:
     return method if lr is None else f"{method}-lr{lr:g}-s{seed}"
 
 
+def load_trained(model: torch.nn.Module, path: str) -> None:
+    """Put a run's saved trainable parameters (runs/work/<key>/trained.pt) into a fresh model."""
+    unexpected = model.load_state_dict(torch.load(path), strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"{path}: parameters {unexpected[:3]} do not exist in this method's model")
+
+
 def run_one(method: str, lr: float | None, seed: int, ctx: dict[str, Any], dev: bool, test: bool) -> dict[str, Any]:
     """Train (unless zero-shot) and score one (method, lr, seed) on dev and/or test.
 
@@ -348,9 +355,7 @@ def run_one(method: str, lr: float | None, seed: int, ctx: dict[str, Any], dev: 
     state_path = os.path.join(work, "trained.pt")
     model = build_method(method, ctx["load_base"], args, ctx["tokenizer"], task, seed)
     if lr is not None and os.path.isfile(state_path):
-        missing = model.load_state_dict(torch.load(state_path), strict=False).unexpected_keys
-        if missing:
-            raise RuntimeError(f"{state_path}: unexpected keys {missing[:3]}")
+        load_trained(model, state_path)
     elif lr is not None:
         print(f"== {key}", flush=True)
         entry = {"method": method, "lr": lr, "seed": seed, "steps": args.steps,
@@ -465,7 +470,12 @@ def collect(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
         else:
             sweep = {r["lr"]: r["dev"]["accuracy"] for r in mine if r["seed"] == args.seeds[0] and "dev" in r}
             lrs = {r["lr"] for r in mine}
-            chosen = choose_lr(sweep, DEFAULT_LR[method]) if len(sweep) > 1 else next(iter(lrs)) if len(lrs) == 1 else None
+            if len(sweep) > 1:
+                chosen = choose_lr(sweep, DEFAULT_LR[method])
+            elif len(lrs) == 1:  # a fixed LR (--lrs): no sweep
+                chosen = next(iter(lrs))
+            else:  # runs at several LRs but the sweep is not finished: nothing to report yet
+                continue
             finals = sorted((r for r in mine if r["lr"] == chosen and "test" in r), key=lambda r: r["seed"])
             if len(sweep) > 1:
                 results["tuning"][method] = {"grid": sorted(sweep), "dev_accuracy": [sweep[lr] for lr in sorted(sweep)],
@@ -600,7 +610,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             continue
         model = build_method(method, lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
                              args, tokenizer, task, 0)
-        model.load_state_dict(torch.load(state), strict=False)
+        load_trained(model, state)
         out["pooling"][f"trained {run}"] = effective_pooled_tokens(model, base, hidden, batch["instruction_mask"].bool())
         print(f"pooling of trained {run}: {out['pooling'][f'trained {run}']}", flush=True)
     os.makedirs(args.out, exist_ok=True)
