@@ -99,6 +99,13 @@ def read_adapter(directory: str | os.PathLike, hidden_size: int, num_layers: int
             raise ValueError(f"{path!r}: {key} has dtype {value.dtype}, expected a float dtype")
         if not torch.isfinite(value).all():
             raise ValueError(f"{path!r}: {key} contains NaN or Inf")
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    if len(dtypes) > 1:
+        # The generator math runs one launch per adapter over weights of one dtype; a mix would
+        # be accepted here and fail at every later forward (and could not share a serving pack).
+        by_dtype = {d: next(k for k, t in tensors.items() if str(t.dtype).endswith(d)) for d in dtypes}
+        raise ValueError(f"{path!r}: every tensor of an adapter must share one dtype, found {dtypes} "
+                         f"(e.g. {', '.join(f'{k} is {d}' for d, k in by_dtype.items())})")
     return config, tensors
 
 

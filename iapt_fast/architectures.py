@@ -70,6 +70,39 @@ class Architecture:
             return attn.num_heads, attn.head_dim
         return attn.k_proj.out_features // attn.head_dim, attn.head_dim
 
+    def sliding_window(self) -> int | None:
+        """The attention window of the model's sliding-window layers, or None if it has none."""
+        config = self.model.config
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+            return None
+        return int(window)
+
+    def check_prefix_support(self, num_tokens: int, partial_layers: bool) -> None:
+        """Refuse prefix configurations whose decoding would silently differ from prepending.
+
+        A sliding-window cache keeps only the last W entries: once it rolls over, the T
+        leading slots are real tokens, so layers that must hide the prefix (those outside
+        ``target_layers``) would hide real keys instead, and a window of at most T tokens
+        cannot hold the prefix at all. Mistral's sliding window with every layer targeted
+        and W > T is verified against literal prepending; other sliding-window setups are
+        refused here, before any work.
+        """
+        window = self.sliding_window()
+        if window is None:
+            return
+        if self.family != "mistral":
+            raise ValueError(f"{self.family} with sliding-window attention (sliding_window={window}) is not "
+                             "supported by IAPT yet; use a config without sliding-window layers")
+        if window <= num_tokens:
+            raise ValueError(f"sliding_window={window} must exceed num_soft_tokens={num_tokens}: the soft tokens "
+                             "take T slots of every layer's attention window")
+        if partial_layers:
+            raise ValueError(f"target_layers must cover every layer of a model with a sliding window "
+                             f"(sliding_window={window}): the untargeted layers cannot hide the prefix slots once "
+                             "the window rolls over; use target_layers=None")
+
     # ------------------------------------------------------------------ prefix K/V
     def rotary(self, reference: Tensor, num_tokens: int) -> tuple[Tensor, Tensor] | None:
         """cos/sin of the positions −T…−1, or None for families without rotary embeddings.

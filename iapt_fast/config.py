@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -100,10 +101,10 @@ class IAPTConfig:
         if (
             not isinstance(interval, Sequence)
             or len(interval) != 2
-            or not all(isinstance(v, (int, float)) for v in interval)
+            or not all(_is_real(v) and math.isfinite(v) for v in interval)
             or not float(interval[0]) < float(interval[1])
         ):
-            raise ValueError(f"rational_fit_interval must be (lo, hi) with lo < hi, got {interval!r}")
+            raise ValueError(f"rational_fit_interval must be (lo, hi) of finite floats with lo < hi, got {interval!r}")
         self.rational_fit_interval = (float(interval[0]), float(interval[1]))
         if self.target_layers is not None:
             layers = self.target_layers
@@ -116,8 +117,8 @@ class IAPTConfig:
             self.target_layers = [int(v) for v in layers]
         if self.pool_input not in POOL_INPUTS:
             raise ValueError(f"pool_input must be one of {POOL_INPUTS}, got {self.pool_input!r}")
-        if not isinstance(self.init_std_up, (int, float)) or not self.init_std_up > 0:
-            raise ValueError(f"init_std_up must be a float > 0 (never zero: zero soft tokens give NaN "
+        if not _is_real(self.init_std_up) or not math.isfinite(self.init_std_up) or not self.init_std_up > 0:
+            raise ValueError(f"init_std_up must be a finite float > 0 (never zero: zero soft tokens give NaN "
                              f"gradients through RMSNorm), got {self.init_std_up!r}")
         if self.generator_form not in GENERATOR_FORMS:
             raise ValueError(f"generator_form must be one of {GENERATOR_FORMS}, got {self.generator_form!r}")
@@ -130,6 +131,8 @@ class IAPTConfig:
             raise ValueError('anchor_init="text" needs prompt_init_text (the text whose hidden states start the anchor)')
         if not isinstance(self.anchor_scaled, bool):
             raise ValueError(f"anchor_scaled must be a bool, got {self.anchor_scaled!r}")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path must be a string or None, got {self.base_model_name_or_path!r}")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -223,8 +226,19 @@ class IAPTConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_json_string(fh.read())
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path!r} is not UTF-8 text (an adapter config is a JSON file): {err}") from err
+        try:
+            return cls.from_json_string(text)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path!r}: {err}") from err
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_int(value: Any) -> bool:

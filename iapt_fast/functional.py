@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["prompt_generator", "triton_available", "resolve_backend", "MAX_SOFT_TOKENS"]
+__all__ = ["prompt_generator", "triton_available", "resolve_backend", "check_backend_limits", "MAX_SOFT_TOKENS"]
 
 BACKENDS = ("auto", "torch", "triton")
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,6 +37,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend
+
+
+def check_backend_limits(num_soft_tokens: int, backend: str, device: torch.device,
+                         what: str = "num_soft_tokens") -> None:
+    """Raise ValueError when ``backend`` (resolved for ``device``) cannot run T soft tokens.
+
+    IAPTModel calls this when an adapter is added, so that a configuration the kernels cannot
+    run is refused before any work, not at the first forward.
+    """
+    if resolve_backend(backend, device) == "triton" and num_soft_tokens > MAX_SOFT_TOKENS:
+        raise ValueError(f"{what}: T={num_soft_tokens} soft tokens exceed the Triton backend's limit of "
+                         f"T <= {MAX_SOFT_TOKENS} (the kernels hold the soft tokens in one register tile); "
+                         "use fewer soft tokens or backend='torch'")
 
 
 def prompt_generator(
@@ -76,8 +89,9 @@ def prompt_generator(
             Treated as a constant by the Triton backend (it must not require grad there).
     Returns:
         [B, T, d] = anchor[a] + anchor_scale[a] · R(p)·W_up[a] in ``hidden.dtype``; float32
-        accumulation. A row whose mask is all zeros gets its generator term zero (only the
-        anchor). Differentiable w.r.t. ``hidden``, every weight and the anchor on both backends.
+        accumulation. Tokens whose mask is zero have no influence at all, whatever they hold
+        (NaN or inf included). A row with no instruction token (all-masked, or N = 0) pools to
+        p = 0 and gets anchor[a] + anchor_scale[a] · R(0)·W_up[a]. Differentiable w.r.t. ``hidden``, every weight and the anchor on both backends.
     Raises:
         TypeError / ValueError naming the offending argument.
     """
@@ -169,8 +183,7 @@ def _validate(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids,
     if w_pool.dim() != 3 or tuple(w_pool.shape[:2]) != (num_adapters, bottleneck) or w_pool.shape[2] < 1:
         raise ValueError(f"w_pool must be [A={num_adapters}, m={bottleneck}, T>=1], got shape {tuple(w_pool.shape)}")
     num_tokens = w_pool.shape[2]
-    if backend == "triton" and num_tokens > MAX_SOFT_TOKENS:
-        raise ValueError(f"w_pool has T={num_tokens} soft tokens; the Triton backend supports T <= {MAX_SOFT_TOKENS}")
+    check_backend_limits(num_tokens, backend, hidden.device, what=f"w_pool [A, m, T={num_tokens}]")
     if rat_num.dim() != 2 or rat_num.shape[0] != num_adapters or rat_num.shape[1] < 1:
         raise ValueError(f"rat_num must be [A={num_adapters}, p+1>=1], got shape {tuple(rat_num.shape)}")
     if rat_den.dim() != 2 or rat_den.shape[0] != num_adapters or rat_den.shape[1] < 1:

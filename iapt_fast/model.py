@@ -26,7 +26,9 @@ attention skips the slots (keys and mask columns are sliced off).
 """
 from __future__ import annotations
 
+import contextvars
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -45,6 +47,13 @@ __all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER"]
 
 # Name a row of a mixed batch can use to run the bare backbone (its prefix slots are masked).
 BASE_ADAPTER = "__base__"
+# The prefill request of the call in flight, from forward()/generate() to the model pre-hook.
+# A ContextVar is per thread and per asyncio task, so concurrent calls on one IAPTModel (a web
+# server's threads, a batching front-end) never see each other's request; (model, request),
+# so a call on one IAPTModel never hands its request to another.
+_PENDING: contextvars.ContextVar[tuple["IAPTModel", "_Request"] | None] = contextvars.ContextVar(
+    "iapt_pending_request", default=None)
+_PACK_LOCK = threading.Lock()
 _PREFIX_KW = "iapt_prefix"
 _SKIP_KW = "iapt_skip"
 _STATE_KW = "iapt_state"
@@ -151,7 +160,7 @@ class IAPTModel(nn.Module):
         self.generators = GeneratorBank(arch.hidden_size, arch.num_layers)
         self._active_adapter: str | None = None
         self._packs: dict[tuple, AdapterPack] | None = None
-        self._request: _Request | None = None
+        self._group_keys: dict[str, tuple] = {}  # adapter name -> group_key, reset with the packs
         self._has_untargeted = False
         self._handles: list[Any] = []
         self._model_cache_kw = cache_kwarg_name(model.forward)
@@ -215,6 +224,7 @@ class IAPTModel(nn.Module):
             raise TypeError(f"config must be an IAPTConfig or None, got {type(config).__name__}")
         self._check_new_name(adapter_name)
         layers = config.resolved_layers(self._arch.num_layers)  # range check before anything is built
+        self._check_supported(config, "config")
         anchors = None
         if config.anchored:
             anchors = anchor_states(self.base_model, anchor_token_ids(config, self.base_model, tokenizer), layers)
@@ -233,12 +243,15 @@ class IAPTModel(nn.Module):
         """
         self._check_new_name(adapter_name)
         config, tensors = read_adapter(path, self._arch.hidden_size, self._arch.num_layers)
+        self._check_supported(config, f"adapter {os.fspath(path)!r}")
         adapter = build_adapter(config, tensors, self._arch.hidden_size, self._arch.num_layers,
                                 self._arch.layer_device)
         for param in adapter.parameters():
             param.requires_grad_(False)
         self.generators.adapters[adapter_name] = adapter
         self._adapters_changed(added=adapter_name)
+        if self._active_adapter is None:  # a host started without adapters serves its first one
+            self._active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Unload an adapter. Deleting the active one makes the first remaining one active."""
@@ -273,6 +286,13 @@ class IAPTModel(nn.Module):
             raise ValueError(f"adapter {name!r} has no generator at layer {layer}; its layers: {adapter.layer_indices}")
         return {w: t.detach().clone() for w, t in adapter[layer].weights().items()}
 
+    def _check_supported(self, config: IAPTConfig, what: str) -> None:
+        """Refuse, before any work, an adapter this backbone and backend cannot run."""
+        _functional.check_backend_limits(config.num_soft_tokens, self.backend, self.device,
+                                         what=f"{what} (backend={self.backend!r})")
+        self._arch.check_prefix_support(config.num_soft_tokens,
+                                        len(config.resolved_layers(self._arch.num_layers)) != self._arch.num_layers)
+
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
@@ -283,6 +303,7 @@ class IAPTModel(nn.Module):
 
     def _adapters_changed(self, added: str | None = None) -> None:
         self._packs = None
+        self._group_keys = {}
         if added is not None:  # O(1) per load: 1,000 loads must not rescan 1,000 adapters
             partial = len(self.generators[added].layer_indices) != self._arch.num_layers
             self._has_untargeted = self._has_untargeted or partial
@@ -298,11 +319,15 @@ class IAPTModel(nn.Module):
 
     def _require_active(self) -> str:
         if self._active_adapter is None:
+            if self.adapter_names:
+                raise ValueError(f"no active adapter; call set_adapter(name) or pass adapter_names= "
+                                 f"(loaded: {self.adapter_names})")
             raise ValueError("no adapter is loaded; add_adapter or load_adapter first")
         return self._active_adapter
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half() re-home parameters
         self._packs = None
+        self._group_keys = {}
         return super()._apply(fn, recurse)
 
     # ================================================================== parameters
@@ -373,11 +398,11 @@ class IAPTModel(nn.Module):
         ext_mask = torch.cat([request.prefix_mask.to(mask.dtype), mask], dim=1)
         if cache is not None:
             kwargs[self._model_cache_kw] = cache
-        self._request = request
+        token = _PENDING.set((self, request))
         try:
             return self.base_model(input_ids=input_ids, attention_mask=ext_mask, labels=labels, **kwargs)
         finally:
-            self._request = None
+            _PENDING.reset(token)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -411,12 +436,12 @@ class IAPTModel(nn.Module):
         if position_ids is None:
             position_ids = _positions(mask)
         ext_mask = torch.cat([request.prefix_mask.to(mask.dtype), mask], dim=1)
-        self._request = request
+        token = _PENDING.set((self, request))
         try:
             return self.base_model.generate(input_ids=input_ids, attention_mask=ext_mask,
                                             position_ids=position_ids, **generate_kwargs)
         finally:
-            self._request = None
+            _PENDING.reset(token)
 
     # ------------------------------------------------------------------ validation
     def _check_mask(self, mask: Tensor | None, name: str, batch: int, length: int, device) -> Tensor:
@@ -453,6 +478,7 @@ class IAPTModel(nn.Module):
             num_tokens = self.generators[self._require_active()].config.num_soft_tokens
         else:
             num_tokens = self._check_compatible(used)
+        self._arch.check_prefix_support(num_tokens, self._has_untargeted)  # the config may have changed since
         empty = ~inst.any(dim=1)
         has_prefix = torch.tensor([n is not None for n in rows], device=device)
         if (empty & has_prefix).any():
@@ -524,10 +550,11 @@ class IAPTModel(nn.Module):
             self._handles.append(attn.register_forward_pre_hook(self._attention_hook(index, attn), with_kwargs=True))
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        request = self._request
-        if request is None:
+        pending = _PENDING.get()
+        if pending is None or pending[0] is not self:
             return None
-        self._request = None  # one prefill per request; decode steps pass straight through
+        request = pending[1]
+        _PENDING.set(None)  # one prefill per request; decode steps pass straight through
         inputs = kwargs.get("input_ids")
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
@@ -582,13 +609,14 @@ class IAPTModel(nn.Module):
             p.requires_grad for n in set(r for r in rows if r is not None) for p in self.generators[n].parameters()
         )
         by_key: dict[tuple, list[int]] = {}
-        keys: dict[str, tuple] = {}
+        keys = self._group_keys
         for row, name in enumerate(rows):
             if name is None:
                 continue
-            if name not in keys:
-                keys[name] = group_key(self.generators, name)
-            by_key.setdefault(keys[name], []).append(row)
+            key = keys.get(name)
+            if key is None:
+                key = keys[name] = group_key(self.generators, name)
+            by_key.setdefault(key, []).append(row)
         packs = self._current_packs() if serving else None
         groups = []
         for key, members in by_key.items():
@@ -611,7 +639,10 @@ class IAPTModel(nn.Module):
     def _current_packs(self) -> dict[tuple, AdapterPack]:
         packs = self._packs
         if packs is None or not all(p.is_live() for p in packs.values()):
-            packs = self._packs = build_packs(self.generators)
+            with _PACK_LOCK:  # concurrent first calls must not re-point the parameters twice
+                packs = self._packs
+                if packs is None or not all(p.is_live() for p in packs.values()):
+                    packs = self._packs = build_packs(self.generators)
         return packs
 
     def _layer_hook(self, index: int, layer: nn.Module):

@@ -29,7 +29,9 @@ def group_key(bank: GeneratorBank, name: str) -> tuple:
 
     The key holds everything one ``prompt_generator`` call must agree on: the target layers,
     T, m, rational degrees and version, the pooling input, the generator form (its tensor
-    names) and the weights' dtype/device.
+    names) and the dtype and device of every tensor. Equal keys are what makes stacking
+    lossless: ``torch.stack`` never has to promote a dtype, so packing cannot change any
+    adapter's values or dtypes.
     """
     adapter = bank[name]
     cfg = adapter.config
@@ -42,7 +44,7 @@ def group_key(bank: GeneratorBank, name: str) -> tuple:
         cfg.rational_version,
         cfg.pool_input,
         first.names,
-        first.w_down.dtype,
+        tuple(sorted({(str(t.dtype), str(t.device)) for gen in adapter.layers.values() for t in gen.weights().values()})),
         first.w_down.device,
     )
 
@@ -84,6 +86,9 @@ def build_packs(bank: GeneratorBank) -> dict[tuple, AdapterPack]:
             gens = [bank[n][layer] for n in names]
             names_here = gens[0].names
             stacked = {w: torch.stack([getattr(g, w).data for g in gens]) for w in names_here}
+            for w, stack in stacked.items():  # the invariant the key guarantees; never re-point on a change
+                if any(getattr(g, w).dtype != stack.dtype for g in gens):
+                    raise RuntimeError(f"packing would change the dtype of {w} at layer {layer} of {names}")
             for slot, gen in enumerate(gens):
                 for w in names_here:
                     getattr(gen, w).data = stacked[w][slot]

@@ -19,6 +19,8 @@ def masked_softmax(scores: Tensor, mask: Tensor, dim: int) -> Tensor:
         scores: float tensor.
         mask: bool tensor broadcastable to ``scores`` (True = keep).
     """
+    if scores.shape[dim] == 0:  # nothing to pool over (N = 0): every weight is 0, as for an all-masked slice
+        return torch.zeros_like(scores)
     neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
     masked = torch.where(mask, scores, neg_inf)
     row_max = masked.amax(dim=dim, keepdim=True)
@@ -54,7 +56,8 @@ def prompt_generator(
         anchor_scale: [A] or None (one): the scale s of the generator term.
     Returns:
         [B, T, d] = anchor[a] + anchor_scale[a] · R(p)·W_up[a] in ``hidden.dtype``, accumulated
-        in float32 (float64 for float64 input).
+        in float32 (float64 for float64 input). A row with no instruction token (all-masked,
+        or N = 0) pools to p = 0 and gets anchor[a] + anchor_scale[a] · R(0)·W_up[a].
     """
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     batch = hidden.shape[0]
@@ -66,9 +69,11 @@ def prompt_generator(
     den = rat_den.to(cdt)[adapter_ids]  # [B, q]
     wu = w_up.to(cdt)[adapter_ids]  # [B, m, d]
 
-    x = torch.bmm(hidden.to(cdt), wd)  # [B, N, m]
+    keep = mask.to(torch.bool)[:, :, None]
+    # Masked tokens must have no influence at all, even when they hold NaN or inf (0·NaN = NaN).
+    x = torch.bmm(hidden.to(cdt).masked_fill(~keep, 0), wd)  # [B, N, m]
     scores = torch.bmm(x, wp)  # [B, N, T]
-    attn = masked_softmax(scores, mask.to(torch.bool)[:, :, None], dim=1)  # [B, N, T]
+    attn = masked_softmax(scores, keep, dim=1)  # [B, N, T]
     pooled = torch.bmm(attn.transpose(1, 2), x)  # [B, T, m]
     act = rational(pooled, num[:, None, None, :], den[:, None, None, :], version)
     out = torch.bmm(act, wu)  # [B, T, d]

@@ -211,8 +211,9 @@ class PromptGeneratorFunction(torch.autograd.Function):
         grad_h = L.empty(*hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None
         dh_arg = grad_h if grad_h is not None else hidden
         L.launch(pool_bwd_kernel, grid,
-                 [hidden, ids, wdp, dpooled, attn, dattn, delta, dh_arg, dwdp, seq, dim, tokens,
-                  hidden.stride(0), hidden.stride(1), hidden.stride(2), wdp.stride(0),
+                 [hidden, mask_u8, ids, wdp, dpooled, attn, dattn, delta, dh_arg, dwdp, seq, dim, tokens,
+                  hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
+                  wdp.stride(0),
                   dh_arg.stride(0), dh_arg.stride(1), dh_arg.stride(2), dpooled.stride(0)],
                  dict(stream, STORE_DH=grad_h is not None))
         del attn, dattn

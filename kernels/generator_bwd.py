@@ -46,6 +46,7 @@ def pool_bwd_scores_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     keep = tl.load(mask_ptr + b * s_mb + offs_n * s_mn, mask=n_ok, other=0) != 0
+    live = n_ok & keep  # masked tokens are never read (they may hold NaN)
     big_m = tl.load(stat_m_ptr + b * T + offs_t, mask=t_ok, other=0.0)
     l_inv = tl.load(stat_linv_ptr + b * T + offs_t, mask=t_ok, other=0.0)
     offs_bd = tl.arange(0, BLOCK_D)
@@ -58,7 +59,7 @@ def pool_bwd_scores_kernel(
         offs_d = d0 + offs_bd
         d_ok = offs_d < D
         h = tl.load(h_row + offs_n[:, None] * s_hn + offs_d[None, :] * s_hd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=live[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_base + offs_d[:, None] * TP + offs_t[None, :], mask=d_ok[:, None], other=0.0)
         g = tl.load(g_base + offs_t[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & t_ok[None, :], other=0.0)
         u += dot_hf(h, w, SPLIT, PREC)
@@ -76,9 +77,9 @@ def pool_bwd_scores_kernel(
 
 @triton.jit
 def pool_bwd_kernel(
-    h_ptr, ids_ptr, wdp_ptr, dph_ptr, attn_ptr, da_ptr, delta_ptr, dh_ptr, dwdp_ptr,
+    h_ptr, mask_ptr, ids_ptr, wdp_ptr, dph_ptr, attn_ptr, da_ptr, delta_ptr, dh_ptr, dwdp_ptr,
     N, D, T,
-    s_hb, s_hn, s_hd, s_wa, s_gb, s_gn, s_gd, s_dpb,
+    s_hb, s_hn, s_hd, s_mb, s_mn, s_wa, s_gb, s_gn, s_gd, s_dpb,
     HAS_IDS: tl.constexpr, STORE_DH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TP: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -93,6 +94,7 @@ def pool_bwd_kernel(
     t_ok = offs_t < T
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    live = n_ok & (tl.load(mask_ptr + b * s_mb + offs_n * s_mn, mask=n_ok, other=0) != 0)
     st = n_ok[:, None] & t_ok[None, :]
     in_off = b * N * T + offs_n[:, None] * T + offs_t[None, :]
     attn = tl.load(attn_ptr + in_off, mask=st, other=0.0)
@@ -108,7 +110,7 @@ def pool_bwd_kernel(
         offs_d = d0 + offs_bd
         d_ok = offs_d < D
         h = tl.load(h_row + offs_n[:, None] * s_hn + offs_d[None, :] * s_hd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                    mask=live[:, None] & d_ok[None, :], other=0.0)
         if STORE_DH:
             g_t = tl.load(g_base + offs_t[:, None] * D + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
             w_t = tl.load(w_base + offs_t[:, None] + offs_d[None, :] * TP, mask=d_ok[None, :], other=0.0)

@@ -57,12 +57,14 @@ def pool_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
         keep = tl.load(mask_ptr + b * s_mb + offs_n * s_mn, mask=n_ok, other=0) != 0
+        # Masked tokens are never read: whatever they hold (NaN included) has no influence.
+        live = n_ok & keep
         u = tl.zeros([BLOCK_N, TP], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + offs_bd
             d_ok = offs_d < D
             h = tl.load(h_row + offs_n[:, None] * s_hn + offs_d[None, :] * s_hd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=live[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_base + offs_d[:, None] * TP + offs_t[None, :], mask=d_ok[:, None], other=0.0)
             u += dot_hf(h, w, SPLIT, PREC)
         u = tl.where(keep[:, None], u, float("-inf"))
@@ -80,7 +82,7 @@ def pool_fwd_kernel(
             offs_d = d0 + offs_bd
             d_ok = offs_d < D
             h = tl.load(h_row + offs_n[:, None] * s_hn + offs_d[None, :] * s_hd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=live[:, None] & d_ok[None, :], other=0.0)
             contrib = dot_fh(e_t, h, SPLIT, PREC)
             p_ptrs = p_base + offs_t[:, None] * D + offs_d[None, :]
             p_mask = t_ok[:, None] & d_ok[None, :]

@@ -103,3 +103,33 @@ def test_check_ids_false_skips_only_the_range_check():
     # Shape and dtype checks still run.
     with pytest.raises(ValueError, match=r"adapter_ids must be \[B=2\]"):
         prompt_generator(**args, adapter_ids=torch.tensor([0]), check_ids=False)
+
+
+def test_masked_nan_has_no_influence_on_the_reference():
+    args = _args(B=3, N=5)
+    args["mask"] = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    clean = prompt_generator(**args, backend="torch")
+    dirty = dict(args, hidden=args["hidden"].clone().requires_grad_(True))
+    with torch.no_grad():
+        dirty["hidden"][~args["mask"]] = float("nan")
+        dirty["hidden"][2, 0] = float("inf")
+    out = prompt_generator(**dirty, backend="torch")
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)
+    out.sum().backward()
+    assert (dirty["hidden"].grad[~args["mask"]] == 0).all()
+
+
+def test_all_masked_row_is_rational_of_zero_times_w_up():
+    # The documented contract: no instruction token → p = 0 → anchor + s·R(0)·W_up.
+    from iapt_fast.rational import rational
+
+    args = _args(B=2, N=4)
+    args["mask"] = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    anchor, scale = torch.randn(1, 4, 8), torch.tensor([1.7])
+    out = prompt_generator(**args, anchor=anchor, anchor_scale=scale, backend="torch")
+    r0 = rational(torch.zeros(1, 4), args["rat_num"][0], args["rat_den"][0], "B")
+    expected = anchor[0] + scale[0] * (r0 @ args["w_up"][0])
+    torch.testing.assert_close(out[0], expected, rtol=1e-6, atol=1e-6)
+    empty = prompt_generator(**dict(args, hidden=args["hidden"][:, :0], mask=args["mask"][:, :0]),
+                             anchor=anchor, anchor_scale=scale, backend="torch")
+    torch.testing.assert_close(empty[0], expected, rtol=1e-6, atol=1e-6)

@@ -190,3 +190,39 @@ def test_errors_before_launch(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             functional.prompt_generator(prob.hidden, prob.mask, *prob.weights, adapter_ids=prob.ids, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_tokens_have_no_influence_even_nan(dtype):
+    # Whatever masked tokens hold (NaN, inf) must not reach the output or any gradient; the
+    # reference agrees, so the rule compares finite numbers (dH is exactly 0 there).
+    prob = make_problem(batch=4, dtype=dtype, ids=torch.tensor([0, 1, 2, 0]), anchored=True)
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype, device=prob.hidden.device)
+    masked = ~prob.mask
+    fill = junk[torch.arange(int(masked.sum()), device=prob.hidden.device) % 3]
+    hidden = prob.hidden.clone()
+    hidden[masked] = fill[:, None].expand(-1, hidden.shape[-1])
+    prob.hidden = hidden
+    check(prob, via_functional(prob))
+    leaves = prob.inputs()
+    out = via_functional(prob)(leaves)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    assert (leaves[0].grad[masked] == 0).all()
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+def test_empty_sequence_matches_reference_and_all_masked_rule(anchored):
+    # N = 0: every row has no instruction token; both backends give what an all-masked row gets.
+    prob = make_problem(batch=3, seq=1, dtype=torch.float32, anchored=anchored)
+    leaves = prob.inputs()
+    kw = prob.anchor_kwargs(leaves)
+    empty_h = leaves[0][:, :0]
+    empty_m = prob.mask[:, :0]
+    args = dict(adapter_ids=prob.ids, rational_version=prob.version, **kw)
+    out_t = functional.prompt_generator(empty_h, empty_m, *leaves[1:6], backend="triton", **args)
+    out_r = functional.prompt_generator(empty_h, empty_m, *leaves[1:6], backend="torch", **args)
+    all_masked = functional.prompt_generator(leaves[0], torch.zeros_like(prob.mask), *leaves[1:6], backend="torch",
+                                             **args)
+    torch.testing.assert_close(out_r, all_masked, rtol=0, atol=0)
+    torch.testing.assert_close(out_t, out_r, rtol=1e-5, atol=1e-5)
