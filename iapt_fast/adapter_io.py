@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .atomic import atomic_files
 from .config import CONFIG_NAME, IAPTConfig
 from .generator import AdapterGenerators, tensor_names
 
@@ -43,18 +44,24 @@ def expected_shapes(config: IAPTConfig, hidden_size: int, num_layers: int) -> di
 
 
 def save_adapter(adapter: AdapterGenerators, directory: str | os.PathLike) -> None:
-    """Write ``adapter`` to ``directory`` (created if missing)."""
+    """Write ``adapter`` to ``directory`` (created if missing), atomically.
+
+    Both files are written in full into a temporary folder on the same file system and then
+    renamed into place (see :func:`iapt_fast.atomic.atomic_files`): a crash or an error while
+    saving leaves the adapter that was there before intact and loadable.
+    """
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    adapter.config.save_pretrained(directory)
     tensors = {}
     for layer in adapter.layer_indices:
         gen = adapter[layer]
         for w in gen.names:
             # Packed parameters are views into a shared stack; safetensors wants owners.
             tensors[f"layers.{layer}.{w}"] = getattr(gen, w).detach().to("cpu").contiguous().clone()
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "IAPT"})
+    # Weights first: a reader never sees a new config next to old weights of another shape.
+    with atomic_files(directory, (WEIGHTS_NAME, CONFIG_NAME)) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "IAPT"})
+        adapter.config.save_pretrained(tmp)
 
 
 def read_adapter(directory: str | os.PathLike, hidden_size: int, num_layers: int) -> tuple[IAPTConfig, dict[str, Tensor]]:

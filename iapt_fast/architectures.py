@@ -79,15 +79,19 @@ class Architecture:
             return None
         return int(window)
 
-    def check_prefix_support(self, num_tokens: int, partial_layers: bool) -> None:
-        """Refuse prefix configurations whose decoding would silently differ from prepending.
+    def check_prefix_support(self, num_tokens: int, hides_prefix: bool, length: int | None = None) -> None:
+        """Refuse prefix setups whose results would silently differ from literal prepending.
 
-        A sliding-window cache keeps only the last W entries: once it rolls over, the T
-        leading slots are real tokens, so layers that must hide the prefix (those outside
-        ``target_layers``) would hide real keys instead, and a window of at most T tokens
-        cannot hold the prefix at all. Mistral's sliding window with every layer targeted
-        and W > T is verified against literal prepending; other sliding-window setups are
-        refused here, before any work.
+        A sliding-window cache keeps only the last W − 1 entries: once T + ``length`` tokens
+        exceed that, the T leading slots are real tokens, so layers that must hide the prefix
+        (``hides_prefix``: layers outside ``target_layers``, or a batch of base rows only)
+        would hide real keys instead; and a window of at most T tokens cannot hold the prefix
+        at all. Mistral's sliding window is verified against literal prepending; other
+        families' sliding-window layers are refused.
+
+        Args:
+            length: real tokens the cache will hold (prompt + new tokens); None: unknown yet
+                (when an adapter is added), checked again at every call.
         """
         window = self.sliding_window()
         if window is None:
@@ -98,10 +102,29 @@ class Architecture:
         if window <= num_tokens:
             raise ValueError(f"sliding_window={window} must exceed num_soft_tokens={num_tokens}: the soft tokens "
                              "take T slots of every layer's attention window")
-        if partial_layers:
-            raise ValueError(f"target_layers must cover every layer of a model with a sliding window "
-                             f"(sliding_window={window}): the untargeted layers cannot hide the prefix slots once "
-                             "the window rolls over; use target_layers=None")
+        if hides_prefix and length is not None and num_tokens + length > window - 1:
+            raise ValueError(f"a sequence of {length} tokens plus T={num_tokens} prefix slots overflows the "
+                             f"sliding window ({window}) of this model, and layers outside target_layers (or "
+                             "rows without an adapter) cannot hide the prefix once the window rolls over: use "
+                             "target_layers=None, or at most "
+                             f"{window - 1 - num_tokens} tokens (prompt + max_new_tokens)")
+
+    def reentrant_checkpointing(self) -> bool:
+        """True when some decoder layer would run under reentrant activation checkpointing.
+
+        Reentrant checkpointing passes gradients only through a layer's positional tensors;
+        the prefix keys/values reach the attention as keyword arguments, so their graph would
+        be replayed twice ("backward through the graph a second time").
+        """
+        for layer in self.layers:
+            if not getattr(layer, "gradient_checkpointing", False):
+                continue
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            keywords = getattr(func, "keywords", None) or {}
+            # torch.utils.checkpoint treats an unspecified use_reentrant as True.
+            if keywords.get("use_reentrant", True) is not False:
+                return True
+        return False
 
     # ------------------------------------------------------------------ prefix K/V
     def rotary(self, reference: Tensor, num_tokens: int) -> tuple[Tensor, Tensor] | None:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import IGNORE_INDEX, IAPTCollator
+from .atomic import atomic_directory, atomic_write_text
 from .evaluation import model_inputs, response_loss_sum, response_loss_totals
 from .trainer import STATE_NAME, BatchStream, TrainConfig, Trainer
 
@@ -58,7 +59,6 @@ __all__ = [
     "DistributedTrainer",
     "make_trainer",
     "save_adapter",
-    "atomic_directory",
     "shard_rows",
     "sharded_choice_eval_fn",
     "add_distributed_arguments",
@@ -453,46 +453,6 @@ def sharded_choice_eval_fn(tokenizer: Any, pairs: Sequence[tuple[str, str]], cho
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary sibling folder; on success it becomes ``path`` by one rename.
-
-    An existing ``path`` is replaced (moved aside, then deleted). On an exception the
-    temporary folder is removed and ``path`` is left as it was.
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _gathered_adapter(model: nn.Module, adapter_name: str | None = None):
     """A CPU AdapterGenerators with the full weights of the (possibly sharded) adapter; collective."""
     from .generator import AdapterGenerators
@@ -518,18 +478,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, ctx: DistContex
     sharded = any(_is_dtensor(p) for p in model.parameters())
     adapter = _gathered_adapter(model, adapter_name) if sharded else None
     if ctx.is_main:
-        directory = os.path.abspath(os.fspath(directory))
-        os.makedirs(directory, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".adapter.tmp-", dir=directory)
-        try:
-            if adapter is not None:
-                _save(adapter, tmp)
-            else:
-                model.save_pretrained(tmp, adapter_name=adapter_name)
-            for file in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, file), os.path.join(directory, file))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if adapter is not None:
+            _save(adapter, directory)
+        else:
+            model.save_pretrained(directory, adapter_name=adapter_name)
     _barrier(ctx)
 
 
@@ -788,7 +740,7 @@ class DistributedTrainer(Trainer):
     def save_history(self, path: str | None = None) -> str:
         path = path or os.path.join(self.config.output_dir, "history.jsonl")
         if self.ctx.is_main:
-            _atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
+            atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
         _barrier(self.ctx)
         return path
 

@@ -18,7 +18,7 @@ Initialisation (every parameter gets a non-zero gradient on the first backward):
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -141,6 +141,15 @@ class AdapterGenerators(nn.Module):
         return str(layer) in self.layers
 
 
+def check_adapter_name(name: Any) -> None:
+    """Adapters live in an nn.ModuleDict: a name must be a usable module key."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+    if "." in name or hasattr(nn.ModuleDict, name):
+        raise ValueError(f"adapter_name {name!r} cannot name an adapter: it contains '.' or is an attribute of "
+                         "torch.nn.Module (e.g. 'half', 'train'); choose another name")
+
+
 class GeneratorBank(nn.Module):
     """Generators of every adapter loaded on one backbone.
 
@@ -163,8 +172,7 @@ class GeneratorBank(nn.Module):
                     anchors: dict[int, Tensor] | None = None) -> AdapterGenerators:
         """Create a freshly initialised adapter called ``name`` (``anchors``: {layer: [T, d]},
         required by the anchored form)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
         adapter = AdapterGenerators(config, self.hidden_size, self.num_layers, seed=seed, anchors=anchors)

@@ -40,7 +40,7 @@ from .adapter_io import build_adapter, read_adapter, save_adapter
 from .anchor import anchor_states, anchor_token_ids
 from .architectures import cache_kwarg_name, get_architecture
 from .config import IAPTConfig
-from .generator import GeneratorBank
+from .generator import GeneratorBank, check_adapter_name
 from .packing import AdapterPack, build_packs, group_key
 
 __all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER"]
@@ -87,6 +87,7 @@ class _Request:
     row_adapters: list[str | None]  # None = base row
     prefix_mask: Tensor  # [B, T] 1 where the row has a prefix
     num_tokens: int
+    hides_prefix: bool  # some layer hides the T slots (untargeted layers, or only base rows)
 
 
 class _Active:
@@ -290,14 +291,12 @@ class IAPTModel(nn.Module):
         """Refuse, before any work, an adapter this backbone and backend cannot run."""
         _functional.check_backend_limits(config.num_soft_tokens, self.backend, self.device,
                                          what=f"{what} (backend={self.backend!r})")
-        self._arch.check_prefix_support(config.num_soft_tokens,
-                                        len(config.resolved_layers(self._arch.num_layers)) != self._arch.num_layers)
+        self._arch.check_prefix_support(config.num_soft_tokens, hides_prefix=False)
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
         if name == BASE_ADAPTER:
             raise ValueError(f"{BASE_ADAPTER!r} is reserved for rows that run the bare backbone")
+        check_adapter_name(name)
         if name in self.generators.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
 
@@ -383,12 +382,17 @@ class IAPTModel(nn.Module):
         cache = kwargs.pop("cache", None)
         legacy = kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else legacy
-        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if inputs is None:
-            raise ValueError("pass input_ids or inputs_embeds")
+        inputs = _check_inputs(input_ids, kwargs.get("inputs_embeds"))
+        batch, length = inputs.shape[:2]
+        if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (batch, length)):
+            raise ValueError(f"labels must be a [B, N] = {(batch, length)} tensor like input_ids, "
+                             f"got {tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
         if cache is not None and cache.get_seq_length() > 0:
             return self._decode_step(input_ids, attention_mask, cache, labels, kwargs)
-        batch, length = inputs.shape[:2]
+        if self.training and torch.is_grad_enabled() and self._arch.reentrant_checkpointing():
+            raise ValueError("IAPT needs non-reentrant activation checkpointing (the prefix reaches each layer as a "
+                             "keyword argument, which reentrant checkpointing cannot differentiate): call "
+                             "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
         mask = self._check_mask(attention_mask, "attention_mask", batch, length, inputs.device)
         if instruction_mask is None and labels is not None:
             instruction_mask = _prompt_before_labels(labels, mask)
@@ -427,11 +431,10 @@ class IAPTModel(nn.Module):
         for key in ("cache", "past_key_values"):
             if generate_kwargs.get(key) is not None:
                 raise ValueError(f"IAPTModel.generate starts from an empty cache; do not pass {key}=")
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [B, N] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        batch, length = input_ids.shape
+        batch, length = _check_inputs(input_ids, None).shape
         mask = self._check_mask(attention_mask, "attention_mask", batch, length, input_ids.device)
-        request = self._make_request(mask, instruction_mask, adapter_names, batch, length, input_ids.device)
+        request = self._make_request(mask, instruction_mask, adapter_names, batch, length, input_ids.device,
+                                     new_tokens=self._max_new_tokens(length, generate_kwargs))
         position_ids = generate_kwargs.pop("position_ids", None)
         if position_ids is None:
             position_ids = _positions(mask)
@@ -442,6 +445,14 @@ class IAPTModel(nn.Module):
                                             position_ids=position_ids, **generate_kwargs)
         finally:
             _PENDING.reset(token)
+
+    def _max_new_tokens(self, length: int, generate_kwargs: dict) -> int:
+        config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        new = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if new is None:
+            total = generate_kwargs.get("max_length", getattr(config, "max_length", None))
+            new = max(0, total - length) if total is not None else 0
+        return int(new)
 
     # ------------------------------------------------------------------ validation
     def _check_mask(self, mask: Tensor | None, name: str, batch: int, length: int, device) -> Tensor:
@@ -458,7 +469,7 @@ class IAPTModel(nn.Module):
         return mask.to(device=device, dtype=torch.long)
 
     def _make_request(self, mask: Tensor, instruction_mask: Tensor | None, adapter_names, batch: int,
-                      length: int, device) -> _Request:
+                      length: int, device, new_tokens: int = 0) -> _Request:
         implementation = getattr(self.base_model.config, "_attn_implementation", None)
         if implementation not in VERIFIED_ATTENTION:
             # Other kernels build their masks differently (flash: unpadding; flex: block
@@ -478,7 +489,8 @@ class IAPTModel(nn.Module):
             num_tokens = self.generators[self._require_active()].config.num_soft_tokens
         else:
             num_tokens = self._check_compatible(used)
-        self._arch.check_prefix_support(num_tokens, self._has_untargeted)  # the config may have changed since
+        hides = not used or len(self.generators[used[0]].layer_indices) != self._arch.num_layers
+        self._arch.check_prefix_support(num_tokens, hides, length + new_tokens)
         empty = ~inst.any(dim=1)
         has_prefix = torch.tensor([n is not None for n in rows], device=device)
         if (empty & has_prefix).any():
@@ -486,7 +498,8 @@ class IAPTModel(nn.Module):
             raise ValueError(f"rows {bad} have an empty instruction (instruction_mask is all zeros); "
                              "every row needs at least one instruction token")
         prefix_mask = has_prefix[:, None].expand(batch, num_tokens).long()
-        return _Request(instruction_mask=inst, row_adapters=rows, prefix_mask=prefix_mask, num_tokens=num_tokens)
+        return _Request(instruction_mask=inst, row_adapters=rows, prefix_mask=prefix_mask, num_tokens=num_tokens,
+                        hides_prefix=hides)
 
     def _row_adapters(self, adapter_names, batch: int) -> list[str | None]:
         if adapter_names is None:
@@ -528,6 +541,7 @@ class IAPTModel(nn.Module):
         prefix_mask = cache._iapt_prefix_mask
         q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         past_real = cache.get_seq_length() - skip
+        self._arch.check_prefix_support(skip, cache._iapt_hides_prefix, past_real + q)
         if attention_mask is not None:
             if attention_mask.shape[1] != past_real + q:
                 raise ValueError(f"attention_mask must cover the {past_real} cached and {q} new tokens "
@@ -587,6 +601,7 @@ class IAPTModel(nn.Module):
         self._seed_cache(cache, batch, request.num_tokens)
         cache._iapt_prefix_len = request.num_tokens
         cache._iapt_prefix_mask = prefix_mask
+        cache._iapt_hides_prefix = request.hides_prefix
         cache._iapt_layers = frozenset(groups[0].key[0]) if groups else frozenset()
         active = _Active(inst, groups, request.num_tokens, batch)
         # transformers hands the model's extra keyword arguments down to every decoder layer.
@@ -776,6 +791,23 @@ def _prompt_before_labels(labels: Tensor, mask: Tensor) -> Tensor:
                          "from labels (the generators would read the answer they predict): pass instruction_mask=, "
                          "1 on the prompt tokens")
     return inst.long()
+
+
+def _check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+    """The batch's input tensor, after checking it is [B, N] ids (or [B, N, d] embeddings), B, N >= 1."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pass input_ids [B, N] or inputs_embeds [B, N, d]")
+    name, inputs, dims = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(inputs).__name__}")
+    if inputs.dim() != dims:
+        raise ValueError(f"{name} must be {'[B, N]' if dims == 2 else '[B, N, d]'}, got shape {tuple(inputs.shape)}"
+                         + (" (a single sequence needs a batch axis: input_ids[None])" if inputs.dim() == dims - 1 else ""))
+    if dims == 2 and (inputs.dtype.is_floating_point or inputs.dtype == torch.bool):
+        raise TypeError(f"input_ids must be integer token ids, got {inputs.dtype}")
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one row and one token, got shape {tuple(inputs.shape)}")
+    return inputs
 
 
 def _positions(mask: Tensor) -> Tensor:

@@ -30,7 +30,6 @@ from iapt_fast.distributed import (  # noqa: E402
     DistContext,
     DistributedTrainer,
     ShardedBatchStream,
-    atomic_directory,
     init_distributed,
     resolve_strategy,
     shard_rows,
@@ -333,17 +332,3 @@ def test_shards_partition_every_batch(n, world):
         assert {s.state_dict()["pos"] for s in ranks} == {single.state_dict()["pos"]}
     sizes = [shard_rows(n, r, world).stop - shard_rows(n, r, world).start for r in range(world)]
     assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
-
-
-def test_atomic_directory(tmp_path):
-    target = tmp_path / "ckpt"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
-    with pytest.raises(KeyError):
-        with atomic_directory(target) as tmp:
-            open(os.path.join(tmp, "new.txt"), "w").write("half")
-            raise KeyError("crash mid-save")
-    assert os.listdir(tmp_path) == ["ckpt"] and os.listdir(target) == ["old.txt"]
-    with atomic_directory(target) as tmp:
-        open(os.path.join(tmp, "new.txt"), "w").write("new")
-    assert os.listdir(tmp_path) == ["ckpt"] and os.listdir(target) == ["new.txt"]
