@@ -317,7 +317,8 @@ def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: in
 
     pairs = [(task.prompt.format(text=t), lab) for t, lab in splits["train"]]
     cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
-                      warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None)
+                      warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None,
+                      overwrite_output_dir=True)  # runs/work/<key> is this report's own scratch folder
     examples = tokenize_records(tokenizer, pairs, args.max_length, add_eos=False)
     trainer = Trainer(model, cfg, examples, IAPTCollator.from_tokenizer(tokenizer))
     torch.manual_seed(seed)

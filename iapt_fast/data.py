@@ -178,6 +178,8 @@ def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike],
             raise ValueError(f"data file {path!r} is not a regular file")
         if not os.access(path, os.R_OK):
             raise ValueError(f"data file {path!r} is not readable (permissions)")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"data file {path!r} is empty (0 bytes)")
         builders.add((_builder_for(path), _suffix(path) == ".tsv"))
     if len(builders) != 1:
         raise ValueError(f"data files mix formats {sorted({_suffix(p) for p in paths})}: {paths}")
@@ -194,6 +196,8 @@ def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike],
     try:
         ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as err:  # datasets wraps parser errors in many types; name the file instead
+        if "corresponds to no data" in str(err):  # a header or blank lines only
+            raise ValueError(f"data files {paths} contain no rows") from err
         raise ValueError(f"could not read {builder.upper()} data from {paths}: {type(err).__name__}: {err}") from err
     finally:
         if was_enabled:

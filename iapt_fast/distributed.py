@@ -34,8 +34,7 @@ import inspect
 import json
 import math
 import os
-import shutil
-import tempfile
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -43,9 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from .data import IGNORE_INDEX, IAPTCollator
-from .atomic import atomic_directory, atomic_write_text
+from .atomic import atomic_write_text
 from .evaluation import model_inputs, response_loss_sum, response_loss_totals
-from .trainer import STATE_NAME, BatchStream, TrainConfig, Trainer
+from .checkpoints import (STATE_NAME, OutputDirNotEmpty, check_output_dir, latest_checkpoint, read_state,
+                          start_run)
+from .trainer import BatchStream, TrainConfig, Trainer
 
 __all__ = [
     "STRATEGIES",
@@ -259,6 +260,17 @@ def _all_reduce_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
     # The scalars travel on the rank's device: NCCL cannot reduce CPU tensors.
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _all_reduce_max(values: Sequence[float], ctx: DistContext) -> list[float]:
+    """Maximum of a few scalars over the ranks (identity for one process)."""
+    if not ctx.enabled:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.cpu().tolist()
 
 
@@ -656,41 +668,24 @@ class DistributedTrainer(Trainer):
         """
         import torch.distributed as dist
 
-        path = os.path.abspath(path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}"))
+        path = self._checkpoint_path(path)
         named = dict(self.model.named_parameters())
         params = {n: _full(named[n].detach()).cpu().clone() for n in self.param_names}
         optimizers = {k: self._full_optimizer_state(o) for k, o in self.optimizers.items()}
         adapter = _gathered_adapter(self.model) if self._sharded and hasattr(self.model, "generators") else None
         rngs: list[Any] = [None] * self.ctx.world_size
         dist.all_gather_object(rngs, self._rng_state())
+        state = self._checkpoint_state(path, params, optimizers, rngs[0], rng_per_rank=rngs,
+                                       world_size=self.ctx.world_size)
         if self.ctx.is_main:
-            state = {
-                "step": self.step,
-                "max_steps": self.max_steps,
-                "bilevel": self.config.bilevel,
-                "params": params,
-                "optimizers": optimizers,
-                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-                "train_stream": self.train_stream.state_dict(),
-                "dev_stream": self.dev_stream.state_dict() if self.dev_stream else None,
-                "rng": rngs[0],
-                "rng_per_rank": rngs,
-                "world_size": self.ctx.world_size,
-                "history": self.history,
-                "config": self.config.to_dict(),
-            }
-            with atomic_directory(path) as tmp:
-                if adapter is not None:
-                    from .adapter_io import save_adapter as _save
-                    _save(adapter, tmp)
-                elif hasattr(self.model, "save_pretrained"):
-                    self.model.save_pretrained(tmp)
-                torch.save(state, os.path.join(tmp, STATE_NAME))
-            self._prune_checkpoints(keep=path)
+            self._write_checkpoint(path, state, adapter)
+        else:
+            self.own_checkpoints = state["checkpoints"]
+            self._prune_checkpoints(keep=os.path.basename(path), delete=False)  # rank 0 deletes
         _barrier(self.ctx)
         return path
 
-    def load_checkpoint(self, path: str) -> None:
+    def load_checkpoint(self, path: str, state: Mapping[str, Any] | None = None) -> None:
         """Restore a checkpoint written by any world size (or by the single-process Trainer)."""
         file = os.path.join(path, STATE_NAME)
         # Counted over all ranks, so every rank raises together instead of one raising alone
@@ -702,40 +697,65 @@ class DistributedTrainer(Trainer):
                 + ("" if blind == self.ctx.world_size else
                    " (rank 0 writes checkpoints: multi-node resume needs --output-dir on a shared filesystem)")
             )
-        # weights_only=False: the state holds Python RNG tuples; it is our own file.
-        state = torch.load(file, map_location="cpu", weights_only=False)
-        if state["bilevel"] != self.config.bilevel:
-            raise ValueError(f"checkpoint {path!r} was trained with bilevel={state['bilevel']}, "
-                             f"this run has bilevel={self.config.bilevel}")
-        if state["max_steps"] != self.max_steps:
-            raise ValueError(f"checkpoint {path!r} has max_steps={state['max_steps']}, this run {self.max_steps}: "
-                             "the learning-rate schedule would differ")
-        missing = [n for n in self.param_names if n not in state["params"]]
-        if missing:
-            raise ValueError(f"checkpoint {path!r} lacks trainable parameters {missing[:3]}...")
+        error = None
+        try:
+            state = read_state(path) if state is None else state
+            self._check_state(path, state)
+        except ValueError as err:
+            error = str(err)
+        errors: list[Any] = [None] * self.ctx.world_size
+        import torch.distributed as dist
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise ValueError(first)
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for n in self.param_names:
                 _copy_into(named[n], state["params"][n])
         for k, o in self.optimizers.items():
             _load_optimizer(o, state["optimizers"][k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
-        self.train_stream.load_state_dict(state["train_stream"])
-        if self.dev_stream is not None:
-            self.dev_stream.load_state_dict(state["dev_stream"])
         rngs = state.get("rng_per_rank")
         same_world = rngs is not None and state.get("world_size") == self.ctx.world_size
-        self._set_rng_state(rngs[self.ctx.rank] if same_world else state["rng"])
-        self.step = int(state["step"])
-        self.history = list(state["history"])
+        self._restore_common(state, rngs[self.ctx.rank] if same_world else state["rng"])
 
-    def train(self, resume_from: str | None = None, stop_after: int | None = None) -> list[dict[str, Any]]:
-        """Trainer.train on every rank; ``resume_from="auto"`` is resolved by rank 0 for all."""
-        if resume_from == "auto":
-            from .trainer import latest_checkpoint
-            resume_from = _broadcast_object(latest_checkpoint(self.config.output_dir), self.ctx)
-        return super().train(resume_from=resume_from, stop_after=stop_after)
+    def _resolve_resume(self, resume_from: str | None) -> tuple[str | None, Mapping[str, Any] | None]:
+        """``"auto"`` is resolved by rank 0 for all ranks; each rank then reads the state itself."""
+        if resume_from != "auto":
+            return resume_from, None
+        return _broadcast_object(latest_checkpoint(self.config.output_dir) if self.ctx.is_main else None,
+                                 self.ctx), None
+
+    def _start_fresh(self) -> None:
+        cfg = self.config
+        errors: list[Any] = [None] * self.ctx.world_size
+        try:
+            check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+            error = None
+        except ValueError as err:
+            error = str(err)
+        import torch.distributed as dist
+        dist.all_gather_object(errors, error)  # before rank 0 writes its marker
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise OutputDirNotEmpty(first)
+        run_id = None
+        if self.ctx.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            run_id = start_run(cfg.output_dir)
+        self.run_id = _broadcast_object(run_id, self.ctx)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+    def _adopt_output_dir(self) -> None:
+        if self.ctx.is_main:
+            super()._adopt_output_dir()
+        _barrier(self.ctx)
+
+    def _stop_requested(self) -> int | None:
+        """A signal on any rank stops every rank after the same step (one collective checkpoint)."""
+        (signum,) = _all_reduce_max([self._stop_signal or 0], self.ctx)
+        return int(signum) or None
 
     def save_history(self, path: str | None = None) -> str:
         path = path or os.path.join(self.config.output_dir, "history.jsonl")

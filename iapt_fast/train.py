@@ -61,6 +61,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model import VERIFIED_ATTENTION
+
     p = argparse.ArgumentParser(
         prog="iapt-train",
         description="Train an IAPT (Instruction-Aware Prompt Tuning) adapter on a local causal LM and local data.",
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="backbone dtype; trainable generator weights always stay float32")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--attn-implementation", default=None, help="e.g. sdpa or eager (default: the model's)")
+    g.add_argument("--attn-implementation", choices=VERIFIED_ATTENTION, default=None,
+                   help="attention kernel (default: the model's); IAPT is verified with these")
 
     g = p.add_argument_group("data")
     g.add_argument("--train-file", nargs="+", required=True, help="JSON, JSONL, CSV/TSV or Parquet file(s)")
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every N steps")
     g.add_argument("--save-total-limit", type=_positive_int, default=2, help="checkpoints kept")
     g.add_argument("--resume", default=None, help='checkpoint folder to resume, or "auto" for the latest in --output-dir')
+    g.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start a new run in an --output-dir that holds another run's output (its checkpoints are "
+                        "then never resumed or pruned); without it such a folder is refused")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     from .distributed import add_distributed_arguments  # torchrun / accelerate launch
@@ -177,7 +183,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.choices = choices
     if not os.path.isdir(args.model) or not os.path.isfile(os.path.join(args.model, "config.json")):
         parser.error(f"--model {args.model!r} is not a local model folder (no config.json); hub names are not fetched")
+    # Everything that can be checked without loading the model is checked here, so that a
+    # typo costs a usage message, not a model load and a traceback.
+    try:
+        args.adapter_config = _adapter_config(args)
+        args.train_config = _train_config(args)
+        _check_model_folder(args)
+        _check_output(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     return args
+
+
+def _adapter_config(args: argparse.Namespace) -> IAPTConfig:
+    return IAPTConfig(
+        num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, rational_init=args.rational_init,
+        pool_input=args.pool_input, target_layers=args.target_layers, init_std_up=args.init_std_up,
+        generator_form=args.generator_form,
+        anchor_init="text" if args.prompt_init_text is not None else args.anchor_init,
+        prompt_init_text=args.prompt_init_text, anchor_scaled=not args.no_anchor_scale,
+        base_model_name_or_path=os.path.abspath(args.model),
+    )
+
+
+def _train_config(args: argparse.Namespace):
+    from .trainer import TrainConfig
+
+    return TrainConfig(
+        output_dir=args.output_dir, max_steps=args.max_steps, num_epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size, lr=args.lr, rational_lr=args.rational_lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm or None, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, bilevel=args.bilevel, eval_every=args.eval_every,
+        save_every=args.save_every, save_total_limit=args.save_total_limit, seed=args.seed,
+        progress=not args.no_progress, overwrite_output_dir=args.overwrite_output_dir,
+    )
+
+
+def _check_model_folder(args: argparse.Namespace) -> None:
+    """The model's family and depth from its config.json (no weights are read)."""
+    from .architectures import SUPPORTED_FAMILIES
+
+    path = os.path.join(args.model, "config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model: {path!r} is not a readable JSON config: {err}") from err
+    family = config.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"--model: model_type {family!r} is not supported; IAPT supports {list(SUPPORTED_FAMILIES)}")
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    if isinstance(layers, int):
+        try:
+            args.adapter_config.resolved_layers(layers)
+        except ValueError as err:
+            raise ValueError(f"--target-layers: {err}") from err
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    from .checkpoints import check_output_dir, latest_checkpoint, read_state
+
+    if args.resume not in (None, "auto"):
+        read_state(args.resume)  # FileNotFoundError / ValueError name the file
+    elif args.resume is None or latest_checkpoint(args.output_dir) is None:
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
 
 
 def _prepare_data(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
@@ -255,8 +325,9 @@ def _run(args: argparse.Namespace, ctx) -> int:
     from transformers import AutoTokenizer
 
     from .data import IAPTCollator
+    from .atomic import atomic_write_text
+    from .checkpoints import TrainingInterrupted
     from .distributed import make_trainer, prepare_model, save_adapter, sharded_choice_eval_fn
-    from .trainer import TrainConfig
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     try:
@@ -264,28 +335,7 @@ def _run(args: argparse.Namespace, ctx) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"iapt-train: error: {err}", file=sys.stderr)
         return 2
-    cfg = TrainConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, num_epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size, lr=args.lr, rational_lr=args.rational_lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm or None, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, bilevel=args.bilevel, eval_every=args.eval_every,
-        save_every=args.save_every, save_total_limit=args.save_total_limit, seed=args.seed,
-        progress=not args.no_progress,
-    )
-    try:
-        adapter_cfg = IAPTConfig(
-            num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, rational_init=args.rational_init,
-            pool_input=args.pool_input, target_layers=args.target_layers, init_std_up=args.init_std_up,
-            generator_form=args.generator_form,
-            anchor_init="text" if args.prompt_init_text is not None else args.anchor_init,
-            prompt_init_text=args.prompt_init_text, anchor_scaled=not args.no_anchor_scale,
-            base_model_name_or_path=os.path.abspath(args.model),
-        )
-    except ValueError as err:
-        print(f"iapt-train: error: {err}", file=sys.stderr)
-        return 2
-
+    cfg, adapter_cfg = args.train_config, args.adapter_config
     device = ctx.device
     torch.manual_seed(args.seed)
     # FSDP: loaded on the CPU, each layer reaches the GPU only as its shard (prepare_model).
@@ -308,7 +358,14 @@ def _run(args: argparse.Namespace, ctx) -> int:
     if cfg.eval_every is None and data["eval"]:
         cfg.eval_every = trainer.max_steps  # evaluate once, at the end
     t0 = time.perf_counter()
-    trainer.train(resume_from=args.resume)
+    try:
+        trainer.train(resume_from=args.resume)
+    except TrainingInterrupted as stop:
+        # The conventional exit status of a process ended by a signal: schedulers see a
+        # preempted job, not a finished one.
+        if ctx.is_main:
+            print(f"iapt-train: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     elapsed = time.perf_counter() - t0
     os.makedirs(args.output_dir, exist_ok=True)
     save_adapter(model, args.output_dir, ctx)  # gathered; only rank 0 writes
@@ -325,8 +382,7 @@ def _run(args: argparse.Namespace, ctx) -> int:
     if not ctx.is_main:
         return 0
     metrics["world_size"], metrics["distributed"] = ctx.world_size, ctx.strategy
-    with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(metrics, fh, indent=2)
+    atomic_write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2))
     print(json.dumps(metrics))
     return 0
 

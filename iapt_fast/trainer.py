@@ -25,8 +25,9 @@ import json
 import math
 import os
 import random
-import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -34,14 +35,16 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .atomic import atomic_directory, atomic_write_text
 from .bilevel import grad_only_for, split_parameters
+from .checkpoints import (RUN_NAME, STATE_NAME, TrainingInterrupted, check_output_dir, check_resume_config, find_resumable,
+                          latest_checkpoint, read_state, run_id_of, start_run)
 from .data import IAPTCollator
 from .evaluation import accepts_instruction_mask, evaluate_loss, model_inputs, response_loss_sum
 
-__all__ = ["TrainConfig", "BatchStream", "Trainer", "latest_checkpoint", "STATE_NAME"]
+__all__ = ["TrainConfig", "BatchStream", "Trainer", "TrainingInterrupted", "latest_checkpoint", "STATE_NAME"]
 
-STATE_NAME = "trainer_state.pt"
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -75,8 +78,16 @@ class TrainConfig:
     trim_logits: bool = True              # compute LM-head logits only where labels are (same loss, less work)
     seed: int = 0
     progress: bool = True
+    overwrite_output_dir: bool = False    # a fresh run may start in a folder holding another run's output
 
     def __post_init__(self) -> None:
+        for name in ("num_epochs", "lr", "rational_lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if (not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas)):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         positive_ints = ("batch_size", "grad_accum", "eval_batch_size", "log_every")
         for name in positive_ints:
             v = getattr(self, name)
@@ -156,18 +167,6 @@ class BatchStream:
             )
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._permutation(self.epoch)
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """Path of the highest-step ``checkpoint-N`` folder holding a trainer state, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        m = _CKPT_RE.match(name)
-        if m and os.path.isfile(os.path.join(output_dir, name, STATE_NAME)):
-            found.append((int(m.group(1)), name))
-    return os.path.join(output_dir, max(found)[1]) if found else None
 
 
 def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -253,6 +252,9 @@ class Trainer:
                            if config.bilevel else None)
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.run_id: str | None = None  # set when training starts (fresh) or resumes
+        self.own_checkpoints: list[str] = []  # folders this run wrote, oldest first: the only ones it prunes
+        self._stop_signal: int | None = None
         self._gc_enabled = False
         self._trim_logits = config.trim_logits
 
@@ -381,72 +383,162 @@ class Trainer:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
-    def save_checkpoint(self, path: str | None = None) -> str:
-        """Adapter (``save_pretrained``) + ``trainer_state.pt`` into ``checkpoint-<step>``."""
-        path = path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
-        os.makedirs(path, exist_ok=True)
-        if hasattr(self.model, "save_pretrained"):
-            self.model.save_pretrained(path)
-        named = dict(self.model.named_parameters())
-        state = {
+    def _checkpoint_state(self, path: str, params: dict[str, torch.Tensor], optimizers: dict[str, Any],
+                          rng: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """Everything a resume needs; ``params`` / ``optimizers`` as whole (gathered) tensors."""
+        return {
             "step": self.step,
             "max_steps": self.max_steps,
+            "warmup_steps_resolved": self.warmup_steps,
             "bilevel": self.config.bilevel,
-            "params": {n: named[n].detach().cpu().clone() for n in self.param_names},
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "params": params,
+            "optimizers": optimizers,
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "train_stream": self.train_stream.state_dict(),
             "dev_stream": self.dev_stream.state_dict() if self.dev_stream else None,
-            "rng": self._rng_state(),
+            "rng": rng,
             "history": self.history,
             "config": self.config.to_dict(),
+            "run_id": self.run_id,
+            "checkpoints": self._own_after(path),
+            **extra,
         }
-        tmp = os.path.join(path, STATE_NAME + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(path, STATE_NAME))  # a crash mid-save never leaves a torn state
-        self._prune_checkpoints(keep=path)
+
+    def _checkpoint_path(self, path: str | None) -> str:
+        return os.path.abspath(path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}"))
+
+    def _own_after(self, path: str) -> list[str]:
+        """This run's checkpoint list once ``path`` is written (folders in output_dir only)."""
+        if os.path.dirname(path) != os.path.abspath(self.config.output_dir):
+            return list(self.own_checkpoints)
+        name = os.path.basename(path)
+        return [n for n in self.own_checkpoints if n != name] + [name]
+
+    def _write_checkpoint(self, path: str, state: dict[str, Any], adapter: Any = None) -> None:
+        """Adapter + trainer state into ``path`` by one rename, then prune this run's old ones."""
+        with atomic_directory(path) as tmp:
+            if adapter is not None:
+                from .adapter_io import save_adapter
+                save_adapter(adapter, tmp)
+            elif hasattr(self.model, "save_pretrained"):
+                self.model.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, STATE_NAME))
+        self.own_checkpoints = state["checkpoints"]
+        self._prune_checkpoints(keep=os.path.basename(path))
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        """Adapter (``save_pretrained``) + ``trainer_state.pt`` into ``checkpoint-<step>``, atomically."""
+        path = self._checkpoint_path(path)
+        named = dict(self.model.named_parameters())
+        params = {n: named[n].detach().cpu().clone() for n in self.param_names}
+        optimizers = {k: o.state_dict() for k, o in self.optimizers.items()}
+        self._write_checkpoint(path, self._checkpoint_state(path, params, optimizers, self._rng_state()))
         return path
 
-    def _prune_checkpoints(self, keep: str) -> None:
+    def _prune_checkpoints(self, keep: str, delete: bool = True) -> None:
+        """Delete this run's oldest checkpoints beyond ``save_total_limit`` (never another run's)."""
         limit = self.config.save_total_limit
-        if limit is None or not os.path.isdir(self.config.output_dir):
+        if limit is None or len(self.own_checkpoints) <= limit:
             return
-        ckpts = sorted((int(m.group(1)), name) for name in os.listdir(self.config.output_dir)
-                       if (m := _CKPT_RE.match(name)))
-        for _, name in ckpts[:-limit]:
-            full = os.path.join(self.config.output_dir, name)
-            if os.path.abspath(full) != os.path.abspath(keep):
-                shutil.rmtree(full, ignore_errors=True)
+        drop = [n for n in self.own_checkpoints[:-limit] if n != keep]
+        for name in drop if delete else ():
+            shutil.rmtree(os.path.join(self.config.output_dir, name), ignore_errors=True)
+        self.own_checkpoints = [n for n in self.own_checkpoints if n not in drop]
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore everything ``save_checkpoint`` wrote; the next step continues exactly."""
-        file = os.path.join(path, STATE_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no {STATE_NAME} in {path!r}")
-        # weights_only=False: the state holds Python RNG tuples; it is our own file.
-        state = torch.load(file, map_location="cpu", weights_only=False)
-        if state["bilevel"] != self.config.bilevel:
-            raise ValueError(f"checkpoint {path!r} was trained with bilevel={state['bilevel']}, this run has bilevel={self.config.bilevel}")
-        if state["max_steps"] != self.max_steps:
-            raise ValueError(f"checkpoint {path!r} has max_steps={state['max_steps']}, this run {self.max_steps}: "
-                             "the learning-rate schedule would differ")
+    def _check_state(self, path: str, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint this run cannot continue exactly, naming what differs."""
+        check_resume_config(path, state, self.config.to_dict(), self.max_steps, self.warmup_steps)
         named = dict(self.model.named_parameters())
         missing = [n for n in self.param_names if n not in state["params"]]
         if missing:
-            raise ValueError(f"checkpoint {path!r} lacks trainable parameters {missing[:3]}...")
+            raise ValueError(f"checkpoint {path!r} lacks trainable parameters {missing[:3]} (was it written for "
+                             "another model or adapter?)")
+        for n in self.param_names:
+            want, got = tuple(named[n].shape), tuple(state["params"][n].shape)  # a DTensor's shape is the whole one
+            if want != got:
+                raise ValueError(f"checkpoint {path!r}: {n} has shape {got}, this model's is {want}: the adapter was "
+                                 "built with another num_soft_tokens / bottleneck_dim / rational degrees; resume "
+                                 "with the checkpoint's adapter settings")
+        saved = os.path.join(path, "adapter_config.json")
+        peft_config = getattr(self.model, "peft_config", None)
+        active = getattr(self.model, "active_adapter", None)
+        if os.path.isfile(saved) and isinstance(peft_config, Mapping) and active in peft_config:
+            from .config import IAPTConfig
+            theirs = IAPTConfig.from_pretrained(path).to_dict()
+            ours = peft_config[active].to_dict()
+            diffs = [f"{k}: checkpoint {theirs[k]!r}, this run {ours.get(k)!r}" for k in theirs
+                     if k != "base_model_name_or_path" and theirs[k] != ours.get(k)]
+            if diffs:
+                raise ValueError(f"checkpoint {path!r} was trained with another adapter config: " + "; ".join(diffs))
+
+    def load_checkpoint(self, path: str, state: Mapping[str, Any] | None = None) -> None:
+        """Restore everything ``save_checkpoint`` wrote; the next step continues exactly.
+
+        Raises ValueError naming the file for a corrupt or truncated state, and naming every
+        difference for a checkpoint of another configuration; nothing is changed then.
+        """
+        state = read_state(path) if state is None else state
+        self._check_state(path, state)
+        named = dict(self.model.named_parameters())
         with torch.no_grad():
             for n in self.param_names:
                 named[n].copy_(state["params"][n])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
+        self._restore_common(state, state["rng"])
+
+    def _restore_common(self, state: Mapping[str, Any], rng: Mapping[str, Any]) -> None:
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.train_stream.load_state_dict(state["train_stream"])
         if self.dev_stream is not None:
             self.dev_stream.load_state_dict(state["dev_stream"])
-        self._set_rng_state(state["rng"])
+        self._set_rng_state(rng)
         self.step = int(state["step"])
         self.history = list(state["history"])
+        self.run_id = state.get("run_id")
+        self.own_checkpoints = list(state.get("checkpoints", []))
+
+    def _start_fresh(self) -> None:
+        """Claim the output folder for a new run (refusing another run's output) and seed."""
+        cfg = self.config
+        check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.run_id = start_run(cfg.output_dir)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+    def _resolve_resume(self, resume_from: str | None) -> tuple[str | None, Mapping[str, Any] | None]:
+        if resume_from != "auto":
+            return resume_from, None
+        found = find_resumable(self.config.output_dir)
+        return found if found is not None else (None, None)
+
+    def _adopt_output_dir(self) -> None:
+        """A run resumed into a folder without a marker claims it under its own id."""
+        if self.run_id is not None and run_id_of(self.config.output_dir) is None:
+            os.makedirs(self.config.output_dir, exist_ok=True)
+            atomic_write_text(os.path.join(self.config.output_dir, RUN_NAME), json.dumps({"run_id": self.run_id}) + "\n")
+
+    # ------------------------------------------------------------------ preemption
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM / SIGINT: finish the step, checkpoint, stop (a second signal acts as usual)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            for sig, old in previous.items():  # the next signal is not caught again
+                signal.signal(sig, old)
+
+        for sig in _STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asked this run to stop, if any."""
+        return self._stop_signal
 
     # ------------------------------------------------------------------ the loop
     def _enable_gradient_checkpointing(self) -> None:
@@ -465,13 +557,12 @@ class Trainer:
         fresh start when there is none). Seeds are set from ``config.seed`` on a fresh start.
         """
         cfg = self.config
-        if resume_from == "auto":
-            resume_from = latest_checkpoint(cfg.output_dir)
+        resume_from, state = self._resolve_resume(resume_from)
         if resume_from:
-            self.load_checkpoint(resume_from)
+            self.load_checkpoint(resume_from, state)
+            self._adopt_output_dir()
         elif self.step == 0:
-            random.seed(cfg.seed)
-            torch.manual_seed(cfg.seed)
+            self._start_fresh()
         self._enable_gradient_checkpointing()
         end = self.max_steps if stop_after is None else min(self.max_steps, stop_after)
         bar = None
@@ -480,6 +571,8 @@ class Trainer:
             bar = tqdm(total=self.max_steps, initial=self.step, desc="train" + (" (bi-level)" if cfg.bilevel else ""),
                        dynamic_ncols=True)
         ema = None
+        self._stop_signal = None
+        previous = self._install_signal_handlers()
         try:
             while self.step < end:
                 t0 = time.perf_counter()
@@ -499,17 +592,20 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{rec['lr']:.2e}")
                     bar.update(1)
+                stop = self._stop_requested()
+                if stop:
+                    raise TrainingInterrupted(stop, self.save_checkpoint(), self.step)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
         finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
             if bar is not None:
                 bar.close()
         return self.history
 
     def save_history(self, path: str | None = None) -> str:
         path = path or os.path.join(self.config.output_dir, "history.jsonl")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            for rec in self.history:
-                fh.write(json.dumps(rec) + "\n")
+        atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
         return path
+

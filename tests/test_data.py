@@ -162,3 +162,17 @@ def test_detect_choices_and_split():
     assert split_records(list(range(100)), 0.1, seed=4) != (kept, held)
     with pytest.raises(ValueError, match="fraction"):
         split_records([1, 2], 1.5, seed=0)
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("empty.jsonl", "", "is empty \\(0 bytes\\)"),
+    ("empty.csv", "", "is empty \\(0 bytes\\)"),
+    ("blank.jsonl", "\n\n", "contain no rows"),
+    ("header.csv", "instruction,response\n", "contain no rows"),
+])
+def test_empty_data_files_say_so(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=words) as err:
+        load_records([str(path)])
+    assert "StopIteration" not in str(err.value)

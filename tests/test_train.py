@@ -7,33 +7,13 @@ properties are checked on IAPTModel in test_train_cli.py.
 """
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
-from torch import nn
 
-from iapt_fast import IAPTConfig, prompt_generator
 from iapt_fast.bilevel import is_rational_parameter, split_parameters
 from iapt_fast.data import IAPTCollator, tokenize_records
-from iapt_fast.generator import AdapterGenerators
 from iapt_fast.trainer import BatchStream, TrainConfig, Trainer, latest_checkpoint
-from train_fixtures import sentiment_rows
-
-
-class ToyIAPT(nn.Module):
-    def __init__(self, vocab: int, d: int = 16, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(vocab, d).requires_grad_(False)
-        start = {0: torch.randn(2, d)}  # the anchored form: a trainable anchor next to the weights
-        self.gens = AdapterGenerators(IAPTConfig(num_soft_tokens=2, bottleneck_dim=8, init_std_up=0.5), d, 1, seed=seed,
-                                      anchors=start)
-
-    def forward(self, input_ids, attention_mask, instruction_mask):
-        h = self.embed(input_ids)
-        p = prompt_generator(h, instruction_mask, **self.gens[0].weights())
-        return types.SimpleNamespace(logits=(h + p.mean(1, keepdim=True)) @ self.embed.weight.T)
+from train_fixtures import ToyIAPT, sentiment_rows
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,6 +8,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import types
+
+import torch
+from torch import nn
+
+from iapt_fast import IAPTConfig, prompt_generator
+from iapt_fast.generator import AdapterGenerators
 
 WORDS = ("good bad great awful fine movie film plot actor scene story review loved hated boring "
          "fun dull bright dark long short the a and but was is it this that very not").split()
@@ -77,3 +84,20 @@ def save_tiny_model(directory: str | os.PathLike, seed: int = 0) -> str:
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return os.fspath(directory)
+
+
+# A toy model for trainer mechanics: a frozen embedding, one real IAPT generator (the library's
+# parameter names and math) whose soft tokens shift every position's state, a frozen tied read-out.
+class ToyIAPT(nn.Module):
+    def __init__(self, vocab: int, d: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, d).requires_grad_(False)
+        start = {0: torch.randn(2, d)}  # the anchored form: a trainable anchor next to the weights
+        self.gens = AdapterGenerators(IAPTConfig(num_soft_tokens=2, bottleneck_dim=8, init_std_up=0.5), d, 1, seed=seed,
+                                      anchors=start)
+
+    def forward(self, input_ids, attention_mask, instruction_mask):
+        h = self.embed(input_ids)
+        p = prompt_generator(h, instruction_mask, **self.gens[0].weights())
+        return types.SimpleNamespace(logits=(h + p.mean(1, keepdim=True)) @ self.embed.weight.T)
