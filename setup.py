@@ -1,7 +1,7 @@
 """Packaging for iapt_fast.
 
 The top-level folder ``kernels/`` is installed as ``iapt_fast.kernels``: a bare top-level
-``kernels`` module would clash with other distributions that ship one (DESIGN §2).
+``kernels`` module would clash with other distributions that ship one (design.md §2).
 """
 from setuptools import setup
 

@@ -158,7 +158,7 @@ def _target_text(target: tuple[str, float] | None) -> str | None:
 
 
 def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """The headline ratios of every suite, with the DESIGN §5 targets where one applies."""
+    """The headline ratios of every suite, with the design.md §5 targets where one applies."""
     out: list[dict[str, Any]] = []
     k = _index(rows, "kernels")
     kcases = list(dict.fromkeys(r["case"] for r in rows if r["suite"] == "kernels" and r["method"] != "copy"))
@@ -243,7 +243,7 @@ def suite_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[lis
     ratio_cells = [[r["suite"], r["case"], r["name"], _fmt(r["value"]), r["target"] or "",
                     _fmt(r["met"]) if r["met"] is not None else "", (r["note"] or "")[:90]]
                    for r in results["ratios"]]
-    tables.append(("Ratios (targets: DESIGN §5)", ["suite", "case", "ratio", "value", "target", "met", "note"],
+    tables.append(("Ratios (targets: design.md §5)", ["suite", "case", "ratio", "value", "target", "met", "note"],
                    ratio_cells))
     kr = [r for r in rows if r["suite"] == "kernels"]
     if kr:

@@ -14,7 +14,7 @@ Suites:
 
 Writes results.json (every row, the machine, versions, settings), results.md and PNG plots to
 --out (default benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the tables with the
-ratios against the DESIGN §5 targets. A method that fails is a failed row with its error; a
+ratios against the design.md §5 targets. A method that fails is a failed row with its error; a
 case the time budget (--budget-s) cannot fit is a skipped row with the reason.
 Exit status: 0, or 1 with --strict when any row failed.
 

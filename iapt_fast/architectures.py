@@ -2,7 +2,7 @@
 
 For each supported family this module knows where the decoder layers are, which module is a
 layer's input norm and attention, how many key/value heads it has, and how to turn the soft
-tokens P_l [B, T, d] of layer l into that layer's prefix keys and values (DESIGN §1): the
+tokens P_l [B, T, d] of layer l into that layer's prefix keys and values (design.md §1): the
 layer's own input norm, k/v projections, k-norm where the model has one, and the rotary
 embedding at positions −T…−1.
 
@@ -28,7 +28,7 @@ SUPPORTED_FAMILIES = LLAMA_LIKE + ("gpt2",)
 
 def cache_kwarg_name(fn: Callable) -> str:
     """Name of the KV-cache argument of ``fn``: transformers 5.24 says ``cache``, 5.17 says
-    ``past_key_values`` (DESIGN §6/§7); both releases must work."""
+    ``past_key_values`` (design.md §6); both releases must work."""
     params = inspect.signature(fn).parameters
     return "cache" if "cache" in params else "past_key_values"
 

@@ -1,4 +1,4 @@
-"""The paper's bi-level split of the generator parameters (DESIGN §1).
+"""The paper's bi-level split of the generator parameters (design.md §1).
 
 IAPT trains the rational activations' coefficients like DARTS architecture parameters: on a
 held-out dev split, with their own tiny learning rate, alternating with the ordinary weights

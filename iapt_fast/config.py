@@ -21,7 +21,7 @@ CUSTOM_INIT = "custom"
 
 @dataclass
 class IAPTConfig:
-    """Hyper-parameters of one IAPT adapter (DESIGN §1).
+    """Hyper-parameters of one IAPT adapter (design.md §1).
 
     Args:
         num_soft_tokens: T, soft tokens generated per layer (paper: 4).

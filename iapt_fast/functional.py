@@ -1,4 +1,4 @@
-"""``prompt_generator``: THE single entry point to the generator math (DESIGN §3).
+"""``prompt_generator``: THE single entry point to the generator math (design.md §3).
 
 Validates every argument, then dispatches to the PyTorch reference or the Triton kernels.
 """
@@ -17,7 +17,7 @@ BACKENDS = ("auto", "torch", "triton")
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 is accepted by the reference only: it is how tests build their oracle.
 REFERENCE_ONLY_DTYPES = (torch.float64,)
-# The kernels keep the T soft tokens in one padded register tile (DESIGN §4).
+# The kernels keep the T soft tokens in one padded register tile (design.md §4).
 MAX_SOFT_TOKENS = 16
 
 
@@ -110,14 +110,24 @@ def prompt_generator(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
             f"imported to run the kernels in the interpreter; got hidden on {hidden.device}"
         )
-    try:
-        from .kernels import triton_prompt_generator
-    except ImportError as err:  # triton missing on this platform
-        raise ValueError(f"backend='triton' is unavailable: {err}") from err
+    triton_prompt_generator = _load_kernels()
     return triton_prompt_generator(
         hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version,
         anchor=anchor, anchor_scale=anchor_scale,
     )
+
+
+def _load_kernels():
+    """The Triton entry point, or a ValueError that says how to get it."""
+    try:
+        from .kernels import triton_prompt_generator
+    except ImportError as err:
+        if getattr(err, "name", None) == "iapt_fast.kernels" or "iapt_fast.kernels" in str(err):
+            # kernels/ is a top-level folder that only the installed package maps to iapt_fast.kernels.
+            raise ValueError("the Triton kernels (iapt_fast.kernels) are not importable: this checkout of iapt_fast "
+                             "was not installed; run `pip install -e .` in its root folder") from err
+        raise ValueError(f"backend='triton' is unavailable: {err}") from err  # e.g. triton missing here
+    return triton_prompt_generator
 
 
 def _validate_anchor(anchor, anchor_scale, w_down, w_pool, backend) -> None:

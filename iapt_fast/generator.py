@@ -3,7 +3,7 @@
 Each adapter owns its own Parameters (so training one adapter, with weight decay, never
 touches another, and adapters can be added or deleted without rebuilding optimiser state of
 the others). A forward stacks the adapters a batch uses into the [A, ...] layout of
-DESIGN §3; stacking one adapter is a view, not a copy.
+design.md §3; stacking one adapter is a view, not a copy.
 
 Initialisation (every parameter gets a non-zero gradient on the first backward):
     W_down ~ N(0, 1/d)      X has the scale of H
@@ -192,7 +192,7 @@ class GeneratorBank(nn.Module):
             raise ValueError(f"unknown adapter {name!r}; loaded adapters: {self.adapter_names}")
 
     def stacked_weights(self, layer: int, names: Iterable[str]) -> dict[str, Tensor]:
-        """Weights of ``layer`` for ``names``, stacked as [A, ...] in that order (DESIGN §3).
+        """Weights of ``layer`` for ``names``, stacked as [A, ...] in that order (design.md §3).
 
         All named adapters must share one shape key at this layer. One name gives views.
         """

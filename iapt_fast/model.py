@@ -1,6 +1,6 @@
 """IAPT on Hugging Face causal LMs: ``get_iapt_model`` / ``IAPTModel``.
 
-How the soft tokens get into the model (DESIGN §1, §7):
+How the soft tokens get into the model (design.md §1, §7):
 
 * Every IAPT forward starts as a *prefill*. A pre-hook on the wrapped ``*ForCausalLM`` seeds
   the KV cache with T placeholder slots per layer, so transformers itself builds the right
@@ -272,7 +272,7 @@ class IAPTModel(nn.Module):
                 param.requires_grad_(name == adapter_name)
 
     def generator_weights(self, layer: int, adapter_name: str | None = None) -> dict[str, Tensor]:
-        """One layer's weights in the DESIGN §3 layout (adapter axis first, A = 1).
+        """One layer's weights in the design.md §3 layout (adapter axis first, A = 1).
 
         Returns detached copies: w_down [1, d, m], w_pool [1, m, T], rat_num [1, p+1],
         rat_den [1, q], w_up [1, m, d]; anchored form also anchor [1, T, d], anchor_scale [1].

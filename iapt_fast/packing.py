@@ -1,6 +1,6 @@
 """Serving packs: the generators of many adapters stacked once, for gathered launches.
 
-A mixed batch gathers each row's adapter out of an [A, ...] stack (DESIGN §3). Stacking the
+A mixed batch gathers each row's adapter out of an [A, ...] stack (design.md §3). Stacking the
 adapters a batch uses at every prefill would copy A·(2·d·m + …) floats per layer per request
 (gigabytes for 64 adapters on a 7B model), so serving keeps one stack per *group* of
 adapters with identical generator shapes, built once.
@@ -55,7 +55,7 @@ class AdapterPack:
 
     Attributes:
         names: adapter names; ``index[name]`` is the adapter's slot (its id in launches).
-        weights: ``weights[layer][w]`` is the [A, ...] stack of weight ``w`` (DESIGN §3 layout).
+        weights: ``weights[layer][w]`` is the [A, ...] stack of weight ``w`` (design.md §3 layout).
     """
 
     key: tuple

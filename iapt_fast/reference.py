@@ -1,4 +1,4 @@
-"""Pure-PyTorch math of the IAPT prompt generator (DESIGN §1): the oracle and the CPU path.
+"""Pure-PyTorch math of the IAPT prompt generator (design.md §1): the oracle and the CPU path.
 
 Never imports the kernels. No argument validation here: ``iapt_fast.functional`` validates.
 """

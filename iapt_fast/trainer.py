@@ -4,7 +4,7 @@ Precision: ``precision="bf16"`` means the frozen backbone runs in bfloat16 while
 parameters stay float32 (AdamW master weights). bfloat16 master weights would silently
 freeze the rational coefficients: a 1e-6 step on a coefficient of size ~1 is far below
 bfloat16's resolution (2⁻⁸ relative). The generators accumulate in float32 and hand
-bfloat16 soft tokens to the backbone (DESIGN §3). No autocast is used, so the trainer gives
+bfloat16 soft tokens to the backbone (design.md §3). No autocast is used, so the trainer gives
 the same numbers on CPU and GPU for the same dtypes.
 
 Loss: summed over the response tokens of all micro-batches of one optimizer step, divided by

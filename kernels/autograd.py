@@ -1,6 +1,6 @@
 """torch.autograd.Function wiring the generator kernels, and ``triton_prompt_generator``.
 
-Forward launches (DESIGN §3 shapes; B rows, N tokens, d hidden, m bottleneck, T soft tokens):
+Forward launches (design.md §3 shapes; B rows, N tokens, d hidden, m bottleneck, T soft tokens):
   1. adapter_mm      W_dp[a] = W_down[a]·W_pool[a]  -> [A, d, 16] float32, adapters in use only
   2. pool_fwd        per (row, split): online masked softmax of H·W_dp, partial Aᵀ·H
   3. combine         Ph [B, T, d] float32, row stats (max, 1/sum) [B, T]

@@ -11,7 +11,7 @@ Two ways to keep float32 accuracy:
 * PREC (everything else): a float32 dot with ``input_precision`` "ieee" (float32 inputs, or
   the interpreter) or "tf32x3" (three TF32 tensor-core passes, ~float32 accurate).
 
-The interpreter of Triton 3.9 computes bf16 dots wrongly (DESIGN §6); the host code never
+The interpreter of Triton 3.9 computes bf16 dots wrongly (design.md §6); the host code never
 selects SPLIT for bf16 under the interpreter, which is the "upcast under the interpreter"
 switch of the design. float16 SPLIT is right there and is what the CPU tests exercise.
 """

@@ -1,7 +1,7 @@
 """Compile every kernel launch the host code can make, for NVIDIA targets, without a GPU.
 
 The Triton interpreter accepts programs the GPU compiler rejects (tl.dot shapes, dtype mixes,
-bf16 atomics; DESIGN §6), so the CPU test suite also compiles exactly what the host code
+bf16 atomics; design.md §6), so the CPU test suite also compiles exactly what the host code
 launches: the launches are recorded (kernels.launch.record_launches) for a set of problems
 covering every dtype, block configuration and switch, deduplicated, and handed to
 triton.compile for sm_90 (and sm_80). Run it without TRITON_INTERPRET (the interpreter

@@ -1,4 +1,4 @@
-"""Backward streaming kernels of the prompt generator (DESIGN §4), pooled-hidden form.
+"""Backward streaming kernels of the prompt generator (design.md §4), pooled-hidden form.
 
 With dPh = dp·W_downᵀ [T, d] given (kernels/lines.py), per token n and soft token t:
 

@@ -1,4 +1,4 @@
-"""Forward streaming kernels of the prompt generator (DESIGN §4), in the pooled-hidden form.
+"""Forward streaming kernels of the prompt generator (design.md §4), in the pooled-hidden form.
 
 Since X = H·W_down is linear in H, the generator factors as
 
@@ -123,7 +123,7 @@ def combine_kernel(
         acc = acc * c_old[:, None] + part * c_s[:, None]
         big_l = big_l * c_old + l_s * c_s
         big_m = m_new
-    # An all-masked row has L = 0 and a zero accumulator: it pools to 0 (DESIGN §3).
+    # An all-masked row has L = 0 and a zero accumulator: it pools to 0 (design.md §3).
     l_inv = tl.where(big_l > 0, 1.0 / tl.where(big_l > 0, big_l, 1.0), 0.0)
     tl.store(ph_ptr + b * s_phb + offs_t[:, None] * D + offs_d[None, :], acc * l_inv[:, None],
              mask=t_ok[:, None] & d_ok[None, :])

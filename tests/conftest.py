@@ -1,4 +1,4 @@
-"""Test set-up: run Triton kernels in the interpreter when no GPU is present (DESIGN §6).
+"""Test set-up: run Triton kernels in the interpreter when no GPU is present (design.md §6).
 
 TRITON_INTERPRET must be set before triton is first imported, hence at conftest import time.
 """

@@ -1,4 +1,4 @@
-"""Shared test utilities: the flash-attention tolerance rule (DESIGN §4) and random inputs."""
+"""Shared test utilities: the flash-attention tolerance rule (design.md §4) and random inputs."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Shared builders for the kernel tests: random generator problems and the DESIGN §4 check."""
+"""Shared builders for the kernel tests: random generator problems and the design.md §4 check."""
 from __future__ import annotations
 
 import math
@@ -103,7 +103,7 @@ def run_reference(prob: Problem, leaves, grad_out):
 
 
 def rule(out, ref, pt, name, factor=2.0, rel=0.0):
-    """DESIGN §4 rule, with atol = the dtype's atol + 64 float32 ulps of max|ref| (7.6e-6
+    """design.md §4 rule, with atol = the dtype's atol + 64 float32 ulps of max|ref| (7.6e-6
     relative). The extra term matters for float32 only: the kernels sum in another order than
     the reference (pooled-hidden algebra, tiles, atomics), and on sums with cancellation
     (rational coefficient gradients, |H| ~ 1e3) float32 rounding alone then differs by 5–40×
@@ -117,7 +117,7 @@ def rule(out, ref, pt, name, factor=2.0, rel=0.0):
 
 def check(prob: Problem, fn, grad=True, grad_out_noncontig=False, factor=2.0):
     """Run ``fn(leaves) -> out`` (the implementation) and compare output and every gradient by
-    the DESIGN §4 rule against the float64 reference and the reference in the test dtype."""
+    the design.md §4 rule against the float64 reference and the reference in the test dtype."""
     dtype = prob.hidden.dtype
     ref_dtype = torch.float64
     leaves = prob.inputs()

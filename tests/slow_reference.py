@@ -4,7 +4,7 @@ Independent of iapt_fast.model on purpose: no hooks, no KV cache, no prefix K/V.
 layer l runs as a black box on cat(P_l, H_l) with positions 0…T−1 for the soft tokens and
 T + (the base model's position) for real tokens (RoPE families; GPT-2's positions live in its
 input embeddings only), under a hand-built mask: causal in the concatenated order, padding
-keys masked. The outputs at the soft-token positions are discarded (DESIGN §1).
+keys masked. The outputs at the soft-token positions are discarded (design.md §1).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def slow_logits(model, generators: dict[int, dict[str, Tensor]], input_ids: Tens
     """Logits [B, N, V] of the literal reference.
 
     Args:
-        generators: layer → weights in the DESIGN §3 layout, either A = 1 or A = B (row b
+        generators: layer → weights in the design.md §3 layout, either A = 1 or A = B (row b
             uses adapter b: a per-row adapter list is expanded by the caller).
         prefix_rows: [B] bool, False = that row has no soft tokens (runs the bare backbone).
     Differentiable w.r.t. the generator weights (the gradient oracle).

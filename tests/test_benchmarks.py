@@ -116,7 +116,7 @@ def test_quick_run_json_has_every_field(quick_run):
 
 def test_quick_run_prints_the_tables(quick_run):
     _, res, stdout = quick_run
-    assert "Ratios (targets: DESIGN §5)" in stdout
+    assert "Ratios (targets: design.md §5)" in stdout
     for title in ("Kernels: prompt generator", "End to end", "Training step"):
         assert title in stdout
     assert res["machine"]["cpu_model"] in stdout

@@ -133,3 +133,12 @@ def test_all_masked_row_is_rational_of_zero_times_w_up():
     empty = prompt_generator(**dict(args, hidden=args["hidden"][:, :0], mask=args["mask"][:, :0]),
                              anchor=anchor, anchor_scale=scale, backend="torch")
     torch.testing.assert_close(empty[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_uninstalled_checkout_says_to_install(monkeypatch):
+    # Run from a checkout without `pip install -e .`, iapt_fast.kernels does not exist.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "iapt_fast.kernels", None)
+    with pytest.raises(ValueError, match=r"not installed; run `pip install -e \.`"):
+        prompt_generator(**_args(), backend="triton")

@@ -1,4 +1,4 @@
-"""Fused Triton generator vs the reference (DESIGN §4 rule), output and every gradient.
+"""Fused Triton generator vs the reference (design.md §4 rule), output and every gradient.
 
 Runs in the Triton interpreter on CPU (tests/conftest.py) and natively on a GPU. Shapes are
 tiny because the interpreter is slow; they still cover masked tiles (N = 37 over 32-token

@@ -1,4 +1,4 @@
-"""Every kernel launch the host code makes compiles for the GPU (DESIGN §6), on a CPU machine.
+"""Every kernel launch the host code makes compiles for the GPU (design.md §6), on a CPU machine.
 
 The interpreter runs the kernels in test_kernels.py, but it accepts programs the GPU compiler
 rejects. Here the launches of forward + backward are recorded for the realistic shape

@@ -17,7 +17,7 @@ def _weights(A, d, m, T, p=6, q=5, dtype=torch.float64):
 
 
 def _naive(hidden, mask, w, ids, version="B"):
-    """Per row, per soft token, per instruction token: DESIGN §1 spelled out in float64."""
+    """Per row, per soft token, per instruction token: design.md §1 spelled out in float64."""
     B, N, d = hidden.shape
     T = w["w_pool"].shape[2]
     out = torch.zeros(B, T, d, dtype=torch.float64)

@@ -50,7 +50,7 @@ def cases(device: str, quick: bool) -> list[KernelCase]:
     """The shape grid. GPU: bf16 up to d = 4096, m = 320, B·N = 64k. CPU: float32, small."""
     if device == "cuda":
         bf = "bfloat16"
-        # Most important first (DESIGN §5 targets: d = 4096, B·N >= 16k), so a run cut short by
+        # Most important first (design.md §5 targets: d = 4096, B·N >= 16k), so a run cut short by
         # its time budget skips the least informative shapes.
         grid = [
             KernelCase(32, 512, 4096, 320, 4, 1, bf),     # 16k tokens
@@ -156,7 +156,7 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def check_forward(out: torch.Tensor, inp: dict[str, Any], impl: str) -> dict[str, float]:
-    """Never time wrong code: the output must pass the DESIGN §4 rule against the reference.
+    """Never time wrong code: the output must pass the design.md §4 rule against the reference.
 
     max|out − ref32| ≤ 2·max|ref_dtype − ref32| + atol, ref32 = the reference in float32.
     """
