@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import inspect
 import json
 import math
 import os
@@ -41,11 +40,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .data import IGNORE_INDEX, IAPTCollator
 from .atomic import atomic_write_text
-from .evaluation import model_inputs, response_loss_sum, response_loss_totals
 from .checkpoints import (STATE_NAME, OutputDirNotEmpty, check_output_dir, latest_checkpoint, read_state,
                           start_run)
+from .compat import ddp_buffer_kwargs, distribute_tensor_from_local_copies
+from .data import IGNORE_INDEX, IAPTCollator
+from .evaluation import model_inputs, response_loss_sum, response_loss_totals
 from .trainer import BatchStream, TrainConfig, Trainer
 
 __all__ = [
@@ -548,12 +548,9 @@ class DistributedTrainer(Trainer):
             # prepare_model already broadcast the trainable weights; the backbone is read from
             # the same file everywhere, so DDP's whole-model broadcast is skipped.
             # Buffers (rotary tables) are the same on every rank: no per-forward buffer sync.
-            # torch 2.13 renamed the switch; 2.11 only knows the old name.
-            params = inspect.signature(DistributedDataParallel.__init__).parameters
-            buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
             self._forward_module = DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                find_unused_parameters=config.bilevel, init_sync=False, **buffers,
+                find_unused_parameters=config.bilevel, init_sync=False, **ddp_buffer_kwargs(),
             )
 
     # ------------------------------------------------------------------ one optimizer step
@@ -771,14 +768,7 @@ class DistributedTrainer(Trainer):
 
 def _shard_like(full: Tensor, like: Tensor) -> Tensor:
     """``full`` (the same on every rank) laid out as the DTensor ``like``; every rank must call it."""
-    from torch.distributed.tensor import distribute_tensor
-
-    full = full.to(like.device)
-    try:
-        # Every rank holds the whole tensor: each keeps its own shard, nothing is sent.
-        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
-    except TypeError:  # a torch without src_data_rank: rank 0's copy is scattered (same result)
-        return distribute_tensor(full, like.device_mesh, like.placements)
+    return distribute_tensor_from_local_copies(full.to(like.device), like.device_mesh, like.placements)
 
 
 def _copy_into(param: Tensor, full: Tensor) -> None:

@@ -1,36 +1,19 @@
-"""IAPT on Hugging Face causal LMs: ``get_iapt_model`` / ``IAPTModel``.
+"""IAPT on Hugging Face causal LMs: ``get_iapt_model`` / ``IAPTModel``, the front users call.
 
-How the soft tokens get into the model (design.md §1, §7):
+Where each part lives (design.md §7):
 
-* Every IAPT forward starts as a *prefill*. A pre-hook on the wrapped ``*ForCausalLM`` seeds
-  the KV cache with T placeholder slots per layer, so transformers itself builds the right
-  mask for every attention implementation (queries at offset T, T+N keys) from a 2-D mask
-  with T prefix columns prepended. Real tokens keep the positions the base model gives
-  them: we pass cumsum-of-mask − 1 position ids explicitly.
-* The prefill state (instruction mask, adapter groups) rides along with the model's extra
-  keyword arguments, which transformers hands to every decoder layer. A pre-hook on each
-  target layer reads H_l (its input), runs the generator once for the whole batch (one
-  launch per adapter shape group), and turns P_l into the layer's prefix K/V
-  (architectures.py); the K/V travel on to the layer's attention as a keyword argument.
-* A pre-hook on the attention puts them in front of the real keys: into the KV cache (its
-  placeholder slots) when the layer has one, so decode steps pay only T extra cache entries;
-  otherwise (activation checkpointing drops the cache inside checkpointed layers) through a
-  stateless proxy cache whose ``update`` returns cat(prefix, k). Checkpointing keeps a
-  call's keyword arguments for the backward replay, so the replay sees the same prefix
-  whether the hooks run outside the checkpoint (transformers 5.24) or inside it (5.17).
-* Decode steps run no generator: the prefix is in the cache, ``generate()`` carries the
-  T-extended mask and the positions; the hooks return at their first line.
-
-Layers outside ``target_layers`` hold T unused slots too (one mask serves all layers); their
-attention skips the slots (keys and mask columns are sliced off).
+* ``IAPTModel`` (here): adapter lifecycle, save/load, ``forward``, ``generate`` and manual
+  decode steps, delegation of everything else to the wrapped model;
+* ``requests.py``: validating a call and planning its generator launches;
+* ``prefill_state.py``: the typed state of a call (Request → PrefillState, CacheState);
+* ``prefix_hooks.py``: the three hooks that put the soft tokens into the KV cache;
+* ``architectures.py``: what differs between model families;
+* ``packing.py``: the serving packs (same-shape adapters stacked once).
 """
 from __future__ import annotations
 
-import contextvars
 import os
-import threading
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,94 +21,23 @@ from torch import Tensor, nn
 from . import functional as _functional
 from .adapter_io import build_adapter, read_adapter, save_adapter
 from .anchor import anchor_states, anchor_token_ids
-from .architectures import cache_kwarg_name, get_architecture
+from .architectures import get_architecture
 from .config import IAPTConfig
 from .generator import GeneratorBank, check_adapter_name
-from .packing import AdapterPack, build_packs, group_key
+from .packing import ServingPacks
+from .prefill_state import PENDING, cache_state
+from .prefix_hooks import PrefixHooks
+from .requests import (BASE_ADAPTER, VERIFIED_ATTENTION, check_inputs, check_mask, make_request, max_new_tokens,
+                       positions, prompt_before_labels, require_active)
 
-__all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER"]
+__all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER", "VERIFIED_ATTENTION"]
 
-# Name a row of a mixed batch can use to run the bare backbone (its prefix slots are masked).
-BASE_ADAPTER = "__base__"
-# The prefill request of the call in flight, from forward()/generate() to the model pre-hook.
-# A ContextVar is per thread and per asyncio task, so concurrent calls on one IAPTModel (a web
-# server's threads, a batching front-end) never see each other's request; (model, request),
-# so a call on one IAPTModel never hands its request to another.
-_PENDING: contextvars.ContextVar[tuple["IAPTModel", "_Request"] | None] = contextvars.ContextVar(
-    "iapt_pending_request", default=None)
-_PACK_LOCK = threading.Lock()
-_PREFIX_KW = "iapt_prefix"
-_SKIP_KW = "iapt_skip"
-_STATE_KW = "iapt_state"
-VERIFIED_ATTENTION = ("eager", "sdpa")
 _UNSUPPORTED_GENERATE = {
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
     "prefill_chunk_size": "chunked prefill",
     "inputs_embeds": "generation from inputs_embeds",
 }
-
-
-@dataclass
-class _Group:
-    """Rows of a batch that share one generator launch per layer."""
-
-    key: tuple
-    rows: Tensor | None  # None: every row of the batch
-    ids: Tensor  # [rows] adapter ids into the stack
-    names: list[str]  # training path: the adapters stacked, in id order
-    pack: AdapterPack | None  # serving path: ids index the pack
-    pool_input: str
-    version: str
-
-
-@dataclass
-class _Request:
-    """What one IAPT call needs at prefill (consumed by the model pre-hook)."""
-
-    instruction_mask: Tensor  # [B, N] bool
-    row_adapters: list[str | None]  # None = base row
-    prefix_mask: Tensor  # [B, T] 1 where the row has a prefix
-    num_tokens: int
-    hides_prefix: bool  # some layer hides the T slots (untargeted layers, or only base rows)
-
-
-class _Active:
-    """State of the prefill in flight."""
-
-    __slots__ = ("instruction_mask", "groups", "num_tokens", "rotary", "batch")
-
-    def __init__(self, instruction_mask: Tensor, groups: list[_Group], num_tokens: int, batch: int) -> None:
-        self.instruction_mask = instruction_mask
-        self.groups = groups
-        self.num_tokens = num_tokens
-        self.rotary: tuple[Tensor, Tensor] | None = None
-        self.batch = batch
-
-
-class _PrefixCache:
-    """Stateless stand-in for a KV cache: prepends a fixed prefix (checkpoint-safe)."""
-
-    __slots__ = ("keys", "values")
-
-    def __init__(self, keys: Tensor, values: Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-class _SkipPrefixCache:
-    """Wraps the real cache of a non-target layer: stores everything, hides the T slots."""
-
-    __slots__ = ("inner", "skip")
-
-    def __init__(self, inner: Any, skip: int) -> None:
-        self.inner, self.skip = inner, skip
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        keys, values = self.inner.update(key_states, value_states, *args, **kwargs)
-        return keys[:, :, self.skip:], values[:, :, self.skip:]
 
 
 class IAPTModel(nn.Module):
@@ -160,12 +72,11 @@ class IAPTModel(nn.Module):
             param.requires_grad_(False)
         self.generators = GeneratorBank(arch.hidden_size, arch.num_layers)
         self._active_adapter: str | None = None
-        self._packs: dict[tuple, AdapterPack] | None = None
-        self._group_keys: dict[str, tuple] = {}  # adapter name -> group_key, reset with the packs
+        self._packs = ServingPacks(self.generators)
         self._has_untargeted = False
-        self._handles: list[Any] = []
-        self._model_cache_kw = cache_kwarg_name(model.forward)
-        self._install_hooks()
+        self._hooks = PrefixHooks(self, arch, self.generators, self._packs, backend=lambda: self.backend,
+                                  has_untargeted=lambda: self._has_untargeted)
+        self._hooks.install()
         model._iapt_wrapped = True
         if config is not None:
             try:
@@ -301,8 +212,7 @@ class IAPTModel(nn.Module):
             raise ValueError(f"an adapter named {name!r} is already loaded")
 
     def _adapters_changed(self, added: str | None = None) -> None:
-        self._packs = None
-        self._group_keys = {}
+        self._packs.invalidate()
         if added is not None:  # O(1) per load: 1,000 loads must not rescan 1,000 adapters
             partial = len(self.generators[added].layer_indices) != self._arch.num_layers
             self._has_untargeted = self._has_untargeted or partial
@@ -312,21 +222,15 @@ class IAPTModel(nn.Module):
         )
 
     def _require_hooks(self) -> None:
-        if not self._handles:
+        if not self._hooks.installed:
             raise RuntimeError("this IAPTModel was detached from its backbone (remove_hooks()); wrap the backbone "
                                "again with get_iapt_model / IAPTModel.from_pretrained")
 
     def _require_active(self) -> str:
-        if self._active_adapter is None:
-            if self.adapter_names:
-                raise ValueError(f"no active adapter; call set_adapter(name) or pass adapter_names= "
-                                 f"(loaded: {self.adapter_names})")
-            raise ValueError("no adapter is loaded; add_adapter or load_adapter first")
-        return self._active_adapter
+        return require_active(self.generators, self._active_adapter)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half() re-home parameters
-        self._packs = None
-        self._group_keys = {}
+        self._packs.invalidate()
         return super()._apply(fn, recurse)
 
     # ================================================================== parameters
@@ -382,7 +286,7 @@ class IAPTModel(nn.Module):
         cache = kwargs.pop("cache", None)
         legacy = kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else legacy
-        inputs = _check_inputs(input_ids, kwargs.get("inputs_embeds"))
+        inputs = check_inputs(input_ids, kwargs.get("inputs_embeds"))
         batch, length = inputs.shape[:2]
         if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (batch, length)):
             raise ValueError(f"labels must be a [B, N] = {(batch, length)} tensor like input_ids, "
@@ -393,20 +297,20 @@ class IAPTModel(nn.Module):
             raise ValueError("IAPT needs non-reentrant activation checkpointing (the prefix reaches each layer as a "
                              "keyword argument, which reentrant checkpointing cannot differentiate): call "
                              "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
-        mask = self._check_mask(attention_mask, "attention_mask", batch, length, inputs.device)
+        mask = check_mask(attention_mask, "attention_mask", batch, length, inputs.device)
         if instruction_mask is None and labels is not None:
-            instruction_mask = _prompt_before_labels(labels, mask)
-        request = self._make_request(mask, instruction_mask, adapter_names, batch, length, inputs.device)
+            instruction_mask = prompt_before_labels(labels, mask)
+        request = make_request(self.generators, self._arch, self._active_adapter, mask, instruction_mask, adapter_names)
         if kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = _positions(mask)
+            kwargs["position_ids"] = positions(mask)
         ext_mask = torch.cat([request.prefix_mask.to(mask.dtype), mask], dim=1)
         if cache is not None:
-            kwargs[self._model_cache_kw] = cache
-        token = _PENDING.set((self, request))
+            kwargs[self._hooks.model_cache_kw] = cache
+        token = PENDING.set((self, request))
         try:
             return self.base_model(input_ids=input_ids, attention_mask=ext_mask, labels=labels, **kwargs)
         finally:
-            _PENDING.reset(token)
+            PENDING.reset(token)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -431,331 +335,49 @@ class IAPTModel(nn.Module):
         for key in ("cache", "past_key_values"):
             if generate_kwargs.get(key) is not None:
                 raise ValueError(f"IAPTModel.generate starts from an empty cache; do not pass {key}=")
-        batch, length = _check_inputs(input_ids, None).shape
-        mask = self._check_mask(attention_mask, "attention_mask", batch, length, input_ids.device)
-        request = self._make_request(mask, instruction_mask, adapter_names, batch, length, input_ids.device,
-                                     new_tokens=self._max_new_tokens(length, generate_kwargs))
+        batch, length = check_inputs(input_ids, None).shape
+        mask = check_mask(attention_mask, "attention_mask", batch, length, input_ids.device)
+        request = make_request(self.generators, self._arch, self._active_adapter, mask, instruction_mask,
+                               adapter_names, new_tokens=max_new_tokens(self.base_model, length, generate_kwargs))
         position_ids = generate_kwargs.pop("position_ids", None)
         if position_ids is None:
-            position_ids = _positions(mask)
+            position_ids = positions(mask)
         ext_mask = torch.cat([request.prefix_mask.to(mask.dtype), mask], dim=1)
-        token = _PENDING.set((self, request))
+        token = PENDING.set((self, request))
         try:
             return self.base_model.generate(input_ids=input_ids, attention_mask=ext_mask,
                                             position_ids=position_ids, **generate_kwargs)
         finally:
-            _PENDING.reset(token)
-
-    def _max_new_tokens(self, length: int, generate_kwargs: dict) -> int:
-        config = generate_kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
-        new = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-        if new is None:
-            total = generate_kwargs.get("max_length", getattr(config, "max_length", None))
-            new = max(0, total - length) if total is not None else 0
-        return int(new)
-
-    # ------------------------------------------------------------------ validation
-    def _check_mask(self, mask: Tensor | None, name: str, batch: int, length: int, device) -> Tensor:
-        if mask is None:
-            return torch.ones(batch, length, dtype=torch.long, device=device)
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
-        if tuple(mask.shape) != (batch, length):
-            raise ValueError(f"{name} must be [B, N] = {(batch, length)}, got {tuple(mask.shape)}")
-        if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise TypeError(f"{name} must be bool or integer (1 = token), got {mask.dtype}")
-        if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
-            raise ValueError(f"{name} must hold only 0 and 1")
-        return mask.to(device=device, dtype=torch.long)
-
-    def _make_request(self, mask: Tensor, instruction_mask: Tensor | None, adapter_names, batch: int,
-                      length: int, device, new_tokens: int = 0) -> _Request:
-        implementation = getattr(self.base_model.config, "_attn_implementation", None)
-        if implementation not in VERIFIED_ATTENTION:
-            # Other kernels build their masks differently (flash: unpadding; flex: block
-            # masks); until verified against the slow reference they are refused, not guessed.
-            raise ValueError(f"attn_implementation={implementation!r} is not supported by IAPT yet; "
-                             f"use one of {VERIFIED_ATTENTION}")
-        if instruction_mask is None:
-            inst = mask.bool()
-        else:
-            inst = self._check_mask(instruction_mask, "instruction_mask", batch, length, device).bool()
-            if (inst & ~mask.bool()).any():
-                rows = torch.nonzero((inst & ~mask.bool()).any(dim=1)).flatten().tolist()
-                raise ValueError(f"instruction_mask marks padding tokens (attention_mask = 0) in rows {rows}")
-        rows = self._row_adapters(adapter_names, batch)
-        used = [n for n in rows if n is not None]
-        if not used:
-            num_tokens = self.generators[self._require_active()].config.num_soft_tokens
-        else:
-            num_tokens = self._check_compatible(used)
-        hides = not used or len(self.generators[used[0]].layer_indices) != self._arch.num_layers
-        self._arch.check_prefix_support(num_tokens, hides, length + new_tokens)
-        empty = ~inst.any(dim=1)
-        has_prefix = torch.tensor([n is not None for n in rows], device=device)
-        if (empty & has_prefix).any():
-            bad = torch.nonzero(empty & has_prefix).flatten().tolist()
-            raise ValueError(f"rows {bad} have an empty instruction (instruction_mask is all zeros); "
-                             "every row needs at least one instruction token")
-        prefix_mask = has_prefix[:, None].expand(batch, num_tokens).long()
-        return _Request(instruction_mask=inst, row_adapters=rows, prefix_mask=prefix_mask, num_tokens=num_tokens,
-                        hides_prefix=hides)
-
-    def _row_adapters(self, adapter_names, batch: int) -> list[str | None]:
-        if adapter_names is None:
-            return [self._require_active()] * batch
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-            raise TypeError(f"adapter_names must be a list of adapter names (one per row), got {adapter_names!r}")
-        if len(adapter_names) != batch:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
-        rows: list[str | None] = []
-        loaded = self.generators.adapters
-        for name in adapter_names:
-            if name is None or name == BASE_ADAPTER:
-                rows.append(None)
-            elif not isinstance(name, str):
-                raise TypeError(f"adapter_names entries must be strings, got {name!r}")
-            elif name not in loaded:
-                raise ValueError(f"unknown adapter {name!r} in adapter_names; loaded adapters: {self.adapter_names}")
-            else:
-                rows.append(name)
-        return rows
-
-    def _check_compatible(self, names: Iterable[str]) -> int:
-        seen: dict[tuple, str] = {}
-        for name in dict.fromkeys(names):
-            cfg = self.generators[name].config
-            key = (tuple(self.generators[name].layer_indices), cfg.num_soft_tokens)
-            seen.setdefault(key, name)
-        if len(seen) > 1:
-            desc = "; ".join(f"{n!r}: layers {k[0]}, T={k[1]}" for k, n in seen.items())
-            raise ValueError("adapters in one batch must share target_layers and num_soft_tokens "
-                             f"(their soft tokens share the KV cache slots); got {desc}")
-        return next(iter(seen))[1]
+            PENDING.reset(token)
 
     # ------------------------------------------------------------------ manual decoding
     def _decode_step(self, input_ids, attention_mask, cache, labels, kwargs):
-        skip = getattr(cache, "_iapt_prefix_len", None)
-        if skip is None:
+        """A step after an IAPT prefill: the prefix is in the cache; prepend its mask columns."""
+        state = cache_state(cache)
+        if state is None:
             raise ValueError("the cache passed to forward() was not produced by an IAPTModel prefill")
-        prefix_mask = cache._iapt_prefix_mask
+        skip = state.num_tokens
         q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         past_real = cache.get_seq_length() - skip
-        self._arch.check_prefix_support(skip, cache._iapt_hides_prefix, past_real + q)
+        self._arch.check_prefix_support(skip, state.hides_prefix, past_real + q)
         if attention_mask is not None:
             if attention_mask.shape[1] != past_real + q:
                 raise ValueError(f"attention_mask must cover the {past_real} cached and {q} new tokens "
                                  f"(without the prefix), got length {attention_mask.shape[1]}")
             if kwargs.get("position_ids") is None:
-                kwargs["position_ids"] = _positions(attention_mask.long())[:, -q:]
-            attention_mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+                kwargs["position_ids"] = positions(attention_mask.long())[:, -q:]
+            attention_mask = torch.cat([state.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
         elif kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = torch.arange(past_real, past_real + q, device=cache_device(cache))[None]
-        kwargs[self._model_cache_kw] = cache
+            kwargs["position_ids"] = torch.arange(past_real, past_real + q, device=state.prefix_mask.device)[None]
+        kwargs[self._hooks.model_cache_kw] = cache
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-
-    # ================================================================== hooks
-    def _install_hooks(self) -> None:
-        arch = self._arch
-        self._handles.append(self.base_model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        for index, layer in enumerate(arch.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index, layer), with_kwargs=True))
-            attn = arch.attention(layer)
-            self._handles.append(attn.register_forward_pre_hook(self._attention_hook(index, attn), with_kwargs=True))
-
-    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        pending = _PENDING.get()
-        if pending is None or pending[0] is not self:
-            return None
-        request = pending[1]
-        _PENDING.set(None)  # one prefill per request; decode steps pass straight through
-        inputs = kwargs.get("input_ids")
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        if inputs is None and args:
-            inputs = args[0]
-        batch = inputs.shape[0]
-        key = self._model_cache_kw
-        cache = kwargs.get(key)
-        if cache is None:
-            cache = kwargs.get("past_key_values") if key != "past_key_values" else None
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.base_model.config)
-        elif cache.get_seq_length() != 0:
-            raise ValueError("IAPT prefill needs an empty cache")
-        kwargs.pop("past_key_values", None)
-        kwargs[key] = cache
-        expand = batch // request.instruction_mask.shape[0]
-        if expand * request.instruction_mask.shape[0] != batch:
-            raise ValueError(f"batch of {batch} rows does not match the request's {request.instruction_mask.shape[0]}")
-        inst = request.instruction_mask
-        rows = request.row_adapters
-        prefix_mask = request.prefix_mask
-        if expand > 1:  # beam search / num_return_sequences expand rows with repeat_interleave
-            inst = inst.repeat_interleave(expand, dim=0)
-            prefix_mask = prefix_mask.repeat_interleave(expand, dim=0)
-            rows = [n for n in rows for _ in range(expand)]
-        groups = self._plan(rows, inst.device)
-        self._seed_cache(cache, batch, request.num_tokens)
-        cache._iapt_prefix_len = request.num_tokens
-        cache._iapt_prefix_mask = prefix_mask
-        cache._iapt_hides_prefix = request.hides_prefix
-        cache._iapt_layers = frozenset(groups[0].key[0]) if groups else frozenset()
-        active = _Active(inst, groups, request.num_tokens, batch)
-        # transformers hands the model's extra keyword arguments down to every decoder layer.
-        # Riding along with them, the prefill state reaches the layer hooks even when a
-        # checkpointed layer is replayed during backward (transformers 5.17 runs the hooks
-        # inside the checkpoint, 5.24 outside; both keep the call's keyword arguments).
-        kwargs[_STATE_KW] = active
-        return args, kwargs
-
-    def _seed_cache(self, cache, batch: int, num_tokens: int) -> None:
-        dtype = _activation_dtype(self.base_model)
-        for index, layer in enumerate(self._arch.layers):
-            heads, head_dim = self._arch.kv_shape(layer)
-            slots = torch.zeros(batch, heads, num_tokens, head_dim, dtype=dtype, device=self._arch.layer_device(index))
-            cache.update(slots, slots, index)
-
-    def _plan(self, rows: list[str | None], device) -> list[_Group]:
-        """Split the rows of a batch into generator launches (one per shape group)."""
-        serving = not torch.is_grad_enabled() or not any(
-            p.requires_grad for n in set(r for r in rows if r is not None) for p in self.generators[n].parameters()
-        )
-        by_key: dict[tuple, list[int]] = {}
-        keys = self._group_keys
-        for row, name in enumerate(rows):
-            if name is None:
-                continue
-            key = keys.get(name)
-            if key is None:
-                key = keys[name] = group_key(self.generators, name)
-            by_key.setdefault(key, []).append(row)
-        packs = self._current_packs() if serving else None
-        groups = []
-        for key, members in by_key.items():
-            names = [rows[r] for r in members]
-            row_index = None if len(members) == len(rows) else torch.tensor(members, device=device)
-            if packs is not None:
-                pack = packs[key]
-                ids = torch.tensor([pack.index[n] for n in names], device=device)
-                distinct = pack.names
-            else:
-                pack = None
-                distinct = list(dict.fromkeys(names))
-                position = {n: i for i, n in enumerate(distinct)}
-                ids = torch.tensor([position[n] for n in names], device=device)
-            cfg = self.generators[names[0]].config
-            groups.append(_Group(key=key, rows=row_index, ids=ids, names=distinct, pack=pack,
-                                 pool_input=cfg.pool_input, version=cfg.rational_version))
-        return groups
-
-    def _current_packs(self) -> dict[tuple, AdapterPack]:
-        packs = self._packs
-        if packs is None or not all(p.is_live() for p in packs.values()):
-            with _PACK_LOCK:  # concurrent first calls must not re-point the parameters twice
-                packs = self._packs
-                if packs is None or not all(p.is_live() for p in packs.values()):
-                    packs = self._packs = build_packs(self.generators)
-        return packs
-
-    def _layer_hook(self, index: int, layer: nn.Module):
-        arch = self._arch
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            active = kwargs.pop(_STATE_KW, None)
-            if active is None:
-                if not self._has_untargeted:
-                    return None
-                cache = _find_cache(args, kwargs)
-                skip = getattr(cache, "_iapt_prefix_len", 0) if cache is not None else 0
-                if not skip or index in cache._iapt_layers:
-                    return None
-                kwargs[_SKIP_KW] = skip
-                return args, kwargs
-            hidden = args[0] if args else kwargs["hidden_states"]
-            groups = [g for g in active.groups if index in g.key[0]]
-            if not groups:
-                kwargs[_SKIP_KW] = active.num_tokens
-                return args, kwargs
-            soft = self._soft_tokens(index, layer, hidden, active, groups)
-            if arch.family != "gpt2" and active.rotary is None:
-                active.rotary = arch.rotary(hidden, active.num_tokens)
-            kwargs[_PREFIX_KW] = arch.prefix_kv(layer, soft, active.rotary)
-            return args, kwargs
-
-        return hook
-
-    def _soft_tokens(self, index: int, layer: nn.Module, hidden: Tensor, active: _Active,
-                     groups: list[_Group]) -> Tensor:
-        """P_l [B, T, d] for every row: one prompt_generator call per shape group."""
-        norm = self._arch.input_norm(layer)
-        normed = None
-        out = None
-        for group in groups:
-            source = hidden
-            if group.pool_input == "normed":
-                normed = norm(hidden) if normed is None else normed
-                source = normed
-            mask, ids, rows = active.instruction_mask, group.ids, group.rows
-            if mask.device != hidden.device:  # layers spread over devices (device_map)
-                mask, ids = mask.to(hidden.device), ids.to(hidden.device)
-                rows = rows.to(hidden.device) if rows is not None else None
-            if rows is not None:
-                source, mask = source.index_select(0, rows), mask.index_select(0, rows)
-            if group.pack is not None:
-                weights = group.pack.weights[index]
-            else:
-                weights = self.generators.stacked_weights(index, group.names)
-            soft = _functional.prompt_generator(
-                source, mask, **weights, adapter_ids=ids if len(weights["w_down"]) > 1 else None,
-                backend=self.backend, rational_version=group.version,
-                check_ids=False,  # built on the host from validated adapter names: no device sync
-            )
-            if rows is None:
-                return soft
-            if out is None:
-                # Rows without an adapter keep P = 0: finite through the norms, masked anyway.
-                out = hidden.new_zeros(active.batch, soft.shape[1], hidden.shape[-1])
-            out = out.index_copy(0, rows, soft)
-        return out
-
-    def _attention_hook(self, index: int, attn: nn.Module):
-        cache_kw = cache_kwarg_name(attn.forward)
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            prefix = kwargs.pop(_PREFIX_KW, None)
-            skip = kwargs.pop(_SKIP_KW, None)
-            if prefix is None and skip is None:
-                return None
-            cache = kwargs.get(cache_kw)
-            if prefix is not None:
-                keys, values = prefix
-                if cache is None:
-                    kwargs[cache_kw] = _PrefixCache(keys, values)
-                else:
-                    slot = cache.layers[index]
-                    if slot.keys is None or slot.keys.shape[-2] != keys.shape[-2]:
-                        raise RuntimeError(f"IAPT: layer {index} of the cache does not hold exactly the seeded prefix slots")
-                    slot.keys, slot.values = keys, values
-                return args, kwargs
-            if cache is not None:
-                kwargs[cache_kw] = _SkipPrefixCache(cache, skip)
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, Tensor) and mask.dim() == 4:
-                kwargs["attention_mask"] = mask[..., skip:]
-            return args, kwargs
-
-        return hook
 
     def remove_hooks(self) -> nn.Module:
         """Detach IAPT from the backbone and return the bare model (the adapters are discarded)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self.base_model._iapt_wrapped = False
         return self.base_model
+
 
 
 def get_iapt_model(model: nn.Module, config: IAPTConfig | None = None, adapter_name: str = "default",
@@ -767,72 +389,3 @@ def get_iapt_model(model: nn.Module, config: IAPTConfig | None = None, adapter_n
     if not isinstance(config, IAPTConfig):
         raise TypeError(f"config must be an IAPTConfig, got {type(config).__name__}")
     return IAPTModel(model, config, adapter_name=adapter_name, backend=backend, seed=seed, tokenizer=tokenizer)
-
-
-# ====================================================================== helpers
-def _prompt_before_labels(labels: Tensor, mask: Tensor) -> Tensor:
-    """[B, N] instruction mask: each row's real tokens before its first label that is not −100.
-
-    Rows without labels keep every real token (they predict nothing). A row whose first real
-    token is already labelled (plain language-model data) has no instruction to read.
-    """
-    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(mask.shape):
-        raise ValueError(f"labels must be a [B, N] = {tuple(mask.shape)} tensor like input_ids, "
-                         f"got {getattr(labels, 'shape', type(labels).__name__)}")
-    labelled = labels.to(mask.device).ne(-100) & mask.bool()
-    before = labelled.long().cumsum(-1).eq(0)
-    inst = before & mask.bool()
-    has_labels = labelled.any(-1)
-    inst = torch.where(has_labels[:, None], inst, mask.bool())
-    empty = has_labels & ~inst.any(-1)
-    if empty.any():
-        rows = torch.nonzero(empty).flatten().tolist()
-        raise ValueError(f"rows {rows} are labelled from their first token on, so no instruction can be derived "
-                         "from labels (the generators would read the answer they predict): pass instruction_mask=, "
-                         "1 on the prompt tokens")
-    return inst.long()
-
-
-def _check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-    """The batch's input tensor, after checking it is [B, N] ids (or [B, N, d] embeddings), B, N >= 1."""
-    if input_ids is None and inputs_embeds is None:
-        raise ValueError("pass input_ids [B, N] or inputs_embeds [B, N, d]")
-    name, inputs, dims = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(inputs).__name__}")
-    if inputs.dim() != dims:
-        raise ValueError(f"{name} must be {'[B, N]' if dims == 2 else '[B, N, d]'}, got shape {tuple(inputs.shape)}"
-                         + (" (a single sequence needs a batch axis: input_ids[None])" if inputs.dim() == dims - 1 else ""))
-    if dims == 2 and (inputs.dtype.is_floating_point or inputs.dtype == torch.bool):
-        raise TypeError(f"input_ids must be integer token ids, got {inputs.dtype}")
-    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
-        raise ValueError(f"{name} must have at least one row and one token, got shape {tuple(inputs.shape)}")
-    return inputs
-
-
-def _positions(mask: Tensor) -> Tensor:
-    """Position ids as the base model gives them: cumsum of the mask − 1, 0 on padding."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _find_cache(args: tuple, kwargs: dict):
-    cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
-    if cache is None and len(args) > 1 and hasattr(args[1], "get_seq_length"):  # gpt2 passes it positionally
-        cache = args[1]
-    return cache
-
-
-def _activation_dtype(model: nn.Module) -> torch.dtype:
-    for param in model.parameters():
-        if param.dtype.is_floating_point:
-            return param.dtype
-    return torch.float32
-
-
-def cache_device(cache) -> torch.device:
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            return layer.keys.device
-    return torch.device("cpu")

@@ -14,38 +14,50 @@ once).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .generator import GeneratorBank
 
-__all__ = ["AdapterPack", "group_key", "build_packs"]
+__all__ = ["AdapterPack", "GroupKey", "ServingPacks", "group_key", "build_packs"]
 
 
-def group_key(bank: GeneratorBank, name: str) -> tuple:
-    """Adapters with equal keys share one stack and one generator launch per layer.
+class GroupKey(NamedTuple):
+    """Adapters with equal keys share one stack and one generator launch per layer: everything
+    one ``prompt_generator`` call must agree on. Equal ``dtypes`` make stacking lossless:
+    ``torch.stack`` never has to promote, so packing cannot change any adapter's values."""
 
-    The key holds everything one ``prompt_generator`` call must agree on: the target layers,
-    T, m, rational degrees and version, the pooling input, the generator form (its tensor
-    names) and the dtype and device of every tensor. Equal keys are what makes stacking
-    lossless: ``torch.stack`` never has to promote a dtype, so packing cannot change any
-    adapter's values or dtypes.
-    """
+    layers: tuple[int, ...]
+    num_soft_tokens: int
+    bottleneck: int
+    rational_degrees: tuple[int, int]
+    rational_version: str
+    pool_input: str
+    tensor_names: tuple[str, ...]
+    dtypes: tuple[tuple[str, str], ...]  # (dtype, device) of every tensor, sorted
+    device: torch.device
+
+
+def group_key(bank: GeneratorBank, name: str) -> GroupKey:
+    """The shape group of adapter ``name``."""
     adapter = bank[name]
     cfg = adapter.config
     first = adapter[adapter.layer_indices[0]]
-    return (
-        tuple(adapter.layer_indices),
-        cfg.num_soft_tokens,
-        first.w_down.shape[1],
-        tuple(cfg.rational_degrees),
-        cfg.rational_version,
-        cfg.pool_input,
-        first.names,
-        tuple(sorted({(str(t.dtype), str(t.device)) for gen in adapter.layers.values() for t in gen.weights().values()})),
-        first.w_down.device,
+    return GroupKey(
+        layers=tuple(adapter.layer_indices),
+        num_soft_tokens=cfg.num_soft_tokens,
+        bottleneck=first.w_down.shape[1],
+        rational_degrees=tuple(cfg.rational_degrees),
+        rational_version=cfg.rational_version,
+        pool_input=cfg.pool_input,
+        tensor_names=tuple(first.names),
+        dtypes=tuple(sorted({(str(t.dtype), str(t.device)) for gen in adapter.layers.values()
+                             for t in gen.weights().values()})),
+        device=first.w_down.device,
     )
 
 
@@ -58,7 +70,7 @@ class AdapterPack:
         weights: ``weights[layer][w]`` is the [A, ...] stack of weight ``w`` (design.md §3 layout).
     """
 
-    key: tuple
+    key: GroupKey
     names: list[str]
     index: dict[str, int] = field(default_factory=dict)
     weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)
@@ -74,15 +86,15 @@ class AdapterPack:
 
 @torch.inference_mode(False)  # a pack built under inference_mode would poison later training
 @torch.no_grad()
-def build_packs(bank: GeneratorBank) -> dict[tuple, AdapterPack]:
+def build_packs(bank: GeneratorBank) -> dict[GroupKey, AdapterPack]:
     """Stack every adapter of ``bank`` into per-group packs and alias its Parameters to them."""
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[GroupKey, list[str]] = {}
     for name in bank.adapter_names:
         groups.setdefault(group_key(bank, name), []).append(name)
-    packs: dict[tuple, AdapterPack] = {}
+    packs: dict[GroupKey, AdapterPack] = {}
     for key, names in groups.items():
         pack = AdapterPack(key=key, names=names, index={n: i for i, n in enumerate(names)})
-        for layer in key[0]:
+        for layer in key.layers:
             gens = [bank[n][layer] for n in names]
             names_here = gens[0].names
             stacked = {w: torch.stack([getattr(g, w).data for g in gens]) for w in names_here}
@@ -93,7 +105,50 @@ def build_packs(bank: GeneratorBank) -> dict[tuple, AdapterPack]:
                 for w in names_here:
                     getattr(gen, w).data = stacked[w][slot]
             pack.weights[layer] = stacked
-        first = bank[names[0]][key[0][0]].w_down
+        first = bank[names[0]][key.layers[0]].w_down
         pack.probe = (first, first.data_ptr())
         packs[key] = pack
     return packs
+
+
+class ServingPacks:
+    """The packs of one GeneratorBank, owned by the model that serves it.
+
+    The one place where parameter storage changes: :meth:`current` (re)builds the packs, which
+    re-points every adapter's Parameters into the stacks (see the module docstring), when none
+    exist or they no longer alias the parameters. :meth:`invalidate` is called whenever the
+    set of adapters changes or the model moves (``.to()``); the group keys are cached here too.
+    """
+
+    def __init__(self, bank: GeneratorBank) -> None:
+        self.bank = bank
+        self._packs: dict[GroupKey, AdapterPack] | None = None
+        self._keys: dict[str, GroupKey] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: the lock stays behind, packs rebuild
+        return {"bank": self.bank}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["bank"])
+
+    def invalidate(self) -> None:
+        self._packs = None
+        self._keys = {}
+
+    def key(self, name: str) -> GroupKey:
+        """``group_key`` of adapter ``name``, computed once per change of the adapters."""
+        key = self._keys.get(name)
+        if key is None:
+            key = self._keys[name] = group_key(self.bank, name)
+        return key
+
+    def current(self) -> dict[GroupKey, AdapterPack]:
+        packs = self._packs
+        if packs is None or not all(p.is_live() for p in packs.values()):
+            with self._lock:  # concurrent first calls must not re-point the parameters twice
+                packs = self._packs
+                if packs is None or not all(p.is_live() for p in packs.values()):
+                    packs = self._packs = build_packs(self.bank)
+        return packs
+

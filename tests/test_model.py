@@ -10,7 +10,7 @@ import torch
 
 from helpers import assert_close_by_rule
 from iapt_fast import IAPTConfig, IAPTModel, functional, get_iapt_model
-from iapt_fast import model as iapt_model
+from iapt_fast.prefill_state import PENDING
 from slow_reference import VOCAB, padded_batch, slow_greedy, slow_logits, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
@@ -335,7 +335,7 @@ def test_bad_inputs_raise_before_any_computation(monkeypatch):
         wrapped(input_ids=ids, attention_mask=mask)
     wrapped.base_model.config._attn_implementation = "sdpa"
     assert counter.calls == 0
-    assert iapt_model._PENDING.get() is None
+    assert PENDING.get() is None
     # ... and the model still works afterwards
     with torch.no_grad():
         wrapped(input_ids=ids, attention_mask=mask)

@@ -1,0 +1,244 @@
+"""The hooks that put IAPT's soft tokens into a transformers causal LM (design.md §7).
+
+Three forward pre-hooks, installed by :class:`PrefixHooks`:
+
+1. **model** (the ``*ForCausalLM``): at a prefill (a :class:`~iapt_fast.prefill_state.Request`
+   is pending for this model), seed the KV cache with T placeholder slots per layer, register
+   its :class:`CacheState`, plan the generator launches and hand a :class:`PrefillState` to the
+   decoder layers with the model's keyword arguments. Decode steps pass straight through.
+2. **decoder layer**: run the generator on the layer's input H_l (one launch per shape group)
+   and turn P_l into prefix keys/values (``Architecture.prefix_kv``), passed on as a keyword
+   argument; layers outside ``target_layers`` are told to hide the T slots instead.
+3. **attention**: write the prefix into the cache's slots (decode steps then pay only T cache
+   entries); inside an activation-checkpointed layer, which drops the cache, prepend it
+   through a stateless proxy cache, so the backward replay sees the same prefix.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+from .architectures import Architecture
+from .compat import cache_kwarg_name
+from .generator import GeneratorBank
+from .packing import ServingPacks
+from .prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
+from .requests import plan_launches
+
+__all__ = ["PrefixHooks", "PREFILL_KW"]
+
+PREFILL_KW = "iapt_prefill"  # PrefillState, model → decoder layers
+_PREFIX_KW = "iapt_prefix"  # (keys, values), decoder layer → its attention
+_SKIP_KW = "iapt_skip"  # T, decoder layer → its attention: hide the T slots
+
+
+class _PrefixCache:
+    """Stateless stand-in for a KV cache: prepends a fixed prefix (checkpoint-safe)."""
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class _SkipPrefixCache:
+    """Wraps the real cache of a non-target layer: stores everything, hides the T slots."""
+
+    __slots__ = ("inner", "skip")
+
+    def __init__(self, inner: Any, skip: int) -> None:
+        self.inner, self.skip = inner, skip
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        keys, values = self.inner.update(key_states, value_states, *args, **kwargs)
+        return keys[:, :, self.skip:], values[:, :, self.skip:]
+
+
+class PrefixHooks:
+    """Installs and runs the three hooks for one wrapped model.
+
+    Args:
+        owner: the IAPTModel whose pending requests these hooks serve.
+        arch: the backbone's accessors.
+        bank, packs: the adapters and their serving packs.
+        backend: () → the generator backend name (the owner's current setting).
+        has_untargeted: () → whether some loaded adapter leaves layers untargeted (a fast
+            path: otherwise no layer ever needs to look at the cache).
+    """
+
+    def __init__(self, owner: nn.Module, arch: Architecture, bank: GeneratorBank, packs: ServingPacks,
+                 backend: Callable[[], str], has_untargeted: Callable[[], bool]) -> None:
+        self.owner, self.arch, self.bank, self.packs = owner, arch, bank, packs
+        self.backend, self.has_untargeted = backend, has_untargeted
+        self.model_cache_kw = cache_kwarg_name(arch.model.forward)
+        self._handles: list[Any] = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self) -> None:
+        arch = self.arch
+        self._handles.append(arch.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        for index, layer in enumerate(arch.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index, layer), with_kwargs=True))
+            attn = arch.attention(layer)
+            self._handles.append(attn.register_forward_pre_hook(self._attention_hook(index, attn), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ 1. the model
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        pending = PENDING.get()
+        if pending is None or pending[0] is not self.owner:
+            return None
+        request = pending[1]
+        PENDING.set(None)  # one prefill per request; decode steps pass straight through
+        inputs = kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None and args:
+            inputs = args[0]
+        batch = inputs.shape[0]
+        cache = self._empty_cache(kwargs)
+        expand = batch // request.instruction_mask.shape[0]
+        if expand * request.instruction_mask.shape[0] != batch:
+            raise ValueError(f"batch of {batch} rows does not match the request's {request.instruction_mask.shape[0]}")
+        inst, rows, prefix_mask = request.instruction_mask, request.row_adapters, request.prefix_mask
+        if expand > 1:  # beam search / num_return_sequences expand rows with repeat_interleave
+            inst = inst.repeat_interleave(expand, dim=0)
+            prefix_mask = prefix_mask.repeat_interleave(expand, dim=0)
+            rows = [n for n in rows for _ in range(expand)]
+        launches = plan_launches(self.bank, self.packs, rows, inst.device)
+        self._seed_cache(cache, batch, request.num_tokens)
+        register_cache(cache, CacheState(
+            num_tokens=request.num_tokens, prefix_mask=prefix_mask,
+            target_layers=frozenset(launches[0].key.layers) if launches else frozenset(),
+            hides_prefix=request.hides_prefix))
+        # transformers hands the model's extra keyword arguments down to every decoder layer.
+        # Riding along with them, the prefill state reaches the layer hooks even when a
+        # checkpointed layer is replayed during backward (transformers 5.17 runs the hooks
+        # inside the checkpoint, 5.24 outside; both keep the call's keyword arguments).
+        kwargs[PREFILL_KW] = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens,
+                                          batch=batch)
+        return args, kwargs
+
+    def _empty_cache(self, kwargs: dict):
+        """The call's cache (a new DynamicCache if none), under the argument name this release uses."""
+        key = self.model_cache_kw
+        cache = kwargs.get(key)
+        if cache is None and key != "past_key_values":
+            cache = kwargs.get("past_key_values")
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.arch.model.config)
+        elif cache.get_seq_length() != 0:
+            raise ValueError("IAPT prefill needs an empty cache")
+        kwargs.pop("past_key_values", None)
+        kwargs[key] = cache
+        return cache
+
+    def _seed_cache(self, cache, batch: int, num_tokens: int) -> None:
+        dtype = self.arch.activation_dtype()
+        for index, layer in enumerate(self.arch.layers):
+            heads, head_dim = self.arch.kv_shape(layer)
+            slots = torch.zeros(batch, heads, num_tokens, head_dim, dtype=dtype, device=self.arch.layer_device(index))
+            cache.update(slots, slots, index)
+
+    # ------------------------------------------------------------------ 2. a decoder layer
+    def _layer_hook(self, index: int, layer: nn.Module):
+        arch = self.arch
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            state = kwargs.pop(PREFILL_KW, None)
+            if state is None:  # a decode step
+                if not self.has_untargeted():
+                    return None
+                cached = cache_state(arch.find_layer_cache(args, kwargs))
+                if cached is None or index in cached.target_layers:
+                    return None
+                kwargs[_SKIP_KW] = cached.num_tokens
+                return args, kwargs
+            hidden = args[0] if args else kwargs["hidden_states"]
+            launches = [g for g in state.launches if index in g.key.layers]
+            if not launches:
+                kwargs[_SKIP_KW] = state.num_tokens
+                return args, kwargs
+            soft = self.soft_tokens(index, layer, hidden, state, launches)
+            if state.rotary is None:
+                state.rotary = arch.rotary(hidden, state.num_tokens)
+            kwargs[_PREFIX_KW] = arch.prefix_kv(layer, soft, state.rotary)
+            return args, kwargs
+
+        return hook
+
+    def soft_tokens(self, index: int, layer: nn.Module, hidden: Tensor, state: PrefillState,
+                    launches: list[Launch]) -> Tensor:
+        """P_l [B, T, d] for every row: one prompt_generator call per launch."""
+        norm = self.arch.input_norm(layer)
+        normed = None
+        out = None
+        for launch in launches:
+            source = hidden
+            if launch.pool_input == "normed":
+                normed = norm(hidden) if normed is None else normed
+                source = normed
+            mask, ids, rows = state.instruction_mask, launch.ids, launch.rows
+            if mask.device != hidden.device:  # layers spread over devices (device_map)
+                mask, ids = mask.to(hidden.device), ids.to(hidden.device)
+                rows = rows.to(hidden.device) if rows is not None else None
+            if rows is not None:
+                source, mask = source.index_select(0, rows), mask.index_select(0, rows)
+            weights = launch.pack.weights[index] if launch.pack is not None else \
+                self.bank.stacked_weights(index, launch.names)
+            soft = functional.prompt_generator(
+                source, mask, **weights, adapter_ids=ids if len(weights["w_down"]) > 1 else None,
+                backend=self.backend(), rational_version=launch.rational_version,
+                check_ids=False,  # built on the host from validated adapter names: no device sync
+            )
+            if rows is None:
+                return soft
+            if out is None:
+                # Rows without an adapter keep P = 0: finite through the norms, masked anyway.
+                out = hidden.new_zeros(state.batch, soft.shape[1], hidden.shape[-1])
+            out = out.index_copy(0, rows, soft)
+        return out
+
+    # ------------------------------------------------------------------ 3. an attention
+    def _attention_hook(self, index: int, attn: nn.Module):
+        cache_kw = cache_kwarg_name(attn.forward)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            prefix = kwargs.pop(_PREFIX_KW, None)
+            skip = kwargs.pop(_SKIP_KW, None)
+            if prefix is None and skip is None:
+                return None
+            cache = kwargs.get(cache_kw)
+            if prefix is not None:
+                keys, values = prefix
+                if cache is None:
+                    kwargs[cache_kw] = _PrefixCache(keys, values)
+                else:
+                    slot = cache.layers[index]
+                    if slot.keys is None or slot.keys.shape[-2] != keys.shape[-2]:
+                        raise RuntimeError(f"IAPT: layer {index} of the cache does not hold exactly the seeded prefix slots")
+                    slot.keys, slot.values = keys, values
+                return args, kwargs
+            if cache is not None:
+                kwargs[cache_kw] = _SkipPrefixCache(cache, skip)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, Tensor) and mask.dim() == 4:
+                kwargs["attention_mask"] = mask[..., skip:]
+            return args, kwargs
+
+        return hook

@@ -1,0 +1,208 @@
+"""Validating one IAPT call and planning its generator launches (rows → launches).
+
+Everything here runs before the backbone: a bad call raises ValueError / TypeError naming the
+argument, and nothing has been computed yet.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .architectures import Architecture
+from .generator import GeneratorBank
+from .packing import ServingPacks
+from .prefill_state import Launch, Request
+
+__all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "check_inputs", "check_mask", "make_request", "plan_launches",
+           "prompt_before_labels", "positions", "max_new_tokens"]
+
+# Name a row of a mixed batch can use to run the bare backbone (its prefix slots are masked).
+BASE_ADAPTER = "__base__"
+# Attention implementations verified against the slow reference; others build their masks
+# differently (flash: unpadding; flex: block masks) and are refused, not guessed.
+VERIFIED_ATTENTION = ("eager", "sdpa")
+
+
+def check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+    """The batch's input tensor, after checking it is [B, N] ids (or [B, N, d] embeddings), B, N >= 1."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pass input_ids [B, N] or inputs_embeds [B, N, d]")
+    name, inputs, dims = ("input_ids", input_ids, 2) if input_ids is not None else ("inputs_embeds", inputs_embeds, 3)
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(inputs).__name__}")
+    if inputs.dim() != dims:
+        raise ValueError(f"{name} must be {'[B, N]' if dims == 2 else '[B, N, d]'}, got shape {tuple(inputs.shape)}"
+                         + (" (a single sequence needs a batch axis: input_ids[None])" if inputs.dim() == dims - 1 else ""))
+    if dims == 2 and (inputs.dtype.is_floating_point or inputs.dtype == torch.bool):
+        raise TypeError(f"input_ids must be integer token ids, got {inputs.dtype}")
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one row and one token, got shape {tuple(inputs.shape)}")
+    return inputs
+
+
+def check_mask(mask: Tensor | None, name: str, batch: int, length: int, device) -> Tensor:
+    """``mask`` as a [B, N] long tensor of 0/1 on ``device`` (None: all ones)."""
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.long, device=device)
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{name} must be [B, N] = {(batch, length)}, got {tuple(mask.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"{name} must be bool or integer (1 = token), got {mask.dtype}")
+    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return mask.to(device=device, dtype=torch.long)
+
+
+def prompt_before_labels(labels: Tensor, mask: Tensor) -> Tensor:
+    """[B, N] instruction mask: each row's real tokens before its first label that is not −100.
+
+    Rows without labels keep every real token (they predict nothing). A row whose first real
+    token is already labelled (plain language-model data) has no instruction to read.
+    """
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(mask.shape):
+        raise ValueError(f"labels must be a [B, N] = {tuple(mask.shape)} tensor like input_ids, "
+                         f"got {getattr(labels, 'shape', type(labels).__name__)}")
+    labelled = labels.to(mask.device).ne(-100) & mask.bool()
+    before = labelled.long().cumsum(-1).eq(0)
+    inst = before & mask.bool()
+    has_labels = labelled.any(-1)
+    inst = torch.where(has_labels[:, None], inst, mask.bool())
+    empty = has_labels & ~inst.any(-1)
+    if empty.any():
+        rows = torch.nonzero(empty).flatten().tolist()
+        raise ValueError(f"rows {rows} are labelled from their first token on, so no instruction can be derived "
+                         "from labels (the generators would read the answer they predict): pass instruction_mask=, "
+                         "1 on the prompt tokens")
+    return inst.long()
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids as the base model gives them: cumsum of the mask − 1, 0 on padding."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def max_new_tokens(model: Any, length: int, generate_kwargs: dict) -> int:
+    """How many tokens ``generate(**generate_kwargs)`` may add to a prompt of ``length``."""
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    new = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is None:
+        total = generate_kwargs.get("max_length", getattr(config, "max_length", None))
+        new = max(0, total - length) if total is not None else 0
+    return int(new)
+
+
+def make_request(bank: GeneratorBank, arch: Architecture, active: str | None, mask: Tensor,
+                 instruction_mask: Tensor | None, adapter_names: Sequence[str | None] | None, *,
+                 new_tokens: int = 0) -> Request:
+    """Validate one call (attention kernel, masks, adapter names, compatibility) into a Request.
+
+    Args:
+        active: the adapter of rows without ``adapter_names``.
+        mask: [B, N] the checked attention mask.
+        new_tokens: tokens generate() may add (sliding-window check).
+    """
+    batch, length = mask.shape
+    implementation = getattr(arch.model.config, "_attn_implementation", None)
+    if implementation not in VERIFIED_ATTENTION:
+        raise ValueError(f"attn_implementation={implementation!r} is not supported by IAPT yet; "
+                         f"use one of {VERIFIED_ATTENTION}")
+    if instruction_mask is None:
+        inst = mask.bool()
+    else:
+        inst = check_mask(instruction_mask, "instruction_mask", batch, length, mask.device).bool()
+        if (inst & ~mask.bool()).any():
+            rows = torch.nonzero((inst & ~mask.bool()).any(dim=1)).flatten().tolist()
+            raise ValueError(f"instruction_mask marks padding tokens (attention_mask = 0) in rows {rows}")
+    rows = row_adapters(bank, active, adapter_names, batch)
+    used = [n for n in rows if n is not None]
+    num_tokens = check_compatible(bank, used) if used else bank[require_active(bank, active)].config.num_soft_tokens
+    hides = not used or len(bank[used[0]].layer_indices) != arch.num_layers
+    arch.check_prefix_support(num_tokens, hides, length + new_tokens)
+    empty = ~inst.any(dim=1)
+    has_prefix = torch.tensor([n is not None for n in rows], device=mask.device)
+    if (empty & has_prefix).any():
+        bad = torch.nonzero(empty & has_prefix).flatten().tolist()
+        raise ValueError(f"rows {bad} have an empty instruction (instruction_mask is all zeros); "
+                         "every row needs at least one instruction token")
+    prefix_mask = has_prefix[:, None].expand(batch, num_tokens).long()
+    return Request(instruction_mask=inst, row_adapters=rows, prefix_mask=prefix_mask, num_tokens=num_tokens,
+                   hides_prefix=hides)
+
+
+def require_active(bank: GeneratorBank, active: str | None) -> str:
+    if active is None:
+        if bank.adapter_names:
+            raise ValueError(f"no active adapter; call set_adapter(name) or pass adapter_names= "
+                             f"(loaded: {bank.adapter_names})")
+        raise ValueError("no adapter is loaded; add_adapter or load_adapter first")
+    return active
+
+
+def row_adapters(bank: GeneratorBank, active: str | None, adapter_names, batch: int) -> list[str | None]:
+    """One adapter name per row (None = the bare backbone), every name checked."""
+    if adapter_names is None:
+        return [require_active(bank, active)] * batch
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(f"adapter_names must be a list of adapter names (one per row), got {adapter_names!r}")
+    if len(adapter_names) != batch:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+    rows: list[str | None] = []
+    loaded = bank.adapters
+    for name in adapter_names:
+        if name is None or name == BASE_ADAPTER:
+            rows.append(None)
+        elif not isinstance(name, str):
+            raise TypeError(f"adapter_names entries must be strings, got {name!r}")
+        elif name not in loaded:
+            raise ValueError(f"unknown adapter {name!r} in adapter_names; loaded adapters: {bank.adapter_names}")
+        else:
+            rows.append(name)
+    return rows
+
+
+def check_compatible(bank: GeneratorBank, names: Iterable[str]) -> int:
+    """T of adapters that may share a batch (their soft tokens share the KV cache slots)."""
+    seen: dict[tuple, str] = {}
+    for name in dict.fromkeys(names):
+        key = (tuple(bank[name].layer_indices), bank[name].config.num_soft_tokens)
+        seen.setdefault(key, name)
+    if len(seen) > 1:
+        desc = "; ".join(f"{n!r}: layers {k[0]}, T={k[1]}" for k, n in seen.items())
+        raise ValueError("adapters in one batch must share target_layers and num_soft_tokens "
+                         f"(their soft tokens share the KV cache slots); got {desc}")
+    return next(iter(seen))[1]
+
+
+def plan_launches(bank: GeneratorBank, packs: ServingPacks, rows: list[str | None], device) -> list[Launch]:
+    """Split the rows of a batch into generator launches, one per shape group.
+
+    Serving (no gradient needed) gathers from the pre-stacked packs; training stacks the
+    batch's adapters per call, so gradients reach their own parameters.
+    """
+    serving = not torch.is_grad_enabled() or not any(
+        p.requires_grad for n in set(r for r in rows if r is not None) for p in bank[n].parameters())
+    by_key: dict[Any, list[int]] = {}
+    for row, name in enumerate(rows):
+        if name is not None:
+            by_key.setdefault(packs.key(name), []).append(row)
+    current = packs.current() if serving else None
+    launches = []
+    for key, members in by_key.items():
+        names = [rows[r] for r in members]
+        row_index = None if len(members) == len(rows) else torch.tensor(members, device=device)
+        if current is not None:
+            pack = current[key]
+            ids = torch.tensor([pack.index[n] for n in names], device=device)
+            distinct = pack.names
+        else:
+            pack = None
+            distinct = list(dict.fromkeys(names))
+            position = {n: i for i, n in enumerate(distinct)}
+            ids = torch.tensor([position[n] for n in names], device=device)
+        launches.append(Launch(key=key, rows=row_index, ids=ids, names=distinct, pack=pack,
+                               pool_input=key.pool_input, rational_version=key.rational_version))
+    return launches
