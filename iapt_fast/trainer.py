@@ -20,6 +20,7 @@ every method with the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,17 +31,22 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .atomic import atomic_directory, atomic_write_text
 from .bilevel import grad_only_for, split_parameters
-from .checkpoints import (RUN_NAME, STATE_NAME, TrainingInterrupted, check_output_dir, check_resume_config, find_resumable,
-                          latest_checkpoint, read_state, run_id_of, start_run)
-from .data import IAPTCollator
-from .evaluation import accepts_instruction_mask, evaluate_loss, model_inputs, response_loss_sum
+from .batches import BatchStream
+from .checkpoints import (RUN_NAME, STATE_NAME, OutputDirNotEmpty, TrainingInterrupted, check_output_dir,
+                          check_resume_config, find_resumable, latest_checkpoint, read_state, run_id_of, start_run)
+from .data import IGNORE_INDEX, IAPTCollator
+from .dist_context import SINGLE_PROCESS, DistContext
+from .evaluation import accepts_instruction_mask, model_inputs, response_loss_sum
+from .parallel import (copy_into, ddp_wrap, full_optimizer_state, full_tensor, gathered_adapter, is_dtensor,
+                       load_optimizer, save_adapter)
+from .sharded import ShardedBatchStream, sharded_eval_loss
 
 __all__ = ["TrainConfig", "BatchStream", "Trainer", "TrainingInterrupted", "latest_checkpoint", "STATE_NAME"]
 
@@ -123,52 +129,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class BatchStream:
-    """An endless, resumable stream of collated batches over a list of examples.
-
-    Each epoch is a fresh permutation drawn from (seed, epoch) alone, so the stream's whole
-    state is two integers and a resumed run sees exactly the batches it would have seen.
-    """
-
-    def __init__(self, examples: Sequence[Any], batch_size: int, collator: Callable, seed: int, shuffle: bool = True) -> None:
-        if len(examples) == 0:
-            raise ValueError("cannot stream an empty dataset")
-        self.examples, self.batch_size, self.collator = examples, batch_size, collator
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.pos = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.examples)))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.examples), generator=gen).tolist()
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.pos >= len(self.examples):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        idx = self._order[self.pos:self.pos + self.batch_size]
-        self.pos += len(idx)
-        return self.collator([self.examples[i] for i in idx])
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.pos / len(self.examples)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": len(self.examples)}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        if state["n"] != len(self.examples) or state["seed"] != self.seed:
-            raise ValueError(
-                f"checkpoint was written for {state['n']} examples with seed {state['seed']}, "
-                f"this run has {len(self.examples)} with seed {self.seed}: resume needs the same data and seed"
-            )
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._permutation(self.epoch)
-
-
 def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -178,24 +138,33 @@ def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 
 class Trainer:
-    """Trains the trainable parameters of ``model`` on tokenized instruction → response data.
+    """Trains the trainable parameters of ``model`` on tokenized instruction → response data,
+    in one process or over the ranks of a DDP / FSDP2 job.
 
     Args:
         model: IAPTModel (or any module whose forward returns ``.logits`` and whose only
-            trainable parameters are the ones to train).
-        config: TrainConfig.
+            trainable parameters are the ones to train). Under DDP / FSDP it must have gone
+            through :func:`iapt_fast.parallel.prepare_model` with the same ``ctx``.
+        config: TrainConfig. ``batch_size`` is the global micro-batch: a multiple of the world
+            size, split over the ranks.
         train_examples: tokenized examples (``iapt_fast.data.tokenize_records``) with labels.
         collator: pads examples into batches (right padding is the usual choice).
         eval_examples: optional; evaluated every ``eval_every`` steps and at the end.
         dev_examples: the held-out split of the rational coefficients; required with
             ``config.bilevel``.
         eval_fn: optional extra metric, ``eval_fn(model) -> dict`` (e.g. choice accuracy),
-            run with every evaluation.
+            run with every evaluation (on every rank: see ``sharded_choice_eval_fn``).
+        ctx: the job (default: one process). With several ranks every method that touches
+            the model (train, evaluate, save_checkpoint, load_checkpoint) is collective.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], collator: IAPTCollator,
                  eval_examples: Sequence[Any] | None = None, dev_examples: Sequence[Any] | None = None,
-                 eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None) -> None:
+                 eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+                 ctx: DistContext | None = None) -> None:
+        self.ctx = SINGLE_PROCESS if ctx is None else ctx
+        if not isinstance(self.ctx, DistContext):
+            raise TypeError(f"ctx must be a DistContext, got {type(self.ctx).__name__}")
         self.model, self.config, self.collator = model, config, collator
         self.train_examples, self.eval_examples, self.dev_examples = train_examples, eval_examples, dev_examples
         self.eval_fn = eval_fn
@@ -203,35 +172,65 @@ class Trainer:
         self.with_instruction_mask = accepts_instruction_mask(model)
         if not train_examples:
             raise ValueError("train_examples is empty")
-
-        weights, rationals = split_parameters(model)
-        if not weights and not rationals:
-            raise ValueError("the model has no trainable parameters")
-        for name, p in weights + rationals:
-            if p.dtype != torch.float32:
-                raise TypeError(
-                    f"trainable parameter {name} is {p.dtype}; keep trainable parameters float32 "
-                    "(precision='bf16' casts only the frozen backbone)"
-                )
-        self.weight_params = [p for _, p in weights]
-        self.rational_params = [p for _, p in rationals]
-        self.param_names = [n for n, _ in weights + rationals]
-
-        if config.bilevel:
-            if not rationals:
-                raise ValueError("bilevel=True needs rational parameters (names containing rat_num/rat_den); none are trainable")
-            if not weights:
-                raise ValueError("bilevel=True needs trainable non-rational parameters; none found")
-            if not dev_examples:
-                raise ValueError("bilevel=True needs dev_examples (the held-out split for the rational coefficients)")
-
+        self._check_job()
+        self._split_parameters()
         steps_per_epoch = math.ceil(len(train_examples) / (config.batch_size * config.grad_accum))
         self.max_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.num_epochs))
         warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * self.max_steps)
         self.warmup_steps = min(warmup, self.max_steps)
+        self._build_optimizers()
+        self.train_stream = self._stream(train_examples, config.seed)
+        self.dev_stream = self._stream(dev_examples, config.seed + 1) if config.bilevel else None
+        # One progress bar per job, not per rank.
+        self.progress = config.progress and self.ctx.is_main
+        self._forward_module: nn.Module = model
+        if self.ctx.strategy == "ddp":
+            # Bi-level steps leave one side's parameters out of the graph: DDP must look for them.
+            self._forward_module = ddp_wrap(model, self.ctx, find_unused_parameters=config.bilevel)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.run_id: str | None = None  # set when training starts (fresh) or resumes
+        self.own_checkpoints: list[str] = []  # folders this run wrote, oldest first: the only ones it prunes
+        self._stop_signal: int | None = None
+        self._gc_enabled = False
+        self._trim_logits = config.trim_logits
 
+    def _check_job(self) -> None:
+        ctx, batch = self.ctx, self.config.batch_size
+        if batch % ctx.world_size:
+            raise ValueError(
+                f"batch_size {batch} (the global micro-batch) is not divisible by the world size "
+                f"{ctx.world_size}; use a multiple of {ctx.world_size} (e.g. "
+                f"{max(ctx.world_size, batch // ctx.world_size * ctx.world_size)})")
+        self._sharded = any(is_dtensor(p) for p in self.model.parameters())
+        if ctx.strategy == "fsdp" and not self._sharded:
+            raise ValueError("distributed='fsdp' but the model is not sharded: call prepare_model(model, ctx) first")
+        if ctx.strategy != "fsdp" and self._sharded:
+            raise ValueError(f"the model is FSDP-sharded but ctx.strategy is {ctx.strategy!r}")
+
+    def _split_parameters(self) -> None:
+        weights, rationals = split_parameters(self.model)
+        if not weights and not rationals:
+            raise ValueError("the model has no trainable parameters")
+        for name, p in weights + rationals:
+            if p.dtype != torch.float32:
+                raise TypeError(f"trainable parameter {name} is {p.dtype}; keep trainable parameters float32 "
+                                "(precision='bf16' casts only the frozen backbone)")
+        self.weight_params = [p for _, p in weights]
+        self.rational_params = [p for _, p in rationals]
+        self.param_names = [n for n, _ in weights + rationals]
+        if self.config.bilevel:
+            if not rationals:
+                raise ValueError("bilevel=True needs rational parameters (names containing rat_num/rat_den); "
+                                 "none are trainable")
+            if not weights:
+                raise ValueError("bilevel=True needs trainable non-rational parameters; none found")
+            if not self.dev_examples:
+                raise ValueError("bilevel=True needs dev_examples (the held-out split for the rational coefficients)")
+
+    def _build_optimizers(self) -> None:
+        config, betas = self.config, self.config.adam_betas
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        betas = config.adam_betas
         if config.bilevel:
             self.optimizers["weights"] = torch.optim.AdamW(self.weight_params, lr=config.lr, betas=betas,
                                                           weight_decay=config.weight_decay)
@@ -247,49 +246,80 @@ class Trainer:
         factor = _linear_schedule(self.warmup_steps, self.max_steps)
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in self.optimizers.items()}
 
-        self.train_stream = BatchStream(train_examples, config.batch_size, collator, config.seed)
-        self.dev_stream = (BatchStream(dev_examples, config.batch_size, collator, config.seed + 1)
-                           if config.bilevel else None)
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
-        self.run_id: str | None = None  # set when training starts (fresh) or resumes
-        self.own_checkpoints: list[str] = []  # folders this run wrote, oldest first: the only ones it prunes
-        self._stop_signal: int | None = None
-        self._gc_enabled = False
-        self._trim_logits = config.trim_logits
+    def _stream(self, examples: Sequence[Any], seed: int) -> BatchStream:
+        if not self.ctx.enabled:
+            return BatchStream(examples, self.config.batch_size, self.collator, seed)
+        return ShardedBatchStream(examples, self.config.batch_size, self.collator, seed, self.ctx.rank,
+                                  self.ctx.world_size)
 
     # ------------------------------------------------------------------ one optimizer step
+    @contextlib.contextmanager
+    def _sync_gradients(self, sync: bool) -> Iterator[None]:
+        """Micro-batches of one accumulated step skip the gradient sync but the last."""
+        if self.ctx.strategy == "ddp" and not sync:
+            with self._forward_module.no_sync():
+                yield
+        elif self.ctx.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(sync)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
+
     def _accumulate(self, stream: BatchStream) -> tuple[float, int, int]:
-        """Forward/backward ``grad_accum`` micro-batches; loss normalised over all their labels."""
+        """Forward/backward ``grad_accum`` micro-batches; loss normalised over all their labels
+        (of every rank), so accumulation and sharding give exactly the full batch's gradient."""
+        ctx = self.ctx
         batches = [stream.next_batch() for _ in range(self.config.grad_accum)]
-        total = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
+        local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in batches)
+        total = int(ctx.all_reduce_sum([local])[0])
         if total == 0:
             raise ValueError("a training step has no labelled (response) tokens; check the data and max_length")
+        # FSDP2 keeps computing gradients for the unsharded copies of parameters that bi-level
+        # mode switched off; they are dropped below so the other side's step never sees them.
+        inactive = [p for p in self.weight_params + self.rational_params if not p.requires_grad]
         loss_sum, tokens = 0.0, 0
-        for batch in batches:
-            inputs = model_inputs(batch, self.with_instruction_mask, self.device)
-            labels = batch["labels"].to(self.device)
-            keep = self._logits_to_keep(labels)
-            if keep is not None:
-                inputs["logits_to_keep"] = keep
-                labels = labels[:, -keep:]
-            try:
-                out = self.model(**inputs)
-            except TypeError as err:
-                if keep is None or "logits_to_keep" not in str(err):
-                    raise
-                self._trim_logits = False  # this model's forward does not take it: full logits
-                inputs.pop("logits_to_keep")
-                labels = batch["labels"].to(self.device)
-                out = self.model(**inputs)
-            loss, _ = response_loss_sum(out.logits, labels)
-            (loss / total).backward()
+        for i, batch in enumerate(batches):
+            with self._sync_gradients(i == len(batches) - 1):
+                out, labels = self._forward(batch)
+                loss, count = response_loss_sum(out.logits, labels)
+                if count == 0:
+                    # A padding share: a zero that still reaches every parameter, so the
+                    # gradient collectives of this rank match the others'.
+                    loss = out.logits.sum() * 0.0
+                # DDP and FSDP average gradients over the ranks; × world_size makes it the global sum.
+                (loss * ctx.world_size / total).backward()
             loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
+            if count:
+                tokens += int(batch["attention_mask"].sum())
+        for p in inactive:
+            p.grad = None
+        loss_sum, tokens = ctx.all_reduce_sum([loss_sum, tokens])
         mean = loss_sum / total
         if not math.isfinite(mean):
             raise FloatingPointError(f"non-finite training loss {mean} at step {self.step}")
-        return mean, tokens, total
+        return mean, int(tokens), total
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """One micro-batch forward (through the DDP wrapper if any) → (output, aligned labels).
+
+        Logits are computed only from the first labelled position on (``trim_logits``); a
+        forward that rejects ``logits_to_keep`` falls back to full logits.
+        """
+        inputs = model_inputs(batch, self.with_instruction_mask, self.device)
+        labels = batch["labels"].to(self.device)
+        keep = self._logits_to_keep(labels)
+        if keep is None:
+            return self._forward_module(**inputs), labels
+        try:
+            return self._forward_module(**inputs, logits_to_keep=keep), labels[:, -keep:]
+        except TypeError as err:
+            if "logits_to_keep" not in str(err):
+                raise
+            self._trim_logits = False  # this model's forward does not take it: full logits from now on
+            return self._forward_module(**inputs), labels
 
     def _logits_to_keep(self, labels: torch.Tensor) -> int | None:
         """How many trailing positions need logits: from the one before the first label on.
@@ -300,16 +330,18 @@ class Trainer:
         """
         if not self._trim_logits:
             return None
-        labelled = labels.ne(-100).any(0).nonzero()
+        labelled = labels.ne(IGNORE_INDEX).any(0).nonzero()
         if len(labelled) == 0:
             return None
         keep = labels.shape[1] - int(labelled[0]) + 1
         return keep if keep < labels.shape[1] else None
 
-    def _apply(self, name: str, params: list[nn.Parameter]) -> float | None:
+    def _optimizer_step(self, name: str, params: list[nn.Parameter]) -> float | None:
+        """Clip, step, schedule and zero one optimizer; returns the gradient norm before clipping."""
         norm = None
         if self.config.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+            # Under FSDP the norm is a replicated DTensor (the shards' norms are reduced).
+            norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)))
         self.optimizers[name].step()
         self.schedulers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
@@ -322,7 +354,7 @@ class Trainer:
         self.model.train()
         with grad_only_for(self.rational_params, self.weight_params):
             loss, tokens, _ = self._accumulate(self.dev_stream)
-            self._apply("rationals", self.rational_params)
+            self._optimizer_step("rationals", self.rational_params)
         return loss, tokens
 
     def weight_step(self) -> tuple[float, int, float | None]:
@@ -331,10 +363,10 @@ class Trainer:
         if self.config.bilevel:
             with grad_only_for(self.weight_params, self.rational_params):
                 loss, tokens, _ = self._accumulate(self.train_stream)
-                norm = self._apply("weights", self.weight_params)
+                norm = self._optimizer_step("weights", self.weight_params)
         else:
             loss, tokens, _ = self._accumulate(self.train_stream)
-            norm = self._apply("joint", self.weight_params + self.rational_params)
+            norm = self._optimizer_step("joint", self.weight_params + self.rational_params)
         return loss, tokens, norm
 
     def train_step(self) -> dict[str, float]:
@@ -353,13 +385,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Eval loss (token-weighted) and whatever ``eval_fn`` reports."""
+        """Eval loss (token-weighted, over every rank's share) and whatever ``eval_fn`` reports."""
         out: dict[str, float] = {}
         if self.eval_examples:
-            out["eval_loss"] = evaluate_loss(self.model, self.eval_examples, self.collator,
-                                             self.config.eval_batch_size, self.device)
+            per_rank = max(1, self.config.eval_batch_size // self.ctx.world_size)
+            out["eval_loss"] = sharded_eval_loss(self.model, self.eval_examples, self.collator, per_rank,
+                                                 self.with_instruction_mask, self.device, self.ctx)
         if self.eval_fn is not None:
-            out.update({f"eval_{k}" if not k.startswith("eval_") else k: float(v) for k, v in self.eval_fn(self.model).items()})
+            out.update({f"eval_{k}" if not k.startswith("eval_") else k: float(v)
+                        for k, v in self.eval_fn(self.model).items()})
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -418,8 +452,8 @@ class Trainer:
         """Adapter + trainer state into ``path`` by one rename, then prune this run's old ones."""
         with atomic_directory(path) as tmp:
             if adapter is not None:
-                from .adapter_io import save_adapter
-                save_adapter(adapter, tmp)
+                from .adapter_io import save_adapter as write_adapter
+                write_adapter(adapter, tmp)
             elif hasattr(self.model, "save_pretrained"):
                 self.model.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, STATE_NAME))
@@ -427,12 +461,26 @@ class Trainer:
         self._prune_checkpoints(keep=os.path.basename(path))
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Adapter (``save_pretrained``) + ``trainer_state.pt`` into ``checkpoint-<step>``, atomically."""
+        """Adapter (``save_pretrained``) + ``trainer_state.pt`` into ``checkpoint-<step>``, atomically.
+
+        Gathered from every rank and written by rank 0, in the single-process format; every
+        rank's RNG state is kept, so a resume on the same world size continues each rank's
+        random stream (dropout) exactly.
+        """
         path = self._checkpoint_path(path)
         named = dict(self.model.named_parameters())
-        params = {n: named[n].detach().cpu().clone() for n in self.param_names}
-        optimizers = {k: o.state_dict() for k, o in self.optimizers.items()}
-        self._write_checkpoint(path, self._checkpoint_state(path, params, optimizers, self._rng_state()))
+        params = {n: full_tensor(named[n].detach()).cpu().clone() for n in self.param_names}
+        optimizers = {k: full_optimizer_state(o) for k, o in self.optimizers.items()}
+        adapter = gathered_adapter(self.model) if self._sharded and hasattr(self.model, "generators") else None
+        rngs = self.ctx.all_gather(self._rng_state())
+        state = self._checkpoint_state(path, params, optimizers, rngs[0], rng_per_rank=rngs,
+                                       world_size=self.ctx.world_size)
+        if self.ctx.is_main:
+            self._write_checkpoint(path, state, adapter)
+        else:
+            self.own_checkpoints = state["checkpoints"]
+            self._prune_checkpoints(keep=os.path.basename(path), delete=False)  # rank 0 deletes
+        self.ctx.barrier()
         return path
 
     def _prune_checkpoints(self, keep: str, delete: bool = True) -> None:
@@ -472,20 +520,38 @@ class Trainer:
                 raise ValueError(f"checkpoint {path!r} was trained with another adapter config: " + "; ".join(diffs))
 
     def load_checkpoint(self, path: str, state: Mapping[str, Any] | None = None) -> None:
-        """Restore everything ``save_checkpoint`` wrote; the next step continues exactly.
+        """Restore everything ``save_checkpoint`` wrote (by any world size); the next step
+        continues exactly.
 
-        Raises ValueError naming the file for a corrupt or truncated state, and naming every
-        difference for a checkpoint of another configuration; nothing is changed then.
+        Raises FileNotFoundError / ValueError naming the file for a missing, corrupt or
+        truncated state, and naming every difference for a checkpoint of another
+        configuration; nothing is changed then. Every rank raises together.
         """
-        state = read_state(path) if state is None else state
-        self._check_state(path, state)
+        file = os.path.join(path, STATE_NAME)
+        (blind,) = self.ctx.all_reduce_sum([0 if os.path.isfile(file) else 1])
+        if blind:
+            raise FileNotFoundError(
+                f"no {STATE_NAME} in {path!r}" + ("" if not self.ctx.enabled else
+                f" ({int(blind)} of {self.ctx.world_size} rank(s); rank 0 writes checkpoints: multi-node resume "
+                "needs the output folder on a shared filesystem)"))
+        error = None
+        try:
+            state = read_state(path) if state is None else state
+            self._check_state(path, state)
+        except ValueError as err:
+            error = str(err)
+        error = self.ctx.first_error(error)
+        if error is not None:
+            raise ValueError(error)
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for n in self.param_names:
-                named[n].copy_(state["params"][n])
+                copy_into(named[n], state["params"][n])
         for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        self._restore_common(state, state["rng"])
+            load_optimizer(o, state["optimizers"][k])
+        rngs = state.get("rng_per_rank")
+        same_world = rngs is not None and state.get("world_size") == self.ctx.world_size
+        self._restore_common(state, rngs[self.ctx.rank] if same_world else state["rng"])
 
     def _restore_common(self, state: Mapping[str, Any], rng: Mapping[str, Any]) -> None:
         for k, s in self.schedulers.items():
@@ -502,23 +568,37 @@ class Trainer:
     def _start_fresh(self) -> None:
         """Claim the output folder for a new run (refusing another run's output) and seed."""
         cfg = self.config
-        check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        self.run_id = start_run(cfg.output_dir)
+        try:
+            check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+            error = None
+        except OutputDirNotEmpty as err:
+            error = str(err)
+        error = self.ctx.first_error(error)  # every rank checks before rank 0 writes its marker
+        if error is not None:
+            raise OutputDirNotEmpty(error)
+        run_id = None
+        if self.ctx.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            run_id = start_run(cfg.output_dir)
+        self.run_id = self.ctx.broadcast(run_id)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
     def _resolve_resume(self, resume_from: str | None) -> tuple[str | None, Mapping[str, Any] | None]:
+        """``"auto"``: this run's newest readable checkpoint, found by rank 0 for every rank."""
         if resume_from != "auto":
             return resume_from, None
-        found = find_resumable(self.config.output_dir)
-        return found if found is not None else (None, None)
+        if not self.ctx.enabled:
+            found = find_resumable(self.config.output_dir)
+            return found if found is not None else (None, None)
+        return self.ctx.broadcast(latest_checkpoint(self.config.output_dir) if self.ctx.is_main else None), None
 
     def _adopt_output_dir(self) -> None:
         """A run resumed into a folder without a marker claims it under its own id."""
-        if self.run_id is not None and run_id_of(self.config.output_dir) is None:
+        if self.ctx.is_main and self.run_id is not None and run_id_of(self.config.output_dir) is None:
             os.makedirs(self.config.output_dir, exist_ok=True)
             atomic_write_text(os.path.join(self.config.output_dir, RUN_NAME), json.dumps({"run_id": self.run_id}) + "\n")
+        self.ctx.barrier()
 
     # ------------------------------------------------------------------ preemption
     def _install_signal_handlers(self) -> dict[int, Any]:
@@ -537,10 +617,11 @@ class Trainer:
         return previous
 
     def _stop_requested(self) -> int | None:
-        """The signal that asked this run to stop, if any."""
-        return self._stop_signal
+        """The signal that asked this run to stop, if any; a signal on any rank stops every
+        rank after the same step (one collective checkpoint)."""
+        (signum,) = self.ctx.all_reduce_max([self._stop_signal or 0])
+        return int(signum) or None
 
-    # ------------------------------------------------------------------ the loop
     def _enable_gradient_checkpointing(self) -> None:
         if self._gc_enabled or not self.config.gradient_checkpointing:
             return
@@ -566,7 +647,7 @@ class Trainer:
         self._enable_gradient_checkpointing()
         end = self.max_steps if stop_after is None else min(self.max_steps, stop_after)
         bar = None
-        if cfg.progress and self.step < end:
+        if self.progress and self.step < end:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.max_steps, initial=self.step, desc="train" + (" (bi-level)" if cfg.bilevel else ""),
                        dynamic_ncols=True)
@@ -605,7 +686,15 @@ class Trainer:
         return self.history
 
     def save_history(self, path: str | None = None) -> str:
+        """The history as JSON lines (rank 0 writes)."""
         path = path or os.path.join(self.config.output_dir, "history.jsonl")
-        atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
+        if self.ctx.is_main:
+            atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
+        self.ctx.barrier()
         return path
+
+    def save_adapter(self, directory: str | os.PathLike) -> None:
+        """The trained adapter, gathered, written by rank 0 (see :func:`iapt_fast.parallel.save_adapter`)."""
+        save_adapter(self.model, directory, self.ctx)
+
 

@@ -28,7 +28,6 @@ import test_distributed_worker as W  # noqa: E402
 from iapt_fast.data import IAPTCollator  # noqa: E402
 from iapt_fast.distributed import (  # noqa: E402
     DistContext,
-    DistributedTrainer,
     ShardedBatchStream,
     init_distributed,
     resolve_strategy,
@@ -302,10 +301,10 @@ def test_batch_not_divisible_by_world_size(data, tmp_path):
     tok, train, _, _, collator = data
     ctx = DistContext("ddp", rank=0, world_size=3)
     with pytest.raises(ValueError, match="batch_size 4 .* not divisible by the world size 3"):
-        DistributedTrainer(W.build_model(tok), W.train_config(str(tmp_path)), train, collator, ctx)
+        Trainer(W.build_model(tok), W.train_config(str(tmp_path)), train, collator, ctx=ctx)
     with pytest.raises(ValueError, match="call prepare_model"):
-        DistributedTrainer(W.build_model(tok), W.train_config(str(tmp_path)), train, collator,
-                           DistContext("fsdp", rank=0, world_size=2))
+        Trainer(W.build_model(tok), W.train_config(str(tmp_path)), train, collator,
+                ctx=DistContext("fsdp", rank=0, world_size=2))
 
 
 @pytest.mark.parametrize("n, world", [(17, 2), (5, 4), (3, 4), (1, 2), (12, 3)])

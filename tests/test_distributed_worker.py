@@ -64,8 +64,8 @@ def train_config(out: str, bilevel: bool = False, **kw):
 
 
 def trainable(model) -> dict:
-    from iapt_fast.distributed import _full
-    return {n: _full(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    from iapt_fast.parallel import full_tensor
+    return {n: full_tensor(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _train_modes(root: str) -> None:
@@ -86,7 +86,8 @@ def _train_modes(root: str) -> None:
 def _train_one(mode: str, out: str, ctx) -> None:
     import torch
     from iapt_fast.data import IAPTCollator
-    from iapt_fast.distributed import DistributedTrainer, prepare_model
+    from iapt_fast.distributed import prepare_model
+    from iapt_fast.trainer import Trainer
 
     tok = build_tokenizer()
     train, evals, dev = build_data(tok)
@@ -98,8 +99,7 @@ def _train_one(mode: str, out: str, ctx) -> None:
     def run(name: str, bilevel: bool = False, resume: str | None = None, out_name: str | None = None):
         model = prepare_model(build_model(tok), ctx)
         cfg = train_config(os.path.join(out, out_name or name), bilevel=bilevel, gradient_checkpointing=gc)
-        tr = DistributedTrainer(model, cfg, train, collator, ctx, eval_examples=evals,
-                                dev_examples=dev if bilevel else None)
+        tr = Trainer(model, cfg, train, collator, eval_examples=evals, dev_examples=dev if bilevel else None, ctx=ctx)
         tr.train(resume_from=resume)
         return model, tr
 
