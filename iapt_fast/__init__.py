@@ -1,15 +1,17 @@
 """iapt_fast: Instruction-Aware Prompt Tuning (Zhu et al., ACL 2024) for Hugging Face causal LMs.
 
 The public entry points:
-    IAPTConfig                     adapter hyper-parameters (config.py)
-    prompt_generator               the generator math, reference or Triton (functional.py)
-    rational, Rational, fit_rational   the learned rational activation (rational.py)
-    GeneratorBank                  generator parameters of all layers × adapters (generator.py)
+    IAPTConfig                         adapter hyper-parameters (config.py)
+    prompt_generator                   the generator math, reference or Triton (generator/functional.py)
+    rational, Rational, fit_rational   the learned rational activation (generator/rational.py)
+    GeneratorBank                      generator parameters of all layers × adapters (generator/bank.py)
+    IAPTModel, get_iapt_model          a causal LM with IAPT adapters (model/)
+    training/                          Trainer, data, checkpoints, DDP/FSDP; the CLI is iapt_fast.train
 """
-from .config import IAPTConfig
-from .functional import prompt_generator
-from .generator import AdapterGenerators, GeneratorBank, LayerGenerator
-from .rational import Rational, fit_rational, rational
+from iapt_fast.config import IAPTConfig
+from iapt_fast.generator import (AdapterGenerators, GeneratorBank, LayerGenerator, Rational, fit_rational,
+                                 prompt_generator, rational)
+from iapt_fast.model import IAPTModel, get_iapt_model
 
 __version__ = "0.1.0"
 
@@ -22,7 +24,6 @@ __all__ = [
     "GeneratorBank",
     "AdapterGenerators",
     "LayerGenerator",
+    "IAPTModel",
+    "get_iapt_model",
 ]
-from .model import IAPTModel, get_iapt_model  # noqa: E402  (after the core: model imports it)
-
-__all__ += ["IAPTModel", "get_iapt_model"]

@@ -14,6 +14,7 @@ POOL_INPUTS = ("hidden", "normed")
 GENERATOR_FORMS = ("anchored", "paper")
 ANCHOR_INITS = ("bos", "text")
 CONFIG_NAME = "adapter_config.json"
+DEFAULT_BOTTLENECK_RULE = "max(8, 5·d/64)"  # what bottleneck_dim=None resolves to (resolved_bottleneck)
 # A callable initialiser cannot be written to JSON; its fitted coefficients live in the weights
 # file, so a saved adapter records "custom" and the loader takes the coefficients from there.
 CUSTOM_INIT = "custom"
@@ -25,7 +26,7 @@ class IAPTConfig:
 
     Args:
         num_soft_tokens: T, soft tokens generated per layer (paper: 4).
-        bottleneck_dim: m, the generator's bottleneck. ``None`` picks ``max(8, 5 * d // 64)``
+        bottleneck_dim: m, the generator's bottleneck. ``None`` picks ``max(8, 5·d // 64)``
             when the model is wrapped (320 for d = 4096, as in the paper).
         rational_degrees: (p, q), numerator and denominator degrees of the rational activation.
         rational_version: "B" (safe PAU, the paper's) or "A".

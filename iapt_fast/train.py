@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from .config import ANCHOR_INITS, GENERATOR_FORMS, POOL_INPUTS, IAPTConfig
+from iapt_fast.config import ANCHOR_INITS, DEFAULT_BOTTLENECK_RULE, GENERATOR_FORMS, POOL_INPUTS, IAPTConfig
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -61,7 +61,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .model import VERIFIED_ATTENTION
+    from iapt_fast.model.iapt_model import VERIFIED_ATTENTION
 
     p = argparse.ArgumentParser(
         prog="iapt-train",
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("adapter")
     g.add_argument("--num-soft-tokens", type=_positive_int, default=4, help="T, soft tokens per layer")
-    g.add_argument("--bottleneck-dim", type=_positive_int, default=None, help="m (default: max(8, 5·d/64))")
+    g.add_argument("--bottleneck-dim", type=_positive_int, default=None, help=f"m (default: {DEFAULT_BOTTLENECK_RULE})")
     g.add_argument("--rational-init", default="gelu", help="gelu, relu, silu, tanh or identity")
     g.add_argument("--pool-input", choices=POOL_INPUTS, default=_ADAPTER_DEFAULTS.pool_input,
                    help="pool the layer's input norm of its input, or the raw residual stream (paper)")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "then never resumed or pruned); without it such a folder is refused")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    from .distributed import add_distributed_arguments  # torchrun / accelerate launch
+    from iapt_fast.training.distributed import add_distributed_arguments  # torchrun / accelerate launch
     add_distributed_arguments(p)
     return p
 
@@ -207,7 +207,7 @@ def _adapter_config(args: argparse.Namespace) -> IAPTConfig:
 
 
 def _train_config(args: argparse.Namespace):
-    from .trainer import TrainConfig
+    from iapt_fast.training.trainer import TrainConfig
 
     return TrainConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, num_epochs=args.epochs, batch_size=args.batch_size,
@@ -222,7 +222,7 @@ def _train_config(args: argparse.Namespace):
 
 def _check_model_folder(args: argparse.Namespace) -> None:
     """The model's family and depth from its config.json (no weights are read)."""
-    from .architectures import SUPPORTED_FAMILIES
+    from iapt_fast.model.architectures import SUPPORTED_FAMILIES
 
     path = os.path.join(args.model, "config.json")
     try:
@@ -242,7 +242,7 @@ def _check_model_folder(args: argparse.Namespace) -> None:
 
 
 def _check_output(args: argparse.Namespace) -> None:
-    from .checkpoints import check_output_dir, latest_checkpoint, read_state
+    from iapt_fast.training.checkpoints import check_output_dir, latest_checkpoint, read_state
 
     if args.resume not in (None, "auto"):
         read_state(args.resume)  # FileNotFoundError / ValueError name the file
@@ -252,7 +252,7 @@ def _check_output(args: argparse.Namespace) -> None:
 
 def _prepare_data(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
     """Load, validate and tokenize every split; all data errors surface here, before the model loads."""
-    from .data import PromptFormat, detect_choices, format_records, load_records, split_records, tokenize_records
+    from iapt_fast.training.data import PromptFormat, detect_choices, format_records, load_records, split_records, tokenize_records
 
     fmt = PromptFormat(args.instruction_field, args.response_field, args.prompt_template, args.response_template)
 
@@ -286,7 +286,7 @@ def _prepare_data(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
 
 
 def _choice_eval_fn(tokenizer, pairs, choices, batch_size: int, max_length: int):
-    from .evaluation import choice_examples, score_choices
+    from iapt_fast.training.evaluation import choice_examples, score_choices
 
     prompts, gold = choice_examples(pairs, choices)
     if not prompts:
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Under ``torchrun`` / ``accelerate launch`` every process runs this; see docs/distributed.md.
     """
     args = parse_args(argv)
-    from .distributed import init_distributed, shutdown
+    from iapt_fast.training.distributed import init_distributed, shutdown
 
     try:
         ctx = init_distributed(args.distributed, args.dist_timeout, device=args.device)
@@ -324,10 +324,10 @@ def _run(args: argparse.Namespace, ctx) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from .data import IAPTCollator
-    from .atomic import atomic_write_text
-    from .checkpoints import TrainingInterrupted
-    from .distributed import make_trainer, prepare_model, save_adapter, sharded_choice_eval_fn
+    from iapt_fast.training.data import IAPTCollator
+    from iapt_fast.atomic import atomic_write_text
+    from iapt_fast.training.checkpoints import TrainingInterrupted
+    from iapt_fast.training.distributed import make_trainer, prepare_model, save_adapter, sharded_choice_eval_fn
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     try:
@@ -394,7 +394,7 @@ def load_iapt_model(path: str, adapter_config, precision: str, device, attn_impl
     import torch
     from transformers import AutoModelForCausalLM
 
-    from . import get_iapt_model
+    from iapt_fast import get_iapt_model
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if precision == "bf16" else torch.float32}
     if attn_implementation:

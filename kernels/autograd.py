@@ -20,10 +20,12 @@ kernel loads and converts in registers, so there is no host-side cast (no copy o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from . import launch as L
+from . import launch as policy
 from .generator_bwd import pool_bwd_kernel, pool_bwd_scores_kernel
 from .generator_fwd import combine_kernel, pool_fwd_kernel
 from .lines import (MODE_GEMM, MODE_OUT, adapter_mm_kernel, lines_mm_kernel, rat_bwd_kernel, seg_outer_kernel,
@@ -32,58 +34,117 @@ from .lines import (MODE_GEMM, MODE_OUT, adapter_mm_kernel, lines_mm_kernel, rat
 __all__ = ["triton_prompt_generator", "PromptGeneratorFunction"]
 
 
-def _lines_mm(mode, x, w, w_strides, out_shape, out_dtype, order, sids, num, den, batch, tokens, k, nout,
-              version_b, prec, dev, anchor=None, scale=None):
-    """out [B, T, nout] = f(x [B, T, k]) · W[a(row)]; W strides (k, nout) given explicitly.
+@dataclass(frozen=True)
+class RowLayout:
+    """The rows of a batch sorted by adapter, as the line kernels walk them.
 
-    Splits K across programs (float32 atomics into a zeroed buffer) when the line blocks
-    alone are too few to fill the GPU: p = Ph·W_down has K = d = 4096 but only
+    Attributes:
+        order: [B] row indices in adapter order; sorted_ids: [B] their adapter ids.
+        batch, tokens: B and T.
+    """
+
+    order: Tensor
+    sorted_ids: Tensor
+    batch: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class RationalCoeffs:
+    """The rational activation's coefficients: num [A, p+1], den [A, q], version B or A."""
+
+    num: Tensor
+    den: Tensor
+    version_b: bool
+
+
+@dataclass(frozen=True)
+class StridedTensor:
+    """A tensor the kernel reads with explicit strides (for a transposed or padded view)."""
+
+    tensor: Tensor
+    strides: tuple[int, ...]
+
+
+def _lines_mm(mode: int, x: Tensor, w: StridedTensor, *, out_shape: tuple[int, int, int], out_dtype: torch.dtype,
+              rows: RowLayout, coeffs: RationalCoeffs, k: int, prec: str, anchor: Tensor | None = None,
+              scale: Tensor | None = None) -> Tensor:
+    """out [B, T, nout] = f(x [B, T, k]) · W[a(row)]; ``w.strides`` are W's (adapter, k, nout) strides.
+
+    f is the identity (MODE_GEMM) or the rational R (MODE_OUT, whose store can add the anchor
+    and scale). Splits K across programs (float32 atomics into a zeroed buffer) when the line
+    blocks alone are too few to fill the GPU: p = Ph·W_down has K = d = 4096 but only
     cdiv(B·T, 64)·cdiv(m, 64) output tiles (10 at B = 32, m = 320)."""
-    tpl = L.lines_per_row(tokens)
-    row_blocks = L.triton.cdiv(batch, L.LINES_BLOCK // tpl)
-    col_blocks = L.triton.cdiv(nout, L.LINES_BLOCK_OUT)
-    k_splits, per_split = L.choose_k_splits(row_blocks * col_blocks, k, dev)
+    nout = out_shape[2]
+    dev = x.device
+    lines = policy.lines_per_row(rows.tokens)
+    row_blocks = policy.triton.cdiv(rows.batch, policy.LINES_BLOCK // lines)
+    col_blocks = policy.triton.cdiv(nout, policy.LINES_BLOCK_OUT)
+    k_splits, per_split = policy.choose_k_splits(row_blocks * col_blocks, k, dev)
     atomic = k_splits > 1 and mode == MODE_GEMM and anchor is None and scale is None
     if not atomic:
         k_splits, per_split = 1, max(k, 1)
     if atomic:
         out = torch.zeros(*out_shape, dtype=torch.float32, device=dev)
     else:
-        out = L.empty(*out_shape, dtype=out_dtype, device=dev)
+        out = policy.empty(*out_shape, dtype=out_dtype, device=dev)
     a_arg = anchor if anchor is not None else x  # never read without ANCHOR / SCALE
     s_arg = scale if scale is not None else x
     a_strides = (anchor.stride(0), anchor.stride(1), anchor.stride(2)) if anchor is not None else (0, 0, 0)
-    L.launch(lines_mm_kernel, (row_blocks, col_blocks, k_splits),
-             [x, w, out, order, sids, num, den, a_arg, s_arg, batch, tokens, k, nout, per_split,
-              x.stride(0), x.stride(1), x.stride(2), w.stride(0), w_strides[0], w_strides[1],
-              out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
-              *a_strides, scale.stride(0) if scale is not None else 0],
-             dict(MODE=mode, ATOMIC=atomic, TPL=tpl, BLOCK_L=L.LINES_BLOCK, BLOCK_K=L.LINES_BLOCK_K,
-                  BLOCK_NO=L.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b, PREC=prec,
-                  ANCHOR=anchor is not None, SCALE=scale is not None))
+    num, den = coeffs.num, coeffs.den
+    policy.launch(lines_mm_kernel, (row_blocks, col_blocks, k_splits),
+                  [x, w.tensor, out, rows.order, rows.sorted_ids, num, den, a_arg, s_arg, rows.batch, rows.tokens, k,
+                   nout, per_split, x.stride(0), x.stride(1), x.stride(2), *w.strides,
+                   out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
+                   *a_strides, scale.stride(0) if scale is not None else 0],
+                  dict(MODE=mode, ATOMIC=atomic, TPL=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_K=policy.LINES_BLOCK_K,
+                       BLOCK_NO=policy.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b,
+                       PREC=prec, ANCHOR=anchor is not None, SCALE=scale is not None))
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def _adapter_mm(x, x_strides, y, y_strides, out, used, ni, k, nj, nj_store, prec):
-    """out[a, i, j] = Σ_k x[a, i, k] y[a, k, j]; strides given as (adapter, row, col)."""
-    grid = (out.shape[0], L.triton.cdiv(ni, L.LINES_BLOCK))
-    L.launch(adapter_mm_kernel, grid,
-             [x, y, out, used, ni, k, nj, nj_store, *x_strides, *y_strides,
-              out.stride(0), out.stride(1), out.stride(2)],
-             dict(BLOCK_I=L.LINES_BLOCK, BLOCK_K=L.LINES_BLOCK_K, BLOCK_J=L.TP_DOT, PREC=prec))
+def _adapter_mm(x: StridedTensor, y: StridedTensor, out: Tensor, *, used: Tensor, ni: int, k: int, nj: int,
+                nj_store: int, prec: str) -> None:
+    """out[a, i, j] = Σ_k x[a, i, k] y[a, k, j] for the adapters marked in ``used``; strides
+    are (adapter, row, col); ``nj_store`` of the nj columns are stored."""
+    grid = (out.shape[0], policy.triton.cdiv(ni, policy.LINES_BLOCK))
+    policy.launch(adapter_mm_kernel, grid,
+                  [x.tensor, y.tensor, out, used, ni, k, nj, nj_store, *x.strides, *y.strides,
+                   out.stride(0), out.stride(1), out.stride(2)],
+                  dict(BLOCK_I=policy.LINES_BLOCK, BLOCK_K=policy.LINES_BLOCK_K, BLOCK_J=policy.TP_DOT, PREC=prec))
 
 
-def _seg_outer(x, y, out, order, seg, num, den, e1, e1_strides, e2, e2_strides, tokens,
-               apply_r, extra, version_b, prec):
-    grid = (out.shape[0], L.triton.cdiv(out.shape[1], L.LINES_BLOCK_OUT), L.triton.cdiv(out.shape[2], L.LINES_BLOCK_OUT))
-    L.launch(seg_outer_kernel, grid,
-             [x, y, out, order, seg, num, den, e1, e2, tokens, out.shape[1], out.shape[2],
-              x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-              out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
-              *e1_strides, *e2_strides],
-             dict(APPLY_R=apply_r, EXTRA=extra, TPL=L.lines_per_row(tokens), TC=L.TP_DOT,
-                  BLOCK_L=L.LINES_BLOCK, BLOCK_I=L.LINES_BLOCK_OUT, BLOCK_J=L.LINES_BLOCK_OUT,
-                  P1=num.shape[1], Q=den.shape[1], VERSION_B=version_b, PREC=prec))
+def _seg_outer(x: Tensor, y: Tensor, out: Tensor, *, rows: RowLayout, segments: Tensor, coeffs: RationalCoeffs,
+               apply_r: bool, prec: str, dwdp: StridedTensor | None = None, w_pool: StridedTensor | None = None) -> None:
+    """out[a] = Σ over adapter a's rows of f(x)ᵀ·y (a weight gradient), f = R when ``apply_r``.
+
+    With ``dwdp`` and ``w_pool`` the kernel also adds dW_dp[a]·W_pool[a]ᵀ (the part of dW_down
+    that flows through W_dp = W_down·W_pool)."""
+    extra = dwdp is not None
+    first = dwdp if extra else StridedTensor(x, (0, 0, 0))
+    second = w_pool if extra else StridedTensor(x, (0, 0, 0))
+    num, den = coeffs.num, coeffs.den
+    grid = (out.shape[0], policy.triton.cdiv(out.shape[1], policy.LINES_BLOCK_OUT),
+            policy.triton.cdiv(out.shape[2], policy.LINES_BLOCK_OUT))
+    policy.launch(seg_outer_kernel, grid,
+                  [x, y, out, rows.order, segments, num, den, first.tensor, second.tensor, rows.tokens, out.shape[1],
+                   out.shape[2], x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                   out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
+                   *first.strides, *second.strides],
+                  dict(APPLY_R=apply_r, EXTRA=extra, TPL=policy.lines_per_row(rows.tokens), TC=policy.TP_DOT,
+                       BLOCK_L=policy.LINES_BLOCK, BLOCK_I=policy.LINES_BLOCK_OUT, BLOCK_J=policy.LINES_BLOCK_OUT,
+                       P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b, PREC=prec))
+
+
+def _strided(t: Tensor, transpose: bool = False) -> StridedTensor:
+    """A 3-D [A, i, j] tensor as the kernels read it; ``transpose``: as [A, j, i] (a view, no copy)."""
+    strides = (t.stride(0), t.stride(2), t.stride(1)) if transpose else (t.stride(0), t.stride(1), t.stride(2))
+    return StridedTensor(t, strides)
+
+
+# The forward's inputs, in order: ctx.needs_input_grad is read by these names.
+_FORWARD_INPUTS = ("hidden", "mask", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "adapter_ids", "version",
+                   "num_splits", "anchor", "anchor_scale")
 
 
 class PromptGeneratorFunction(torch.autograd.Function):
@@ -97,67 +158,66 @@ class PromptGeneratorFunction(torch.autograd.Function):
         tokens = w_pool.shape[2]
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
-        cfg = L.precision(hidden.dtype)
+        cfg = policy.precision(hidden.dtype)
         version_b = version == "B"
         has_ids = adapter_ids is not None and n_adapters > 1
         if has_ids:
             ids = adapter_ids.contiguous()
-            sids, order = torch.sort(ids, stable=True)
+            sorted_ids, order = torch.sort(ids, stable=True)
             # index_put, not bincount: bincount syncs with the host on CUDA.
             used = torch.zeros(n_adapters, dtype=torch.int32, device=dev)
             used[ids] = 1
         else:
             ids = torch.zeros(max(batch, 1), dtype=torch.long, device=dev)
-            sids = torch.zeros(batch, dtype=torch.long, device=dev)
+            sorted_ids = torch.zeros(batch, dtype=torch.long, device=dev)
             order = torch.arange(batch, dtype=torch.long, device=dev)
             used = torch.ones(n_adapters, dtype=torch.int32, device=dev)
         mask_u8 = mask.to(torch.uint8)
         rat_num = rat_num.contiguous()
         rat_den = rat_den.contiguous()
 
-        wdp = L.empty(n_adapters, dim, L.TP_DOT, **f32)
-        _adapter_mm(w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)),
-                    w_pool, (w_pool.stride(0), w_pool.stride(1), w_pool.stride(2)),
-                    wdp, used, dim, bottleneck, tokens, L.TP_DOT, cfg["prec"])
+        wdp = policy.empty(n_adapters, dim, policy.TP_DOT, **f32)
+        _adapter_mm(_strided(w_down), _strided(w_pool), wdp, used=used, ni=dim, k=bottleneck, nj=tokens,
+                    nj_store=policy.TP_DOT, prec=cfg["prec"])
 
-        splits, per_split = L.choose_splits(batch, seq, dev, num_splits)
-        part = L.empty(batch, splits, tokens, dim, **f32)
-        stat_m = L.empty(batch, splits, L.TP_DOT, **f32)
-        stat_l = L.empty(batch, splits, L.TP_DOT, **f32)
-        bd = L.block_d(dim)
-        L.launch(pool_fwd_kernel, (batch, splits),
+        splits, per_split = policy.choose_splits(batch, seq, dev, num_splits)
+        part = policy.empty(batch, splits, tokens, dim, **f32)
+        stat_m = policy.empty(batch, splits, policy.TP_DOT, **f32)
+        stat_l = policy.empty(batch, splits, policy.TP_DOT, **f32)
+        bd = policy.block_d(dim)
+        policy.launch(pool_fwd_kernel, (batch, splits),
                  [hidden, mask_u8, ids, wdp, part, stat_m, stat_l, seq, dim, tokens, per_split,
                   hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
                   wdp.stride(0), part.stride(0), part.stride(1), stat_m.stride(0)],
-                 dict(HAS_IDS=has_ids, BLOCK_N=L.STREAM_BLOCK_N, BLOCK_D=bd, TP=L.TP_DOT,
+                 dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=bd, TP=policy.TP_DOT,
                       SPLIT=cfg["fwd_split"], PREC=cfg["prec"]))
-        pooled = L.empty(batch, tokens, dim, **f32)
-        row_m = L.empty(batch, tokens, **f32)
-        row_linv = L.empty(batch, tokens, **f32)
+        pooled = policy.empty(batch, tokens, dim, **f32)
+        row_m = policy.empty(batch, tokens, **f32)
+        row_linv = policy.empty(batch, tokens, **f32)
         if splits == 0:  # N == 0: every row is empty and pools to zero
             pooled.zero_(), row_m.zero_(), row_linv.zero_()
         else:
-            L.launch(combine_kernel, (batch, L.triton.cdiv(dim, bd)),
+            policy.launch(combine_kernel, (batch, policy.triton.cdiv(dim, bd)),
                      [part, stat_m, stat_l, pooled, row_m, row_linv, splits, dim, tokens,
                       part.stride(0), part.stride(1), stat_m.stride(0), pooled.stride(0)],
-                     dict(BLOCK_D=bd, TP=L.TP_DOT))
+                     dict(BLOCK_D=bd, TP=policy.TP_DOT))
         del part, stat_m, stat_l
 
-        p = _lines_mm(MODE_GEMM, pooled, w_down, (w_down.stride(1), w_down.stride(2)), (batch, tokens, bottleneck),
-                      torch.float32, order, sids, rat_num, rat_den, batch, tokens, dim, bottleneck, version_b,
-                      cfg["prec"], dev)
-        out = _lines_mm(MODE_OUT, p, w_up, (w_up.stride(1), w_up.stride(2)), (batch, tokens, dim), hidden.dtype,
-                        order, sids, rat_num, rat_den, batch, tokens, bottleneck, dim, version_b, cfg["prec"], dev,
-                        anchor=anchor, scale=anchor_scale)
+        rows = RowLayout(order, sorted_ids, batch, tokens)
+        coeffs = RationalCoeffs(rat_num, rat_den, version_b)
+        p = _lines_mm(MODE_GEMM, pooled, _strided(w_down), out_shape=(batch, tokens, bottleneck),
+                      out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=dim, prec=cfg["prec"])
+        out = _lines_mm(MODE_OUT, p, _strided(w_up), out_shape=(batch, tokens, dim), out_dtype=hidden.dtype,
+                        rows=rows, coeffs=coeffs, k=bottleneck, prec=cfg["prec"], anchor=anchor, scale=anchor_scale)
 
-        ctx.save_for_backward(hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
+        ctx.save_for_backward(hidden, mask_u8, ids, sorted_ids, order, used, wdp, pooled, p, row_m, row_linv,
                               w_down, w_pool, rat_num, rat_den, w_up, anchor_scale)
         ctx.meta = (has_ids, version_b, cfg, anchor is not None, anchor.dtype if anchor is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (hidden, mask_u8, ids, sids, order, used, wdp, pooled, p, row_m, row_linv,
+        (hidden, mask_u8, ids, sorted_ids, order, used, wdp, pooled, p, row_m, row_linv,
          w_down, w_pool, rat_num, rat_den, w_up, anchor_scale) = ctx.saved_tensors
         has_ids, version_b, cfg, has_anchor, anchor_dtype = ctx.meta
         batch, seq, dim = hidden.shape
@@ -166,51 +226,53 @@ class PromptGeneratorFunction(torch.autograd.Function):
         dev = hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
         prec = cfg["prec"]
-        need = ctx.needs_input_grad
+        wants = dict(zip(_FORWARD_INPUTS, ctx.needs_input_grad))
         wdt = w_down.dtype
-        seg = torch.searchsorted(sids, torch.arange(n_adapters + 1, device=dev, dtype=sids.dtype))
+        # segments[a]:segments[a+1] = adapter a's rows in ``order``
+        segments = torch.searchsorted(sorted_ids, torch.arange(n_adapters + 1, device=dev, dtype=sorted_ids.dtype))
         grad_anchor = None
-        if has_anchor and need[10]:
-            grad_anchor = L.empty(n_adapters, tokens, dim, dtype=anchor_dtype, device=dev)
-            bd = L.block_d(dim)
-            L.launch(seg_sum_kernel, (n_adapters, L.triton.cdiv(dim, bd)),
-                     [grad_out, grad_anchor, order, seg, tokens, dim, grad_out.stride(0), grad_out.stride(1),
+        if has_anchor and wants["anchor"]:
+            grad_anchor = policy.empty(n_adapters, tokens, dim, dtype=anchor_dtype, device=dev)
+            bd = policy.block_d(dim)
+            policy.launch(seg_sum_kernel, (n_adapters, policy.triton.cdiv(dim, bd)),
+                     [grad_out, grad_anchor, order, segments, tokens, dim, grad_out.stride(0), grad_out.stride(1),
                       grad_out.stride(2), grad_anchor.stride(0), grad_anchor.stride(1), grad_anchor.stride(2)],
-                     dict(TPL=L.lines_per_row(tokens), BLOCK_D=bd))
+                     dict(TPL=policy.lines_per_row(tokens), BLOCK_D=bd))
         if anchor_scale is not None:
             # The generator term is s·G: its weights see s·dP (a [B, T, d] float32 scratch).
             grad_out = grad_out.float() * anchor_scale.float()[ids[:batch]][:, None, None]
 
         dnum = torch.zeros(n_adapters, rat_num.shape[1], **f32)
         dden = torch.zeros(n_adapters, rat_den.shape[1], **f32)
-        dr = _lines_mm(MODE_GEMM, grad_out, w_up, (w_up.stride(2), w_up.stride(1)), (batch, tokens, bottleneck),
-                       torch.float32, order, sids, rat_num, rat_den, batch, tokens, dim, bottleneck, version_b, prec, dev)
-        dp = L.empty(batch, tokens, bottleneck, **f32)
-        tpl = L.lines_per_row(tokens)
-        L.launch(rat_bwd_kernel, (L.triton.cdiv(batch, L.LINES_BLOCK // tpl), L.triton.cdiv(bottleneck, L.LINES_BLOCK_OUT)),
-                 [dr, p, dp, order, sids, rat_num, rat_den, dnum, dden, batch, tokens, bottleneck,
+        rows = RowLayout(order, sorted_ids, batch, tokens)
+        coeffs = RationalCoeffs(rat_num, rat_den, version_b)
+        dr = _lines_mm(MODE_GEMM, grad_out, _strided(w_up, transpose=True), out_shape=(batch, tokens, bottleneck),
+                       out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=dim, prec=prec)
+        dp = policy.empty(batch, tokens, bottleneck, **f32)
+        lines = policy.lines_per_row(tokens)
+        policy.launch(rat_bwd_kernel, (policy.triton.cdiv(batch, policy.LINES_BLOCK // lines), policy.triton.cdiv(bottleneck, policy.LINES_BLOCK_OUT)),
+                 [dr, p, dp, order, sorted_ids, rat_num, rat_den, dnum, dden, batch, tokens, bottleneck,
                   rat_num.stride(0), rat_den.stride(0)],
-                 dict(TPL=tpl, BLOCK_L=L.LINES_BLOCK, BLOCK_M=L.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
+                 dict(TPL=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_M=policy.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
                       VERSION_B=version_b))
         del dr
-        dpooled = _lines_mm(MODE_GEMM, dp, w_down, (w_down.stride(2), w_down.stride(1)), (batch, tokens, dim),
-                            torch.float32, order, sids, rat_num, rat_den, batch, tokens, bottleneck, dim, version_b,
-                            prec, dev)
+        dpooled = _lines_mm(MODE_GEMM, dp, _strided(w_down, transpose=True), out_shape=(batch, tokens, dim),
+                            out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=bottleneck, prec=prec)
         delta = torch.zeros(batch, tokens, **f32)
 
-        dwdp = torch.zeros(n_adapters, dim, L.TP_DOT, **f32)
-        attn = L.empty(batch, seq, tokens, **f32)
-        dattn = L.empty(batch, seq, tokens, **f32)
-        grid = (batch, L.triton.cdiv(seq, L.STREAM_BLOCK_N))
-        stream = dict(HAS_IDS=has_ids, BLOCK_N=L.STREAM_BLOCK_N, BLOCK_D=L.block_d(dim), TP=L.TP_DOT,
+        dwdp = torch.zeros(n_adapters, dim, policy.TP_DOT, **f32)
+        attn = policy.empty(batch, seq, tokens, **f32)
+        dattn = policy.empty(batch, seq, tokens, **f32)
+        grid = (batch, policy.triton.cdiv(seq, policy.STREAM_BLOCK_N))
+        stream = dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=policy.block_d(dim), TP=policy.TP_DOT,
                       SPLIT=cfg["bwd_split"], PREC=prec)
-        L.launch(pool_bwd_scores_kernel, grid,
+        policy.launch(pool_bwd_scores_kernel, grid,
                  [hidden, mask_u8, ids, wdp, dpooled, row_m, row_linv, attn, dattn, delta, seq, dim, tokens,
                   hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
                   wdp.stride(0), dpooled.stride(0)], stream)
-        grad_h = L.empty(*hidden.shape, dtype=hidden.dtype, device=dev) if need[0] else None
+        grad_h = policy.empty(*hidden.shape, dtype=hidden.dtype, device=dev) if wants["hidden"] else None
         dh_arg = grad_h if grad_h is not None else hidden
-        L.launch(pool_bwd_kernel, grid,
+        policy.launch(pool_bwd_kernel, grid,
                  [hidden, mask_u8, ids, wdp, dpooled, attn, dattn, delta, dh_arg, dwdp, seq, dim, tokens,
                   hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
                   wdp.stride(0),
@@ -218,25 +280,20 @@ class PromptGeneratorFunction(torch.autograd.Function):
                  dict(stream, STORE_DH=grad_h is not None))
         del attn, dattn
 
-        no_extra = (0, 0, 0)
         grad_up = grad_down = grad_pool = None
-        if need[6]:
-            grad_up = L.empty(n_adapters, bottleneck, dim, dtype=wdt, device=dev)
-            _seg_outer(p, grad_out, grad_up, order, seg, rat_num, rat_den, p, no_extra, p, no_extra, tokens,
-                       True, False, version_b, prec)
-        if need[2]:
-            grad_down = L.empty(n_adapters, dim, bottleneck, dtype=wdt, device=dev)
-            _seg_outer(pooled, dp, grad_down, order, seg, rat_num, rat_den,
-                       dwdp, (dwdp.stride(0), dwdp.stride(1), dwdp.stride(2)),
-                       w_pool, (w_pool.stride(0), w_pool.stride(2), w_pool.stride(1)),
-                       tokens, False, True, version_b, prec)
-        if need[3]:
-            grad_pool = L.empty(n_adapters, bottleneck, tokens, dtype=wdt, device=dev)
-            _adapter_mm(w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)),
-                        dwdp, (dwdp.stride(0), dwdp.stride(1), dwdp.stride(2)),
-                        grad_pool, used, bottleneck, dim, tokens, tokens, prec)
-        grad_num = dnum.to(rat_num.dtype) if need[4] else None
-        grad_den = dden.to(rat_den.dtype) if need[5] else None
+        if wants["w_up"]:
+            grad_up = policy.empty(n_adapters, bottleneck, dim, dtype=wdt, device=dev)
+            _seg_outer(p, grad_out, grad_up, rows=rows, segments=segments, coeffs=coeffs, apply_r=True, prec=prec)
+        if wants["w_down"]:
+            grad_down = policy.empty(n_adapters, dim, bottleneck, dtype=wdt, device=dev)
+            _seg_outer(pooled, dp, grad_down, rows=rows, segments=segments, coeffs=coeffs, apply_r=False, prec=prec,
+                       dwdp=_strided(dwdp), w_pool=_strided(w_pool, transpose=True))
+        if wants["w_pool"]:
+            grad_pool = policy.empty(n_adapters, bottleneck, tokens, dtype=wdt, device=dev)
+            _adapter_mm(_strided(w_down, transpose=True), _strided(dwdp), grad_pool, used=used, ni=bottleneck, k=dim,
+                        nj=tokens, nj_store=tokens, prec=prec)
+        grad_num = dnum.to(rat_num.dtype) if wants["rat_num"] else None
+        grad_den = dden.to(rat_den.dtype) if wants["rat_den"] else None
         return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None, grad_anchor, None
 
 

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
+from iapt_fast.generator.limits import MAX_SOFT_TOKENS
+
 # Streaming kernels: tokens per tile, hidden-dim chunk, padded soft-token width of the dots
 # (tl.dot needs every dimension >= 16 on NVIDIA: T <= 16 is padded to 16 in registers only).
 STREAM_BLOCK_N = 32
 STREAM_BLOCK_D = 128
-TP_DOT = 16
+TP_DOT = MAX_SOFT_TOKENS
 # Head and weight-gradient kernels: lines per block and output / reduction tile widths.
 LINES_BLOCK = 64
 LINES_BLOCK_K = 64

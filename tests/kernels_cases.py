@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from helpers import ATOL, assert_close_by_rule
-from iapt_fast import reference
+from iapt_fast.generator.tolerance import ATOL, assert_close_by_rule
+from iapt_fast.generator import reference
 
 NAMES = ("hidden", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "anchor")
 
@@ -143,9 +143,14 @@ def check(prob: Problem, fn, grad=True, grad_out_noncontig=False, factor=2.0):
     grads = torch.autograd.grad(out, leaves, g_impl)
     # With half-precision hidden states the kernels keep float32 operands as hi + lo halves
     # (kernels/common.py): ~2^-16 relative, invisible in half-precision results but not in
-    # float32 weight gradients (float32 master weights), which get that much extra slack.
-    split_rel = 2.0**-14 if dtype in (torch.float16, torch.bfloat16) else 0.0
+    # float32 weight gradients (float32 master weights), which get extra slack relative to
+    # max|ref|. The rational coefficients' gradients are sums of p^k terms (k <= 6) of both
+    # signs: the error of p is multiplied by up to k and by the cancellation (measured with
+    # bf16 hidden states over 40 seeds: up to 1.5e-4 for rat_den, 6e-5 for the other weights),
+    # so they get 2^-11; a defect is orders of magnitude larger.
+    half = dtype in (torch.float16, torch.bfloat16)
+    split_rel = {name: (2.0**-11 if name in ("rat_num", "rat_den") else 2.0**-13) if half else 0.0 for name in NAMES}
     for name, leaf, got, want, pt in zip(NAMES, leaves, grads, grads_ref, grads_pt):
         assert got.dtype == leaf.dtype, f"grad of {name}: dtype {got.dtype} != {leaf.dtype}"
-        rel = split_rel if got.dtype == torch.float32 else 0.0
+        rel = split_rel[name] if got.dtype == torch.float32 else 0.0
         rule(got, want, pt, f"grad of {name} {tag}", factor, rel)

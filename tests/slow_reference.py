@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from iapt_fast import reference
+from iapt_fast.generator import reference
 
 VOCAB = 97
 

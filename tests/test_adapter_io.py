@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
-from iapt_fast.adapter_io import WEIGHTS_NAME
+from iapt_fast.model.adapter_io import WEIGHTS_NAME
 from iapt_fast.atomic import atomic_directory
 from slow_reference import padded_batch, tiny_model
 

@@ -11,9 +11,11 @@ import json
 import pytest
 import torch
 
-from helpers import assert_close_by_rule
-from iapt_fast import IAPTConfig, IAPTModel, functional, get_iapt_model, reference
-from iapt_fast.anchor import anchor_token_ids
+from iapt_fast.generator.tolerance import assert_close_by_rule
+from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
+from iapt_fast.generator import functional
+from iapt_fast.generator import reference
+from iapt_fast.model.anchor import anchor_token_ids
 from slow_reference import padded_batch, slow_logits, tiny_model
 from train_fixtures import make_llama, make_tokenizer
 

@@ -259,7 +259,7 @@ def test_kernel_suite_refuses_to_time_a_wrong_forward():
     case = kernels.KernelCase(batch=2, seq=5, d=16, m=4, t=4, adapters=1, dtype="float32")
 
     def off_by_a_bit(*args):
-        from iapt_fast import reference
+        from iapt_fast.generator import reference
         return reference.prompt_generator(*args) * 1.01
 
     with pytest.raises(AssertionError, match="forward is wrong"):
@@ -390,7 +390,7 @@ def test_gathered_lora_equals_peft_mixed_batch():
 
 def test_budget_matches_real_parameter_counts():
     from iapt_fast import IAPTConfig
-    from iapt_fast.generator import AdapterGenerators
+    from iapt_fast.generator.bank import AdapterGenerators
 
     spec = _tiny_spec()
     for targets in (["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]):

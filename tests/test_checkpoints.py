@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from iapt_fast import IAPTConfig, get_iapt_model
-from iapt_fast.checkpoints import OutputDirNotEmpty, TrainingInterrupted, latest_checkpoint
-from iapt_fast.data import IAPTCollator, tokenize_records
+from iapt_fast.training.checkpoints import OutputDirNotEmpty, TrainingInterrupted, latest_checkpoint
+from iapt_fast.training.data import IAPTCollator, tokenize_records
 from iapt_fast.train import main
-from iapt_fast.trainer import TrainConfig, Trainer
+from iapt_fast.training.trainer import TrainConfig, Trainer
 from train_fixtures import ToyIAPT, make_llama, save_tiny_model, sentiment_rows, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")

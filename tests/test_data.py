@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from iapt_fast.data import (IGNORE_INDEX, IAPTCollator, PromptFormat, detect_choices, format_records,
+from iapt_fast.training.data import (IGNORE_INDEX, IAPTCollator, PromptFormat, detect_choices, format_records,
                             load_records, split_records, tokenize_pair, tokenize_records)
 from train_fixtures import make_tokenizer, sentiment_rows, write_jsonl
 

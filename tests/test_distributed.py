@@ -25,15 +25,15 @@ sys.path.insert(0, HERE)
 
 import test_distributed_worker as W  # noqa: E402
 
-from iapt_fast.data import IAPTCollator  # noqa: E402
-from iapt_fast.distributed import (  # noqa: E402
+from iapt_fast.training.data import IAPTCollator  # noqa: E402
+from iapt_fast.training.distributed import (  # noqa: E402
     DistContext,
     ShardedBatchStream,
     init_distributed,
     resolve_strategy,
     shard_rows,
 )
-from iapt_fast.trainer import BatchStream, Trainer  # noqa: E402
+from iapt_fast.training.trainer import BatchStream, Trainer  # noqa: E402
 
 # Single-process vs 2 ranks differ only in float summation order: ~1e-6 after 4 AdamW steps
 # (measured 7e-7), while one step moves weights by up to lr = 1e-2.
@@ -194,7 +194,7 @@ def test_cli_under_torchrun_and_accelerate_matches_one_process(tmp_path):
     resumes the DDP run's checkpoint and ends where the single process does."""
     from train_fixtures import save_tiny_model, sentiment_rows, write_jsonl
 
-    from iapt_fast.adapter_io import read_adapter
+    from iapt_fast.model.adapter_io import read_adapter
     from iapt_fast.train import main
 
     model_dir = save_tiny_model(tmp_path / "model")

@@ -22,7 +22,7 @@ TIMEOUT_S = 60.0  # generous for a loaded CI machine; the hang mode overrides it
 def build_data(tok):
     """Train/eval/dev examples whose responses differ in length, so ranks hold unequal label
     counts and a per-rank loss normalisation would show."""
-    from iapt_fast.data import tokenize_records
+    from iapt_fast.training.data import tokenize_records
     sys.path.insert(0, HERE)
     from train_fixtures import sentiment_rows
 
@@ -54,7 +54,7 @@ def build_model(tok):
 
 
 def train_config(out: str, bilevel: bool = False, **kw):
-    from iapt_fast.trainer import TrainConfig
+    from iapt_fast.training.trainer import TrainConfig
 
     base = dict(output_dir=out, max_steps=4, batch_size=4, grad_accum=2, eval_batch_size=4, lr=1e-2,
                 rational_lr=1e-3 if bilevel else None, warmup_steps=0, max_grad_norm=1.0, bilevel=bilevel,
@@ -64,14 +64,14 @@ def train_config(out: str, bilevel: bool = False, **kw):
 
 
 def trainable(model) -> dict:
-    from iapt_fast.parallel import full_tensor
+    from iapt_fast.training.parallel import full_tensor
     return {n: full_tensor(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _train_modes(root: str) -> None:
     import dataclasses
 
-    from iapt_fast.distributed import init_distributed, shutdown
+    from iapt_fast.training.distributed import init_distributed, shutdown
 
     ctx = init_distributed("ddp", timeout_s=TIMEOUT_S)
     try:
@@ -85,9 +85,9 @@ def _train_modes(root: str) -> None:
 
 def _train_one(mode: str, out: str, ctx) -> None:
     import torch
-    from iapt_fast.data import IAPTCollator
-    from iapt_fast.distributed import prepare_model
-    from iapt_fast.trainer import Trainer
+    from iapt_fast.training.data import IAPTCollator
+    from iapt_fast.training.distributed import prepare_model
+    from iapt_fast.training.trainer import Trainer
 
     tok = build_tokenizer()
     train, evals, dev = build_data(tok)
@@ -128,8 +128,8 @@ def _train_hf(out: str, ctx) -> None:
     import torch.distributed as dist
     from transformers import TrainingArguments
 
-    from iapt_fast.data import IAPTCollator
-    from iapt_fast.hf_trainer import IAPTHFTrainer
+    from iapt_fast.training.data import IAPTCollator
+    from iapt_fast.training.hf_trainer import IAPTHFTrainer
 
     tok = build_tokenizer()
     train, _, _ = build_data(tok)
@@ -152,7 +152,7 @@ def _train_hf(out: str, ctx) -> None:
 def _failure_modes(mode: str) -> None:
     import torch
     import torch.distributed as dist
-    from iapt_fast.distributed import init_distributed, shutdown
+    from iapt_fast.training.distributed import init_distributed, shutdown
 
     timeout = float(os.environ.get("IAPT_TEST_TIMEOUT", TIMEOUT_S))
     ctx = init_distributed("ddp", timeout_s=timeout)

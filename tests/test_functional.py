@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from iapt_fast import prompt_generator
-from iapt_fast.functional import resolve_backend
+from iapt_fast.generator.functional import resolve_backend
 
 
 def _args(B=2, N=3, d=8, m=4, T=4, A=1, dtype=torch.float32):
@@ -121,7 +121,7 @@ def test_masked_nan_has_no_influence_on_the_reference():
 
 def test_all_masked_row_is_rational_of_zero_times_w_up():
     # The documented contract: no instruction token → p = 0 → anchor + s·R(0)·W_up.
-    from iapt_fast.rational import rational
+    from iapt_fast.generator.rational import rational
 
     args = _args(B=2, N=4)
     args["mask"] = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)

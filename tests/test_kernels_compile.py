@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from iapt_fast import functional
+from iapt_fast.generator import functional
 
 pytestmark = pytest.mark.skipif(not functional.triton_available(), reason="triton not importable")
 

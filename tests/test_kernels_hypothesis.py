@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from iapt_fast import functional
+from iapt_fast.generator import functional
 from iapt_fast.kernels import poison_buffers, triton_prompt_generator
 from kernels_cases import check, make_problem
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close_by_rule
-from iapt_fast import IAPTConfig, IAPTModel, functional, get_iapt_model
-from iapt_fast.prefill_state import PENDING
+from iapt_fast.generator.tolerance import assert_close_by_rule
+from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
+from iapt_fast.generator import functional
+from iapt_fast.model.prefill_state import PENDING
 from slow_reference import VOCAB, padded_batch, slow_greedy, slow_logits, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]

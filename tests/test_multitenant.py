@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from iapt_fast import IAPTConfig, IAPTModel, functional, get_iapt_model
+from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
+from iapt_fast.generator import functional
 from slow_reference import padded_batch, slow_logits, tiny_model
 
 TOL = 1e-4

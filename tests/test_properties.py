@@ -16,8 +16,10 @@ import shutil
 import pytest
 import torch
 
-from iapt_fast import IAPTConfig, functional, get_iapt_model, reference
-from iapt_fast.adapter_io import WEIGHTS_NAME
+from iapt_fast import IAPTConfig, get_iapt_model
+from iapt_fast.generator import functional
+from iapt_fast.generator import reference
+from iapt_fast.model.adapter_io import WEIGHTS_NAME
 from slow_reference import VOCAB, slow_logits, tiny_model
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -224,7 +226,7 @@ def test_model_calls_error_clearly_or_match_the_slow_reference(host, batch, leng
     weights = {layer: {w: torch.cat([host.generators[r or first][layer].weights()[w] for r in used])
                        for w in host.generators[first][layer].names} for layer in layers}
     if inst is None:
-        from iapt_fast.requests import prompt_before_labels
+        from iapt_fast.model.requests import prompt_before_labels
         inst = prompt_before_labels(labels, mask) if labels is not None else mask
     ref = slow_logits(host.base_model, weights, ids, mask, inst,
                       prefix_rows=torch.tensor([r is not None for r in used]))

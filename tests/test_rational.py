@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from iapt_fast import Rational, fit_rational, rational
-from iapt_fast.rational import named_activation
+from iapt_fast import Rational, fit_rational
+from iapt_fast.generator import rational
+from iapt_fast.generator.rational import named_activation
 
 
 def _formula64(x, a, b, version):

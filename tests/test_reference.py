@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from iapt_fast import prompt_generator, rational
-from iapt_fast.reference import masked_softmax
+from iapt_fast import prompt_generator
+from iapt_fast.generator import rational
+from iapt_fast.generator.reference import masked_softmax
 
 
 def _weights(A, d, m, T, p=6, q=5, dtype=torch.float64):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iapt_fast.bilevel import is_rational_parameter, split_parameters
-from iapt_fast.data import IAPTCollator, tokenize_records
-from iapt_fast.trainer import BatchStream, TrainConfig, Trainer, latest_checkpoint
+from iapt_fast.training.bilevel import is_rational_parameter, split_parameters
+from iapt_fast.training.data import IAPTCollator, tokenize_records
+from iapt_fast.training.trainer import BatchStream, TrainConfig, Trainer, latest_checkpoint
 from train_fixtures import ToyIAPT, sentiment_rows
 
 

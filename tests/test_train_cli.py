@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
-from iapt_fast.bilevel import is_rational_parameter
-from iapt_fast.data import IAPTCollator, tokenize_records
-from iapt_fast.evaluation import evaluate_loss
+from iapt_fast.training.bilevel import is_rational_parameter
+from iapt_fast.training.data import IAPTCollator, tokenize_records
+from iapt_fast.training.evaluation import evaluate_loss
 from iapt_fast.train import build_parser, main
-from iapt_fast.trainer import TrainConfig, Trainer
+from iapt_fast.training.trainer import TrainConfig, Trainer
 from train_fixtures import make_llama, save_tiny_model, sentiment_rows, write_jsonl
 
 PROMPT = "Review: {text}\\nSentiment:"  # as typed in a shell: \n arrives as two characters
@@ -132,7 +132,7 @@ def _hf_args(out, **kw):
 def test_hf_trainer_trains_and_resumes(tok, examples, tmp_path):
     from transformers import Trainer as HFTrainer
 
-    from iapt_fast.hf_trainer import IAPTHFTrainer
+    from iapt_fast.training.hf_trainer import IAPTHFTrainer
 
     # The plain transformers.Trainer trains IAPTModel as is.
     model = _iapt(tok)
@@ -247,7 +247,7 @@ def test_iapt_learns_the_content_not_only_the_answer_format(tok, tmp_path, form,
     # The label depends on the review's first word: only a prefix that reads the instruction can
     # beat 50 %. (Guards against a pipeline that learns the label prior and nothing else.)
     # On this tiny random model the anchored form reached 0.86 at lr 3e-3 and 1.0 at 1e-2.
-    from iapt_fast.evaluation import score_choices
+    from iapt_fast.training.evaluation import score_choices
 
     rows, test = sentiment_rows(320, seed=7), sentiment_rows(100, seed=8)
     exs = tokenize_records(tok, [(f"Review: {r['text']}\nSentiment:", " " + r["label"]) for r in rows],

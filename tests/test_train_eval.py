@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iapt_fast.data import IAPTCollator, tokenize_records
-from iapt_fast.evaluation import evaluate_loss, response_loss_sum, score_choices, wilson_interval
-from iapt_fast.trainer import TrainConfig, Trainer
+from iapt_fast.training.data import IAPTCollator, tokenize_records
+from iapt_fast.training.evaluation import evaluate_loss, response_loss_sum, score_choices, wilson_interval
+from iapt_fast.training.trainer import TrainConfig, Trainer
 from train_fixtures import make_llama, sentiment_rows
 
 

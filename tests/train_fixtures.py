@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from iapt_fast import IAPTConfig, prompt_generator
-from iapt_fast.generator import AdapterGenerators
+from iapt_fast.generator.bank import AdapterGenerators
 
 WORDS = ("good bad great awful fine movie film plot actor scene story review loved hated boring "
          "fun dull bright dark long short the a and but was is it this that very not").split()

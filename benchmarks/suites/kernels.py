@@ -125,7 +125,7 @@ def make_inputs(case: KernelCase, device: str, seed: int = 0) -> dict[str, Any]:
 
 def generator_fn(impl: str, device: str) -> Callable[..., torch.Tensor]:
     """The callable (hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids) of ``impl``."""
-    from iapt_fast import reference
+    from iapt_fast.generator import reference
 
     if impl == "eager":
         return reference.prompt_generator
@@ -152,15 +152,13 @@ def generator_fn(impl: str, device: str) -> Callable[..., torch.Tensor]:
     raise ValueError(f"unknown impl {impl!r}")
 
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
 def check_forward(out: torch.Tensor, inp: dict[str, Any], impl: str) -> dict[str, float]:
     """Never time wrong code: the output must pass the design.md §4 rule against the reference.
 
     max|out − ref32| ≤ 2·max|ref_dtype − ref32| + atol, ref32 = the reference in float32.
     """
-    from iapt_fast import reference
+    from iapt_fast.generator import reference
+    from iapt_fast.generator.tolerance import rule_error
 
     hidden, mask, ids = inp["hidden"], inp["mask"], inp["adapter_ids"]
     weights = list(inp["weights"].values())
@@ -169,8 +167,7 @@ def check_forward(out: torch.Tensor, inp: dict[str, Any], impl: str) -> dict[str
         ref_pt = reference.prompt_generator(hidden, mask, *weights, ids)
     if not torch.isfinite(out).all():
         raise FloatingPointError(f"{impl} forward produced non-finite values")
-    err = (out.float() - ref32).abs().max().item()
-    bound = 2 * (ref_pt.float() - ref32).abs().max().item() + ATOL[hidden.dtype]
+    err, bound = rule_error(out, ref32, ref_pt)
     if err > bound:
         raise AssertionError(f"{impl} forward is wrong: max error {err:.3e} > 2×(reference error) + atol = {bound:.3e}")
     return {"max_abs_err": err, "err_bound": bound}

@@ -37,12 +37,12 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .data import IAPTCollator
-from .dist_context import (DEFAULT_TIMEOUT_S, STRATEGIES, DistContext, init_distributed, resolve_strategy,
+from iapt_fast.training.data import IAPTCollator
+from iapt_fast.training.dist_context import (DEFAULT_TIMEOUT_S, STRATEGIES, DistContext, init_distributed, resolve_strategy,
                            shutdown)
-from .parallel import prepare_model, save_adapter
-from .sharded import ShardedBatchStream, shard_rows, sharded_choice_eval_fn
-from .trainer import TrainConfig, Trainer
+from iapt_fast.training.parallel import prepare_model, save_adapter
+from iapt_fast.training.sharded import ShardedBatchStream, shard_rows, sharded_choice_eval_fn
+from iapt_fast.training.trainer import TrainConfig, Trainer
 
 __all__ = [
     "STRATEGIES",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import IGNORE_INDEX, IAPTCollator, _special_prefix, tokenize_pair
+from iapt_fast.training.data import IGNORE_INDEX, IAPTCollator, _special_prefix, tokenize_pair
 
 __all__ = ["accepts_instruction_mask", "model_inputs", "response_loss_sum", "evaluate_loss", "score_choices", "choice_examples", "response_loss_totals",
            "wilson_interval"]

@@ -36,17 +36,17 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .atomic import atomic_directory, atomic_write_text
-from .bilevel import grad_only_for, split_parameters
-from .batches import BatchStream
-from .checkpoints import (RUN_NAME, STATE_NAME, OutputDirNotEmpty, TrainingInterrupted, check_output_dir,
+from iapt_fast.atomic import atomic_directory, atomic_write_text
+from iapt_fast.training.bilevel import grad_only_for, split_parameters
+from iapt_fast.training.batches import BatchStream
+from iapt_fast.training.checkpoints import (RUN_NAME, STATE_NAME, OutputDirNotEmpty, TrainingInterrupted, check_output_dir,
                           check_resume_config, find_resumable, latest_checkpoint, read_state, run_id_of, start_run)
-from .data import IGNORE_INDEX, IAPTCollator
-from .dist_context import SINGLE_PROCESS, DistContext
-from .evaluation import accepts_instruction_mask, model_inputs, response_loss_sum
-from .parallel import (copy_into, ddp_wrap, full_optimizer_state, full_tensor, gathered_adapter, is_dtensor,
+from iapt_fast.training.data import IGNORE_INDEX, IAPTCollator
+from iapt_fast.training.dist_context import SINGLE_PROCESS, DistContext
+from iapt_fast.training.evaluation import accepts_instruction_mask, model_inputs, response_loss_sum
+from iapt_fast.training.parallel import (copy_into, ddp_wrap, full_optimizer_state, full_tensor, gathered_adapter, is_dtensor,
                        load_optimizer, save_adapter)
-from .sharded import ShardedBatchStream, sharded_eval_loss
+from iapt_fast.training.sharded import ShardedBatchStream, sharded_eval_loss
 
 __all__ = ["TrainConfig", "BatchStream", "Trainer", "TrainingInterrupted", "latest_checkpoint", "STATE_NAME"]
 
@@ -452,7 +452,7 @@ class Trainer:
         """Adapter + trainer state into ``path`` by one rename, then prune this run's old ones."""
         with atomic_directory(path) as tmp:
             if adapter is not None:
-                from .adapter_io import save_adapter as write_adapter
+                from iapt_fast.model.adapter_io import save_adapter as write_adapter
                 write_adapter(adapter, tmp)
             elif hasattr(self.model, "save_pretrained"):
                 self.model.save_pretrained(tmp)
@@ -511,7 +511,7 @@ class Trainer:
         peft_config = getattr(self.model, "peft_config", None)
         active = getattr(self.model, "active_adapter", None)
         if os.path.isfile(saved) and isinstance(peft_config, Mapping) and active in peft_config:
-            from .config import IAPTConfig
+            from iapt_fast.config import IAPTConfig
             theirs = IAPTConfig.from_pretrained(path).to_dict()
             ours = peft_config[active].to_dict()
             diffs = [f"{k}: checkpoint {theirs[k]!r}, this run {ours.get(k)!r}" for k in theirs

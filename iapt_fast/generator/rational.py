@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from iapt_fast.config import RATIONAL_VERSIONS
+
 __all__ = ["rational", "Rational", "fit_rational", "named_activation"]
 
 
@@ -34,8 +36,8 @@ def rational(x: Tensor, num: Tensor, den: Tensor, version: str = "B") -> Tensor:
     Returns:
         R(x), same shape and dtype as ``x``; clamped to the finite range of ``x.dtype``.
     """
-    if version not in ("A", "B"):
-        raise ValueError(f"version must be 'A' or 'B', got {version!r}")
+    if version not in RATIONAL_VERSIONS:
+        raise ValueError(f"version must be one of {RATIONAL_VERSIONS}, got {version!r}")
     if num.shape[-1] < 1 or den.shape[-1] < 1:
         raise ValueError(f"num needs >= 1 and den >= 1 coefficients, got {num.shape[-1]} and {den.shape[-1]}")
     cdt = _compute_dtype(x.dtype)
@@ -117,8 +119,8 @@ def _fit(fn, degrees, version, interval):
     p, q = degrees
     if p < 0 or q < 1:
         raise ValueError(f"degrees must be (p >= 0, q >= 1), got {degrees}")
-    if version not in ("A", "B"):
-        raise ValueError(f"version must be 'A' or 'B', got {version!r}")
+    if version not in RATIONAL_VERSIONS:
+        raise ValueError(f"version must be one of {RATIONAL_VERSIONS}, got {version!r}")
     lo, hi = interval
     x = torch.linspace(lo, hi, 1201, dtype=torch.float64)
     with torch.no_grad():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Architecture, register
+from iapt_fast.model.architectures.base import Architecture, register
 
 
 @register("gpt2")

@@ -5,9 +5,9 @@ Adding a family is one new file here: subclass Architecture (or a close relative
 LlamaLike), decorate it with ``@register("<model_type>")``, import it below, and add the family
 to the slow-reference tests.
 """
-from .base import FAMILIES, Architecture, get_architecture, register
-from . import llama  # noqa: E402,F401,I001  (registers the families; llama-like first in listings)
-from . import gpt2  # noqa: E402,F401
+from iapt_fast.model.architectures.base import FAMILIES, Architecture, get_architecture, register
+from iapt_fast.model.architectures import llama  # noqa: E402,F401,I001  (registers the families; llama-like first in listings)
+from iapt_fast.model.architectures import gpt2  # noqa: E402,F401
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .packing import AdapterPack, GroupKey
+from iapt_fast.model.packing import AdapterPack, GroupKey
 
 __all__ = ["Request", "Launch", "PrefillState", "CacheState", "cache_state", "register_cache", "PENDING"]
 

@@ -10,10 +10,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .architectures import Architecture
-from .generator import GeneratorBank
-from .packing import ServingPacks
-from .prefill_state import Launch, Request
+from iapt_fast.model.architectures import Architecture
+from iapt_fast.generator.bank import GeneratorBank
+from iapt_fast.model.packing import ServingPacks
+from iapt_fast.model.prefill_state import Launch, Request
 
 __all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "check_inputs", "check_mask", "make_request", "plan_launches",
            "prompt_before_labels", "positions", "max_new_tokens"]

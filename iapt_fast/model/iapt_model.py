@@ -18,16 +18,16 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import functional as _functional
-from .adapter_io import build_adapter, read_adapter, save_adapter
-from .anchor import anchor_states, anchor_token_ids
-from .architectures import get_architecture
-from .config import IAPTConfig
-from .generator import GeneratorBank, check_adapter_name
-from .packing import ServingPacks
-from .prefill_state import PENDING, cache_state
-from .prefix_hooks import PrefixHooks
-from .requests import (BASE_ADAPTER, VERIFIED_ATTENTION, check_inputs, check_mask, make_request, max_new_tokens,
+from iapt_fast.generator import functional as _functional
+from iapt_fast.model.adapter_io import build_adapter, read_adapter, save_adapter
+from iapt_fast.model.anchor import anchor_states, anchor_token_ids
+from iapt_fast.model.architectures import get_architecture
+from iapt_fast.config import IAPTConfig
+from iapt_fast.generator.bank import GeneratorBank, check_adapter_name
+from iapt_fast.model.packing import ServingPacks
+from iapt_fast.model.prefill_state import PENDING, cache_state
+from iapt_fast.model.prefix_hooks import PrefixHooks
+from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, check_inputs, check_mask, make_request, max_new_tokens,
                        positions, prompt_before_labels, require_active)
 
 __all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER", "VERIFIED_ATTENTION"]

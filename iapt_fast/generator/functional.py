@@ -9,7 +9,9 @@ import os
 import torch
 from torch import Tensor
 
-from . import reference
+from iapt_fast.config import RATIONAL_VERSIONS
+from iapt_fast.generator import reference
+from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 
 __all__ = ["prompt_generator", "triton_available", "resolve_backend", "check_backend_limits", "MAX_SOFT_TOKENS"]
 
@@ -17,8 +19,6 @@ BACKENDS = ("auto", "torch", "triton")
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 is accepted by the reference only: it is how tests build their oracle.
 REFERENCE_ONLY_DTYPES = (torch.float64,)
-# The kernels keep the T soft tokens in one padded register tile (design.md §4).
-MAX_SOFT_TOKENS = 16
 
 
 def triton_available() -> bool:
@@ -120,7 +120,7 @@ def prompt_generator(
 def _load_kernels():
     """The Triton entry point, or a ValueError that says how to get it."""
     try:
-        from .kernels import triton_prompt_generator
+        from iapt_fast.kernels import triton_prompt_generator
     except ImportError as err:
         if getattr(err, "name", None) == "iapt_fast.kernels" or "iapt_fast.kernels" in str(err):
             # kernels/ is a top-level folder that only the installed package maps to iapt_fast.kernels.
@@ -153,8 +153,8 @@ def _validate_anchor(anchor, anchor_scale, w_down, w_pool, backend) -> None:
 
 
 def _validate(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, backend, version, check_ids):
-    if version not in ("A", "B"):
-        raise ValueError(f"rational_version must be 'A' or 'B', got {version!r}")
+    if version not in RATIONAL_VERSIONS:
+        raise ValueError(f"rational_version must be one of {RATIONAL_VERSIONS}, got {version!r}")
     tensors = {"hidden": hidden, "mask": mask, "w_down": w_down, "w_pool": w_pool,
                "rat_num": rat_num, "rat_den": rat_den, "w_up": w_up}
     for name, value in tensors.items():

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .config import CUSTOM_INIT, IAPTConfig
-from .rational import fit_rational
+from iapt_fast.config import CUSTOM_INIT, IAPTConfig
+from iapt_fast.generator.rational import fit_rational
 
 __all__ = ["LayerGenerator", "AdapterGenerators", "GeneratorBank", "WEIGHT_NAMES", "ANCHOR_NAMES", "tensor_names",
            "anchor_scale_of"]

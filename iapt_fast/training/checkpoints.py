@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .atomic import atomic_write_text
+from iapt_fast.atomic import atomic_write_text
 
 __all__ = ["STATE_NAME", "RUN_NAME", "TRAJECTORY_FIELDS", "TrainingInterrupted", "OutputDirNotEmpty",
            "read_state", "find_resumable", "latest_checkpoint", "check_output_dir", "start_run", "run_id_of",

@@ -8,10 +8,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .data import IGNORE_INDEX, IAPTCollator
-from .dist_context import DistContext
-from .evaluation import response_loss_totals
-from .batches import BatchStream
+from iapt_fast.training.data import IGNORE_INDEX, IAPTCollator
+from iapt_fast.training.dist_context import DistContext
+from iapt_fast.training.evaluation import response_loss_totals
+from iapt_fast.training.batches import BatchStream
 
 __all__ = ["shard_rows", "ShardedBatchStream", "padded_shard", "sharded_eval_loss", "sharded_choice_eval_fn"]
 
@@ -86,7 +86,7 @@ def sharded_choice_eval_fn(tokenizer: Any, pairs: Sequence[tuple[str, str]], cho
     Pairs whose response is not one of ``choices`` are skipped; None when none is left.
     Every rank must call the returned function (it runs collectives).
     """
-    from .evaluation import choice_examples, score_choices
+    from iapt_fast.training.evaluation import choice_examples, score_choices
 
     prompts, gold = choice_examples(pairs, choices)
     if not prompts:

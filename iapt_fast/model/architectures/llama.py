@@ -6,7 +6,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from .base import Architecture, register
+from iapt_fast.model.architectures.base import Architecture, register
 
 
 @register("llama", "qwen2", "qwen3")

@@ -20,13 +20,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import functional
-from .architectures import Architecture
-from .compat import cache_kwarg_name
-from .generator import GeneratorBank
-from .packing import ServingPacks
-from .prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
-from .requests import plan_launches
+from iapt_fast.generator import functional
+from iapt_fast.model.architectures import Architecture
+from iapt_fast.compat import cache_kwarg_name
+from iapt_fast.generator.bank import GeneratorBank
+from iapt_fast.model.packing import ServingPacks
+from iapt_fast.model.prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
+from iapt_fast.model.requests import plan_launches
 
 __all__ = ["PrefixHooks", "PREFILL_KW"]
 

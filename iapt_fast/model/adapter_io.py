@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .atomic import atomic_files
-from .config import CONFIG_NAME, IAPTConfig
-from .generator import AdapterGenerators, tensor_names
+from iapt_fast.atomic import atomic_files
+from iapt_fast.config import CONFIG_NAME, IAPTConfig
+from iapt_fast.generator.bank import AdapterGenerators, tensor_names
 
 __all__ = ["WEIGHTS_NAME", "save_adapter", "read_adapter", "expected_shapes", "build_adapter"]
 

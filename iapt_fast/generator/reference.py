@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .rational import rational
+from iapt_fast.generator.rational import rational
 
 __all__ = ["prompt_generator", "masked_softmax"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import IAPTConfig
+from iapt_fast.config import IAPTConfig
 
 __all__ = ["anchor_token_ids", "anchor_states"]
 

@@ -7,7 +7,7 @@ dict — the frozen backbone included, and it fails on tied embeddings. ``IAPTHF
 saves and reloads the adapter only (``adapter_config.json`` + ``adapter_model.safetensors``),
 so checkpoints are small and ``resume_from_checkpoint`` works.
 
-    from iapt_fast.hf_trainer import IAPTHFTrainer
+    from iapt_fast.training.hf_trainer import IAPTHFTrainer
     trainer = IAPTHFTrainer(model=iapt_model, args=TrainingArguments(..., remove_unused_columns=False),
                             train_dataset=tokenized, data_collator=IAPTCollator.from_tokenizer(tok))
 
@@ -21,8 +21,8 @@ import os
 import torch
 from transformers import Trainer
 
-from .adapter_io import WEIGHTS_NAME, read_adapter
-from .model import IAPTModel
+from iapt_fast.model.adapter_io import WEIGHTS_NAME, read_adapter
+from iapt_fast.model.iapt_model import IAPTModel
 
 __all__ = ["IAPTHFTrainer", "load_adapter_weights_"]
 

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .compat import ddp_buffer_kwargs, distribute_tensor_from_local_copies
-from .dist_context import SINGLE_PROCESS, DistContext
+from iapt_fast.compat import ddp_buffer_kwargs, distribute_tensor_from_local_copies
+from iapt_fast.training.dist_context import SINGLE_PROCESS, DistContext
 
 __all__ = ["is_dtensor", "full_tensor", "prepare_model", "ddp_wrap", "shard_like", "copy_into", "load_optimizer",
            "full_optimizer_state", "gathered_adapter", "save_adapter"]
@@ -128,7 +128,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, sd: Mapping[str, Any]) -> N
 
 def gathered_adapter(model: nn.Module, adapter_name: str | None = None):
     """A CPU AdapterGenerators with the full weights of the (possibly sharded) adapter; collective."""
-    from .generator import AdapterGenerators
+    from iapt_fast.generator.bank import AdapterGenerators
 
     name = adapter_name if adapter_name is not None else model._require_active()
     adapter = model.generators[name]
@@ -145,7 +145,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, ctx: DistContex
     never sees a half-written adapter. The result loads on one process with
     ``IAPTModel.from_pretrained(base, directory)``.
     """
-    from .adapter_io import save_adapter as _save
+    from iapt_fast.model.adapter_io import save_adapter as _save
 
     ctx = ctx or SINGLE_PROCESS
     sharded = any(is_dtensor(p) for p in model.parameters())

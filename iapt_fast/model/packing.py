@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .generator import GeneratorBank
+from iapt_fast.generator.bank import GeneratorBank
 
 __all__ = ["AdapterPack", "GroupKey", "ServingPacks", "group_key", "build_packs"]
 

@@ -1,0 +1,16 @@
+"""Training IAPT adapters (and any PEFT-style model) on instruction → response data.
+
+    trainer.py       TrainConfig and the one Trainer (joint or bi-level; one process or DDP/FSDP2)
+    batches.py       the resumable batch stream
+    checkpoints.py   run ownership of output folders, resumable checkpoints, resume checks
+    data.py          loading, formatting, tokenizing and collating examples
+    evaluation.py    response loss and choice accuracy
+    bilevel.py       the paper's split of the parameters (rational coefficients vs the rest)
+    dist_context.py  the job and its collectives (identities for one process)
+    parallel.py      FSDP2 / DDP placement; whole tensors in and out of shards
+    sharded.py       each rank's share of the data; sharded evaluation
+    distributed.py   the front of the three above, and the CLI's --distributed options
+    hf_trainer.py    IAPTModel inside transformers.Trainer
+
+The command line is ``iapt-train`` / ``python -m iapt_fast.train``.
+"""
