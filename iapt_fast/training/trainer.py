@@ -25,10 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import random
-import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -36,21 +32,20 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from iapt_fast.atomic import atomic_directory, atomic_write_text
+from iapt_fast.atomic import atomic_write_text
 from iapt_fast.training.bilevel import grad_only_for, split_parameters
 from iapt_fast.training.batches import BatchStream
-from iapt_fast.training.checkpoints import (RUN_NAME, STATE_NAME, OutputDirNotEmpty, TrainingInterrupted, check_output_dir,
-                          check_resume_config, find_resumable, latest_checkpoint, read_state, run_id_of, start_run)
+from iapt_fast.training.checkpoints import STATE_NAME, TrainingInterrupted, latest_checkpoint
 from iapt_fast.training.data import IGNORE_INDEX, IAPTCollator
 from iapt_fast.training.dist_context import SINGLE_PROCESS, DistContext
 from iapt_fast.training.evaluation import accepts_instruction_mask, model_inputs, response_loss_sum
-from iapt_fast.training.parallel import (copy_into, ddp_wrap, full_optimizer_state, full_tensor, gathered_adapter, is_dtensor,
-                       load_optimizer, save_adapter)
+from iapt_fast.training.parallel import ddp_wrap, full_tensor, is_dtensor, save_adapter
+from iapt_fast.training.preemption import StopSignals
 from iapt_fast.training.sharded import ShardedBatchStream, sharded_eval_loss
+from iapt_fast.training.trainer_checkpoints import TrainerCheckpoints
 
 __all__ = ["TrainConfig", "BatchStream", "Trainer", "TrainingInterrupted", "latest_checkpoint", "STATE_NAME"]
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -189,11 +184,10 @@ class Trainer:
             self._forward_module = ddp_wrap(model, self.ctx, find_unused_parameters=config.bilevel)
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.run_id: str | None = None  # set when training starts (fresh) or resumes
-        self.own_checkpoints: list[str] = []  # folders this run wrote, oldest first: the only ones it prunes
-        self._stop_signal: int | None = None
+        self.checkpoints = TrainerCheckpoints(self)
         self._gc_enabled = False
         self._trim_logits = config.trim_logits
+        self._ema: float | None = None  # the progress bar's smoothed loss
 
     def _check_job(self) -> None:
         ctx, batch = self.ctx, self.config.batch_size
@@ -397,229 +391,23 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def _rng_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        try:
-            import numpy as np
-            state["numpy"] = np.random.get_state()
-        except ImportError:  # pragma: no cover
-            pass
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def _set_rng_state(self, state: Mapping[str, Any]) -> None:
-        random.setstate(state["python"])
-        torch.set_rng_state(state["torch"])
-        if "numpy" in state:
-            import numpy as np
-            np.random.set_state(state["numpy"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-    def _checkpoint_state(self, path: str, params: dict[str, torch.Tensor], optimizers: dict[str, Any],
-                          rng: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        """Everything a resume needs; ``params`` / ``optimizers`` as whole (gathered) tensors."""
-        return {
-            "step": self.step,
-            "max_steps": self.max_steps,
-            "warmup_steps_resolved": self.warmup_steps,
-            "bilevel": self.config.bilevel,
-            "params": params,
-            "optimizers": optimizers,
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "train_stream": self.train_stream.state_dict(),
-            "dev_stream": self.dev_stream.state_dict() if self.dev_stream else None,
-            "rng": rng,
-            "history": self.history,
-            "config": self.config.to_dict(),
-            "run_id": self.run_id,
-            "checkpoints": self._own_after(path),
-            **extra,
-        }
-
-    def _checkpoint_path(self, path: str | None) -> str:
-        return os.path.abspath(path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}"))
-
-    def _own_after(self, path: str) -> list[str]:
-        """This run's checkpoint list once ``path`` is written (folders in output_dir only)."""
-        if os.path.dirname(path) != os.path.abspath(self.config.output_dir):
-            return list(self.own_checkpoints)
-        name = os.path.basename(path)
-        return [n for n in self.own_checkpoints if n != name] + [name]
-
-    def _write_checkpoint(self, path: str, state: dict[str, Any], adapter: Any = None) -> None:
-        """Adapter + trainer state into ``path`` by one rename, then prune this run's old ones."""
-        with atomic_directory(path) as tmp:
-            if adapter is not None:
-                from iapt_fast.model.adapter_io import save_adapter as write_adapter
-                write_adapter(adapter, tmp)
-            elif hasattr(self.model, "save_pretrained"):
-                self.model.save_pretrained(tmp)
-            torch.save(state, os.path.join(tmp, STATE_NAME))
-        self.own_checkpoints = state["checkpoints"]
-        self._prune_checkpoints(keep=os.path.basename(path))
+    @property
+    def run_id(self) -> str | None:
+        """The id of the run this trainer continues (its output folder's owner)."""
+        return self.checkpoints.run_id
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Adapter (``save_pretrained``) + ``trainer_state.pt`` into ``checkpoint-<step>``, atomically.
-
-        Gathered from every rank and written by rank 0, in the single-process format; every
-        rank's RNG state is kept, so a resume on the same world size continues each rank's
-        random stream (dropout) exactly.
-        """
-        path = self._checkpoint_path(path)
-        named = dict(self.model.named_parameters())
-        params = {n: full_tensor(named[n].detach()).cpu().clone() for n in self.param_names}
-        optimizers = {k: full_optimizer_state(o) for k, o in self.optimizers.items()}
-        adapter = gathered_adapter(self.model) if self._sharded and hasattr(self.model, "generators") else None
-        rngs = self.ctx.all_gather(self._rng_state())
-        state = self._checkpoint_state(path, params, optimizers, rngs[0], rng_per_rank=rngs,
-                                       world_size=self.ctx.world_size)
-        if self.ctx.is_main:
-            self._write_checkpoint(path, state, adapter)
-        else:
-            self.own_checkpoints = state["checkpoints"]
-            self._prune_checkpoints(keep=os.path.basename(path), delete=False)  # rank 0 deletes
-        self.ctx.barrier()
-        return path
-
-    def _prune_checkpoints(self, keep: str, delete: bool = True) -> None:
-        """Delete this run's oldest checkpoints beyond ``save_total_limit`` (never another run's)."""
-        limit = self.config.save_total_limit
-        if limit is None or len(self.own_checkpoints) <= limit:
-            return
-        drop = [n for n in self.own_checkpoints[:-limit] if n != keep]
-        for name in drop if delete else ():
-            shutil.rmtree(os.path.join(self.config.output_dir, name), ignore_errors=True)
-        self.own_checkpoints = [n for n in self.own_checkpoints if n not in drop]
-
-    def _check_state(self, path: str, state: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint this run cannot continue exactly, naming what differs."""
-        check_resume_config(path, state, self.config.to_dict(), self.max_steps, self.warmup_steps)
-        named = dict(self.model.named_parameters())
-        missing = [n for n in self.param_names if n not in state["params"]]
-        if missing:
-            raise ValueError(f"checkpoint {path!r} lacks trainable parameters {missing[:3]} (was it written for "
-                             "another model or adapter?)")
-        for n in self.param_names:
-            want, got = tuple(named[n].shape), tuple(state["params"][n].shape)  # a DTensor's shape is the whole one
-            if want != got:
-                raise ValueError(f"checkpoint {path!r}: {n} has shape {got}, this model's is {want}: the adapter was "
-                                 "built with another num_soft_tokens / bottleneck_dim / rational degrees; resume "
-                                 "with the checkpoint's adapter settings")
-        saved = os.path.join(path, "adapter_config.json")
-        peft_config = getattr(self.model, "peft_config", None)
-        active = getattr(self.model, "active_adapter", None)
-        if os.path.isfile(saved) and isinstance(peft_config, Mapping) and active in peft_config:
-            from iapt_fast.config import IAPTConfig
-            theirs = IAPTConfig.from_pretrained(path).to_dict()
-            ours = peft_config[active].to_dict()
-            diffs = [f"{k}: checkpoint {theirs[k]!r}, this run {ours.get(k)!r}" for k in theirs
-                     if k != "base_model_name_or_path" and theirs[k] != ours.get(k)]
-            if diffs:
-                raise ValueError(f"checkpoint {path!r} was trained with another adapter config: " + "; ".join(diffs))
+        """Adapter + trainer state into ``checkpoint-<step>`` (or ``path``), atomically; collective."""
+        return self.checkpoints.save(path)
 
     def load_checkpoint(self, path: str, state: Mapping[str, Any] | None = None) -> None:
-        """Restore everything ``save_checkpoint`` wrote (by any world size); the next step
-        continues exactly.
+        """Restore a checkpoint (written by any world size) so the next step continues exactly; collective."""
+        self.checkpoints.load(path, state)
 
-        Raises FileNotFoundError / ValueError naming the file for a missing, corrupt or
-        truncated state, and naming every difference for a checkpoint of another
-        configuration; nothing is changed then. Every rank raises together.
-        """
-        file = os.path.join(path, STATE_NAME)
-        (blind,) = self.ctx.all_reduce_sum([0 if os.path.isfile(file) else 1])
-        if blind:
-            raise FileNotFoundError(
-                f"no {STATE_NAME} in {path!r}" + ("" if not self.ctx.enabled else
-                f" ({int(blind)} of {self.ctx.world_size} rank(s); rank 0 writes checkpoints: multi-node resume "
-                "needs the output folder on a shared filesystem)"))
-        error = None
-        try:
-            state = read_state(path) if state is None else state
-            self._check_state(path, state)
-        except ValueError as err:
-            error = str(err)
-        error = self.ctx.first_error(error)
-        if error is not None:
-            raise ValueError(error)
-        named = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n in self.param_names:
-                copy_into(named[n], state["params"][n])
-        for k, o in self.optimizers.items():
-            load_optimizer(o, state["optimizers"][k])
-        rngs = state.get("rng_per_rank")
-        same_world = rngs is not None and state.get("world_size") == self.ctx.world_size
-        self._restore_common(state, rngs[self.ctx.rank] if same_world else state["rng"])
-
-    def _restore_common(self, state: Mapping[str, Any], rng: Mapping[str, Any]) -> None:
-        for k, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
-        self.train_stream.load_state_dict(state["train_stream"])
-        if self.dev_stream is not None:
-            self.dev_stream.load_state_dict(state["dev_stream"])
-        self._set_rng_state(rng)
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        self.run_id = state.get("run_id")
-        self.own_checkpoints = list(state.get("checkpoints", []))
-
-    def _start_fresh(self) -> None:
-        """Claim the output folder for a new run (refusing another run's output) and seed."""
-        cfg = self.config
-        try:
-            check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
-            error = None
-        except OutputDirNotEmpty as err:
-            error = str(err)
-        error = self.ctx.first_error(error)  # every rank checks before rank 0 writes its marker
-        if error is not None:
-            raise OutputDirNotEmpty(error)
-        run_id = None
-        if self.ctx.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            run_id = start_run(cfg.output_dir)
-        self.run_id = self.ctx.broadcast(run_id)
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-
-    def _resolve_resume(self, resume_from: str | None) -> tuple[str | None, Mapping[str, Any] | None]:
-        """``"auto"``: this run's newest readable checkpoint, found by rank 0 for every rank."""
-        if resume_from != "auto":
-            return resume_from, None
-        if not self.ctx.enabled:
-            found = find_resumable(self.config.output_dir)
-            return found if found is not None else (None, None)
-        return self.ctx.broadcast(latest_checkpoint(self.config.output_dir) if self.ctx.is_main else None), None
-
-    def _adopt_output_dir(self) -> None:
-        """A run resumed into a folder without a marker claims it under its own id."""
-        if self.ctx.is_main and self.run_id is not None and run_id_of(self.config.output_dir) is None:
-            os.makedirs(self.config.output_dir, exist_ok=True)
-            atomic_write_text(os.path.join(self.config.output_dir, RUN_NAME), json.dumps({"run_id": self.run_id}) + "\n")
-        self.ctx.barrier()
-
-    # ------------------------------------------------------------------ preemption
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGTERM / SIGINT: finish the step, checkpoint, stop (a second signal acts as usual)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-
-        def handler(signum, frame):
-            self._stop_signal = signum
-            for sig, old in previous.items():  # the next signal is not caught again
-                signal.signal(sig, old)
-
-        for sig in _STOP_SIGNALS:
-            previous[sig] = signal.signal(sig, handler)
-        return previous
-
-    def _stop_requested(self) -> int | None:
+    def _stop_requested(self, signals: StopSignals) -> int | None:
         """The signal that asked this run to stop, if any; a signal on any rank stops every
         rank after the same step (one collective checkpoint)."""
-        (signum,) = self.ctx.all_reduce_max([self._stop_signal or 0])
+        (signum,) = self.ctx.all_reduce_max([signals.signum or 0])
         return int(signum) or None
 
     def _enable_gradient_checkpointing(self) -> None:
@@ -634,56 +422,59 @@ class Trainer:
     def train(self, resume_from: str | None = None, stop_after: int | None = None) -> list[dict[str, Any]]:
         """Train to ``max_steps`` (or until ``stop_after`` steps in all) and return the history.
 
-        ``resume_from``: a checkpoint folder, or "auto" for the latest one in output_dir (a
-        fresh start when there is none). Seeds are set from ``config.seed`` on a fresh start.
+        ``resume_from``: a checkpoint folder, or "auto" for this run's latest one in output_dir
+        (a fresh start when there is none). Seeds are set from ``config.seed`` on a fresh start.
+        SIGTERM / SIGINT finish the current step, write a checkpoint and raise
+        :class:`~iapt_fast.training.checkpoints.TrainingInterrupted`.
         """
-        cfg = self.config
-        resume_from, state = self._resolve_resume(resume_from)
+        resume_from, state = self.checkpoints.resolve_resume(resume_from)
         if resume_from:
             self.load_checkpoint(resume_from, state)
-            self._adopt_output_dir()
+            self.checkpoints.adopt_output_dir()
         elif self.step == 0:
-            self._start_fresh()
+            self.checkpoints.start_fresh()
         self._enable_gradient_checkpointing()
         end = self.max_steps if stop_after is None else min(self.max_steps, stop_after)
         bar = None
         if self.progress and self.step < end:
             from tqdm.auto import tqdm
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="train" + (" (bi-level)" if cfg.bilevel else ""),
-                       dynamic_ncols=True)
-        ema = None
-        self._stop_signal = None
-        previous = self._install_signal_handlers()
+            bar = tqdm(total=self.max_steps, initial=self.step, dynamic_ncols=True,
+                       desc="train" + (" (bi-level)" if self.config.bilevel else ""))
         try:
-            while self.step < end:
-                t0 = time.perf_counter()
-                rec = self.train_step()
-                dt = time.perf_counter() - t0
-                rec.update(step=self.step, time=dt, tokens_per_s=rec["tokens"] / max(dt, 1e-9),
-                           epoch=self.train_stream.epochs_done)
-                ema = rec["loss"] if ema is None else 0.9 * ema + 0.1 * rec["loss"]
-                if self.step % cfg.log_every == 0 or self.step == end:
-                    self.history.append(rec)
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.max_steps):
-                    ev = self.evaluate()
-                    if ev:
-                        self.history.append({"step": self.step, **ev})
-                        if bar is not None:
-                            bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{rec['lr']:.2e}")
-                    bar.update(1)
-                stop = self._stop_requested()
-                if stop:
-                    raise TrainingInterrupted(stop, self.save_checkpoint(), self.step)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.max_steps:
-                    self.save_checkpoint()
+            with StopSignals() as signals:
+                while self.step < end:
+                    self._loop_step(end, bar)
+                    stop = self._stop_requested(signals)
+                    if stop:
+                        raise TrainingInterrupted(stop, self.save_checkpoint(), self.step)
+                    if self.config.save_every and self.step % self.config.save_every == 0 \
+                            and self.step < self.max_steps:
+                        self.save_checkpoint()
         finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
             if bar is not None:
                 bar.close()
         return self.history
+
+    def _loop_step(self, end: int, bar: Any) -> None:
+        """One optimizer step with its logging and periodic evaluation."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        rec = self.train_step()
+        dt = time.perf_counter() - t0
+        rec.update(step=self.step, time=dt, tokens_per_s=rec["tokens"] / max(dt, 1e-9),
+                   epoch=self.train_stream.epochs_done)
+        self._ema = rec["loss"] if self._ema is None else 0.9 * self._ema + 0.1 * rec["loss"]
+        if self.step % cfg.log_every == 0 or self.step == end:
+            self.history.append(rec)
+        if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.max_steps):
+            ev = self.evaluate()
+            if ev:
+                self.history.append({"step": self.step, **ev})
+                if bar is not None:
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+        if bar is not None:
+            bar.set_postfix(loss=f"{self._ema:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{rec['lr']:.2e}")
+            bar.update(1)
 
     def save_history(self, path: str | None = None) -> str:
         """The history as JSON lines (rank 0 writes)."""
