@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from iapt_fast.cli_fields import cli
+
 RATIONAL_INITS = ("gelu", "relu", "silu", "tanh", "identity")
 RATIONAL_VERSIONS = ("A", "B")
 POOL_INPUTS = ("hidden", "normed")
@@ -53,20 +55,33 @@ class IAPTConfig:
         base_model_name_or_path: informational, written to adapter_config.json.
     """
 
-    num_soft_tokens: int = 4
-    bottleneck_dim: int | None = None
-    rational_degrees: tuple[int, int] = (6, 5)
-    rational_version: str = "B"
-    rational_init: str | Callable[..., Any] = "gelu"
-    rational_fit_interval: tuple[float, float] = (-3.0, 3.0)
-    target_layers: list[int] | None = None
-    pool_input: str = "normed"
-    init_std_up: float = 0.02
-    generator_form: str = "anchored"
-    anchor_init: str = "bos"
-    prompt_init_text: str | None = None
-    anchor_scaled: bool = True
-    base_model_name_or_path: str | None = None
+    num_soft_tokens: int = field(default=4, metadata=cli("T, soft tokens per layer"))
+    bottleneck_dim: int | None = field(default=None, metadata=cli(f"m (default: {DEFAULT_BOTTLENECK_RULE})"))
+    rational_degrees: tuple[int, int] = field(default=(6, 5), metadata=cli(
+        "p,q: numerator and denominator degrees of the rational activation"))
+    rational_version: str = field(default="B", metadata=cli(
+        "rational form: B (safe PAU: 1 + |b1·x + ... + bq·x^q|) or A (1 + |b1·x| + ... + |bq·x^q|)",
+        choices=RATIONAL_VERSIONS))
+    rational_init: str | Callable[..., Any] = field(default="gelu", metadata=cli(
+        "function the rational is fitted to at creation", choices=RATIONAL_INITS))
+    rational_fit_interval: tuple[float, float] = field(default=(-3.0, 3.0), metadata=cli(
+        "lo,hi: interval of that fit"))
+    target_layers: list[int] | None = field(default=None, metadata=cli(
+        "comma-separated decoder layers that get a generator (negative counts from the end; default: all)"))
+    pool_input: str = field(default="normed", metadata=cli(
+        "normed: pool the layer's input norm of its input; hidden: the raw residual stream (the paper's)",
+        choices=POOL_INPUTS))
+    init_std_up: float = field(default=0.02, metadata=cli("std of W_up at initialisation (never zero)"))
+    generator_form: str = field(default="anchored", metadata=cli(
+        "anchored: P = B + s·R(p)·W_up, starting as the backbone with an init sequence prepended; "
+        "paper: P = R(p)·W_up (use with --pool-input hidden for the paper's form)", choices=GENERATOR_FORMS))
+    anchor_init: str = field(default="bos", metadata=cli(
+        "init sequence of the anchor: T copies of BOS, or --prompt-init-text", choices=ANCHOR_INITS))
+    prompt_init_text: str | None = field(default=None, metadata=cli(
+        "text whose first T tokens start the anchor (implies --anchor-init text)"))
+    anchor_scaled: bool = field(default=True, metadata=cli(
+        "fix s = 1 instead of s = RMS(anchor)", flag="--no-anchor-scale"))
+    base_model_name_or_path: str | None = None  # informational; the CLI writes --model here
     peft_type: str = field(default="IAPT", init=False)
 
     def __post_init__(self) -> None:

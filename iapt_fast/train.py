@@ -20,12 +20,13 @@ import sys
 import time
 from typing import Any, Sequence
 
-from iapt_fast.config import ANCHOR_INITS, DEFAULT_BOTTLENECK_RULE, GENERATOR_FORMS, POOL_INPUTS, IAPTConfig
+from iapt_fast.cli_fields import add_dataclass_arguments, dataclass_kwargs, name_flags
+from iapt_fast.config import IAPTConfig
 
 __all__ = ["build_parser", "main", "parse_args"]
 
-# The CLI's adapter defaults are IAPTConfig's: one recipe, whichever way a user starts.
-_ADAPTER_DEFAULTS = IAPTConfig()
+# The adapter and optimisation options are IAPTConfig's and TrainConfig's fields (cli_fields.py):
+# one definition, one recipe, whichever way a user starts.
 
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
 
@@ -68,11 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an IAPT (Instruction-Aware Prompt Tuning) adapter on a local causal LM and local data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("model")
+    model = g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="local folder of a transformers causal LM (config.json + weights)")
     g.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: --model)")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="backbone dtype; trainable generator weights always stay float32")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--attn-implementation", choices=VERIFIED_ATTENTION, default=None,
                    help="attention kernel (default: the model's); IAPT is verified with these")
@@ -102,53 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                         '"none", or a JSON list of response strings')
     g.add_argument("--cache-dir", default=None, help="datasets cache folder")
 
-    g = p.add_argument_group("adapter")
-    g.add_argument("--num-soft-tokens", type=_positive_int, default=4, help="T, soft tokens per layer")
-    g.add_argument("--bottleneck-dim", type=_positive_int, default=None, help=f"m (default: {DEFAULT_BOTTLENECK_RULE})")
-    g.add_argument("--rational-init", default="gelu", help="gelu, relu, silu, tanh or identity")
-    g.add_argument("--pool-input", choices=POOL_INPUTS, default=_ADAPTER_DEFAULTS.pool_input,
-                   help="pool the layer's input norm of its input, or the raw residual stream (paper)")
-    g.add_argument("--generator-form", choices=GENERATOR_FORMS, default=_ADAPTER_DEFAULTS.generator_form,
-                   help="anchored: P = B + s·R(p)·W_up, starting as the backbone with an init "
-                        "sequence prepended; paper: P = R(p)·W_up (use with --pool-input hidden for the paper's form)")
-    g.add_argument("--anchor-init", choices=ANCHOR_INITS, default=_ADAPTER_DEFAULTS.anchor_init,
-                   help="init sequence of the anchor: T copies of BOS, or --prompt-init-text")
-    g.add_argument("--prompt-init-text", default=None,
-                   help="text whose first T tokens start the anchor (implies --anchor-init text)")
-    g.add_argument("--no-anchor-scale", action="store_true", help="fix s = 1 instead of s = RMS(anchor)")
-    g.add_argument("--target-layers", default=None, help="comma-separated layer indices (default: all)")
-    g.add_argument("--init-std-up", type=float, default=_ADAPTER_DEFAULTS.init_std_up,
-                   help="std of W_up at initialisation")
+    from iapt_fast.training.trainer import TrainConfig
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (default: from --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the train data when --max-steps is unset")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=32, help="examples per evaluation forward")
-    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the generator weights")
-    g.add_argument("--rational-lr", type=float, default=None,
-                   help="learning rate of the rational coefficients (default: 1e-6 with --bilevel, else --lr)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on rational coefficients)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: --warmup-ratio)")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="warm-up share of the steps, then linear decay to 0")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    g.add_argument("--bilevel", action="store_true",
-                   help="the paper's bi-level mode: rational coefficients on the dev split (own LR), "
-                        "other generator weights on train, alternating steps; default is joint training")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
-    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order and splits")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--output-dir", required=True, help="where the adapter, checkpoints and metrics go")
-    g.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate every N steps (and at the end)")
-    g.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint every N steps")
-    g.add_argument("--save-total-limit", type=_positive_int, default=2, help="checkpoints kept")
-    g.add_argument("--resume", default=None, help='checkpoint folder to resume, or "auto" for the latest in --output-dir')
-    g.add_argument("--overwrite-output-dir", action="store_true",
-                   help="start a new run in an --output-dir that holds another run's output (its checkpoints are "
-                        "then never resumed or pruned); without it such a folder is refused")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    adapter = p.add_argument_group("adapter (IAPTConfig)")
+    add_dataclass_arguments(p, IAPTConfig, default_group=adapter)
+    optimisation = p.add_argument_group("optimisation (TrainConfig)")
+    output = p.add_argument_group("output")
+    add_dataclass_arguments(p, TrainConfig, groups={"model": model, "output": output}, default_group=optimisation)
+    output.add_argument("--resume", default=None,
+                        help='checkpoint folder to resume, or "auto" for this run\'s latest in --output-dir')
 
     from iapt_fast.training.distributed import add_distributed_arguments  # torchrun / accelerate launch
     add_distributed_arguments(p)
@@ -160,19 +121,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.prompt_template = _unescape(args.prompt_template)
     args.response_template = _unescape(args.response_template)
-    if args.epochs <= 0:
-        parser.error("--epochs must be > 0")
-    if args.lr <= 0:
-        parser.error("--lr must be > 0")
-    if args.rational_lr is not None and args.rational_lr < 0:
-        parser.error("--rational-lr must be >= 0")
-    if not 0 <= args.warmup_ratio < 1:
-        parser.error("--warmup-ratio must lie in [0, 1)")
-    if args.target_layers is not None:
-        try:
-            args.target_layers = [int(v) for v in args.target_layers.split(",") if v.strip()]
-        except ValueError:
-            parser.error(f"--target-layers must be comma-separated integers, got {args.target_layers!r}")
     if args.choices not in ("auto", "none"):
         try:
             choices = json.loads(args.choices)
@@ -191,33 +139,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         _check_model_folder(args)
         _check_output(args)
     except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+        from iapt_fast.training.trainer import TrainConfig
+        parser.error(name_flags(str(err), IAPTConfig, TrainConfig))
     return args
 
 
 def _adapter_config(args: argparse.Namespace) -> IAPTConfig:
-    return IAPTConfig(
-        num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, rational_init=args.rational_init,
-        pool_input=args.pool_input, target_layers=args.target_layers, init_std_up=args.init_std_up,
-        generator_form=args.generator_form,
-        anchor_init="text" if args.prompt_init_text is not None else args.anchor_init,
-        prompt_init_text=args.prompt_init_text, anchor_scaled=not args.no_anchor_scale,
-        base_model_name_or_path=os.path.abspath(args.model),
-    )
+    kwargs = dataclass_kwargs(IAPTConfig, args)
+    if kwargs["prompt_init_text"] is not None:
+        kwargs["anchor_init"] = "text"
+    return IAPTConfig(**kwargs, base_model_name_or_path=os.path.abspath(args.model))
 
 
 def _train_config(args: argparse.Namespace):
     from iapt_fast.training.trainer import TrainConfig
 
-    return TrainConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, num_epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, eval_batch_size=args.eval_batch_size, lr=args.lr, rational_lr=args.rational_lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm or None, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, bilevel=args.bilevel, eval_every=args.eval_every,
-        save_every=args.save_every, save_total_limit=args.save_total_limit, seed=args.seed,
-        progress=not args.no_progress, overwrite_output_dir=args.overwrite_output_dir,
-    )
+    kwargs = dataclass_kwargs(TrainConfig, args)
+    kwargs["max_grad_norm"] = kwargs["max_grad_norm"] or None  # 0 disables clipping
+    return TrainConfig(**kwargs)
 
 
 def _check_model_folder(args: argparse.Namespace) -> None:
@@ -235,10 +174,7 @@ def _check_model_folder(args: argparse.Namespace) -> None:
         raise ValueError(f"--model: model_type {family!r} is not supported; IAPT supports {list(SUPPORTED_FAMILIES)}")
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     if isinstance(layers, int):
-        try:
-            args.adapter_config.resolved_layers(layers)
-        except ValueError as err:
-            raise ValueError(f"--target-layers: {err}") from err
+        args.adapter_config.resolved_layers(layers)  # names target_layers (shown as --target-layers)
 
 
 def _check_output(args: argparse.Namespace) -> None:

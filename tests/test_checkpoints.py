@@ -157,10 +157,12 @@ def test_cli_sigterm_exits_143_with_a_checkpoint_and_resumes(tmp_path, monkeypat
 
 @pytest.mark.parametrize("extra,words", [
     (["--attn-implementation", "flash_attention_2"], "--attn-implementation: invalid choice"),
-    (["--target-layers", "0,7"], "--target-layers: target_layers entry 7 is out of range for a model with 2 layers"),
-    (["--init-std-up", "inf"], "init_std_up must be a finite float"),
-    (["--lr", "inf"], "lr must be a finite number"),
-    (["--warmup-steps", "-3"], "warmup_steps must be"),
+    (["--target-layers", "0,7"], "--target-layers entry 7 is out of range for a model with 2 layers"),
+    (["--init-std-up", "inf"], "--init-std-up must be a finite float"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--warmup-steps", "-3"], "--warmup-steps must be"),
+    (["--rational-degrees", "6"], "--rational-degrees: expected 2 comma-separated values"),
+    (["--epochs", "0"], "--epochs must be > 0"),
     (["--resume", "nowhere"], "no trainer_state.pt in 'nowhere'"),
 ])
 def test_cli_arguments_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, words):

@@ -26,13 +26,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from iapt_fast.atomic import atomic_write_text
+from iapt_fast.cli_fields import cli
 from iapt_fast.training.bilevel import grad_only_for, split_parameters
 from iapt_fast.training.batches import BatchStream
 from iapt_fast.training.checkpoints import STATE_NAME, TrainingInterrupted, latest_checkpoint
@@ -56,30 +57,40 @@ class TrainConfig:
     (and, in bi-level mode, as many dev examples for the rational step).
     """
 
-    output_dir: str = "iapt-output"
-    max_steps: int | None = None          # None: derived from num_epochs
-    num_epochs: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    eval_batch_size: int = 32
-    lr: float = 1e-3
-    rational_lr: float | None = None      # None: 1e-6 in bi-level mode (the paper), lr in joint mode
-    weight_decay: float = 0.0             # never applied to rational coefficients
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int | None = None       # None: warmup_ratio × max_steps
-    warmup_ratio: float = 0.1
-    max_grad_norm: float | None = 1.0
-    precision: str = "fp32"               # "fp32" | "bf16"
-    gradient_checkpointing: bool = False
-    bilevel: bool = False
-    eval_every: int | None = None
-    save_every: int | None = None
-    save_total_limit: int | None = 2
-    log_every: int = 1
-    trim_logits: bool = True              # compute LM-head logits only where labels are (same loss, less work)
-    seed: int = 0
-    progress: bool = True
-    overwrite_output_dir: bool = False    # a fresh run may start in a folder holding another run's output
+    output_dir: str = field(default="iapt-output", metadata=cli(
+        "where the adapter, checkpoints and metrics go", group="output", required=True))
+    max_steps: int | None = field(default=None, metadata=cli("optimizer steps (default: from --epochs)"))
+    num_epochs: float = field(default=1.0, metadata=cli(
+        "passes over the train data when --max-steps is unset", flag="--epochs"))
+    batch_size: int = field(default=8, metadata=cli("examples per micro-batch (the global one under DDP/FSDP)"))
+    grad_accum: int = field(default=1, metadata=cli("micro-batches per optimizer step"))
+    eval_batch_size: int = field(default=32, metadata=cli("examples per evaluation forward"))
+    lr: float = field(default=1e-3, metadata=cli("AdamW learning rate of the generator weights"))
+    rational_lr: float | None = field(default=None, metadata=cli(
+        "learning rate of the rational coefficients (default: 1e-6 with --bilevel, else --lr)"))
+    weight_decay: float = field(default=0.0, metadata=cli("AdamW weight decay (never on rational coefficients)"))
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=cli("AdamW betas, b1,b2"))
+    warmup_steps: int | None = field(default=None, metadata=cli("linear warm-up steps (default: --warmup-ratio)"))
+    warmup_ratio: float = field(default=0.1, metadata=cli("warm-up share of the steps, then linear decay to 0"))
+    max_grad_norm: float | None = field(default=1.0, metadata=cli("gradient clipping (0 disables)"))
+    precision: str = field(default="fp32", metadata=cli(
+        "backbone dtype; trainable generator weights always stay float32", choices=("fp32", "bf16"), group="model"))
+    gradient_checkpointing: bool = field(default=False, metadata=cli("non-reentrant activation checkpointing"))
+    bilevel: bool = field(default=False, metadata=cli(
+        "the paper's bi-level mode: rational coefficients on the dev split (own LR), other generator weights on "
+        "train, alternating steps; default is joint training"))
+    eval_every: int | None = field(default=None, metadata=cli(
+        "evaluate every N steps (and at the end)", group="output"))
+    save_every: int | None = field(default=None, metadata=cli("checkpoint every N steps", group="output"))
+    save_total_limit: int | None = field(default=2, metadata=cli("checkpoints of this run kept", group="output"))
+    log_every: int = field(default=1, metadata=cli("record the training loss every N steps", group="output"))
+    trim_logits: bool = field(default=True, metadata=cli(
+        "compute the LM head at every position (default: only where labels are; same loss, less work)"))
+    seed: int = field(default=0, metadata=cli("seeds initialisation, data order and splits"))
+    progress: bool = field(default=True, metadata=cli("no progress bar", group="output"))
+    overwrite_output_dir: bool = field(default=False, metadata=cli(
+        "start a new run in an --output-dir that holds another run's output (its checkpoints are then never "
+        "resumed or pruned); without it such a folder is refused", group="output"))
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "lr", "rational_lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
