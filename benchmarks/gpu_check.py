@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from iapt_fast.generator import functional
-from iapt_fast.generator import reference
+from benchmarks.suites.common import bandwidth_gbs, copy_bandwidth_gbs  # noqa: E402
+from iapt_fast.generator import functional, reference  # noqa: E402
 
 # (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,
 # where the forward splits N (flash-decoding) to fill the GPU.
@@ -48,15 +48,6 @@ def bench(fn, cuda: bool) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def copy_bandwidth(cuda: bool) -> float:
-    """Device-to-device copy bandwidth in GB/s, counting bytes read + written."""
-    n_bytes = (1 << 30) if cuda else (1 << 24)
-    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda" if cuda else "cpu").normal_()
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), cuda)
-    return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
 def make_inputs(batch, seq, dim, bottleneck, tokens, adapters, device, dtype, seed=0):
@@ -118,7 +109,7 @@ def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
                 torch.cuda.empty_cache()
     h_bytes = batch * seq * args.dim * hidden.element_size()
     if "triton_fwd_ms" in row:
-        gbs = h_bytes / (row["triton_fwd_ms"] * 1e-3) / 1e9
+        gbs = bandwidth_gbs(h_bytes, row["triton_fwd_ms"])
         row["triton_fwd_GBps"] = gbs
         row["fwd_fraction_of_copy"] = gbs / copy_gbs
         for other in ("eager", "compile"):
@@ -187,7 +178,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "triton": triton.__version__, "dim": args.dim,
         "bottleneck": args.bottleneck, "tokens": args.tokens, "dry_run": args.dry_run,
     }
-    meta["copy_GBps"] = copy_bandwidth(cuda)
+    meta["copy_GBps"] = copy_bandwidth_gbs("cuda" if cuda else "cpu", (1 << 30) if cuda else (1 << 24))["copy_gbs"]
     print(f"{meta['device']}: copy bandwidth {meta['copy_GBps']:.0f} GB/s", flush=True)
     compiled = torch.compile(reference.prompt_generator) if args.compile_tokens else None
 

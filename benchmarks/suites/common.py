@@ -316,13 +316,19 @@ def peak_memory(device: torch.device | str) -> Iterator[dict[str, float | None]]
         out["extra_mem_mb"] = max(0.0, peak - before) / 1024
 
 
+def bandwidth_gbs(nbytes: float, median_ms: float) -> float:
+    """GB/s (10^9 bytes per second) of moving ``nbytes`` in ``median_ms``: the one definition
+    every bandwidth figure uses (a copy counts its bytes read plus written)."""
+    return nbytes / (median_ms * 1e-3) / 1e9
+
+
 def copy_bandwidth_gbs(device: torch.device | str, nbytes: int) -> dict[str, float]:
     """Measured device-to-device copy bandwidth: 2 · nbytes (read + write) per copy."""
     dev = torch.device(device)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
     timing = time_fn(dev, lambda: dst.copy_(src), target_s=0.5)
-    gbs = 2 * src.numel() * 4 / (timing.median_ms * 1e-3) / 1e9
+    gbs = bandwidth_gbs(2 * src.numel() * 4, timing.median_ms)
     del src, dst
     release_memory()
     return {"copy_gbs": gbs, "copy_bytes": float(nbytes), "copy_median_ms": timing.median_ms}

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.suites.common import Recorder, copy_bandwidth_gbs, time_fn
+from benchmarks.suites.common import Recorder, bandwidth_gbs, copy_bandwidth_gbs, time_fn
 
 SUITE = "kernels"
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -211,7 +211,7 @@ def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..
         checked = check_forward(result, inp, impl)
     timing = time_fn(device, run, target_s=0.3 if quick else 0.8, min_reps=3 if quick else 5)
     nbytes = bytes_moved(case, mode, inp["used_adapters"])
-    gbs = nbytes / (timing.median_ms * 1e-3) / 1e9
+    gbs = bandwidth_gbs(nbytes, timing.median_ms)
     return {**timing.as_metrics(), **checked, "first_call_s": first_s, "bytes": float(nbytes), "gbs": gbs,
             "frac_copy_bw": gbs / copy_gbs if copy_gbs else None, "tokens": float(case.tokens)}
 
