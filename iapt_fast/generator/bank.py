@@ -191,6 +191,19 @@ class GeneratorBank(nn.Module):
         if name not in self.adapters:
             raise ValueError(f"unknown adapter {name!r}; loaded adapters: {self.adapter_names}")
 
+    def layer_weights(self, name: str, layer: int) -> dict[str, Tensor]:
+        """Detached copies of adapter ``name``'s weights at ``layer`` (negative counts from the
+        end), adapter axis first (A = 1): w_down [1, d, m], w_pool [1, m, T], rat_num [1, p+1],
+        rat_den [1, q], w_up [1, m, d]; the anchored form also anchor [1, T, d], anchor_scale [1]."""
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        adapter = self[name]
+        if layer < 0:
+            layer += self.num_layers
+        if layer not in adapter:
+            raise ValueError(f"adapter {name!r} has no generator at layer {layer}; its layers: {adapter.layer_indices}")
+        return {w: t.detach().clone() for w, t in adapter[layer].weights().items()}
+
     def stacked_weights(self, layer: int, names: Iterable[str]) -> dict[str, Tensor]:
         """Weights of ``layer`` for ``names``, stacked as [A, ...] in that order (design.md §3).
 

@@ -25,19 +25,14 @@ from iapt_fast.model.architectures import get_architecture
 from iapt_fast.config import IAPTConfig
 from iapt_fast.generator.bank import GeneratorBank, check_adapter_name
 from iapt_fast.model.packing import ServingPacks
-from iapt_fast.model.prefill_state import PENDING, cache_state
+from iapt_fast.model.prefill_state import PENDING
 from iapt_fast.model.prefix_hooks import PrefixHooks
-from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, check_inputs, check_mask, make_request, max_new_tokens,
-                       positions, prompt_before_labels, require_active)
+from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, check_checkpointing, check_generate_kwargs,
+                                      check_inputs, check_labels, check_mask, make_request, max_new_tokens, positions,
+                                      prompt_before_labels, require_active)
 
 __all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER", "VERIFIED_ATTENTION"]
 
-_UNSUPPORTED_GENERATE = {
-    "assistant_model": "assisted decoding",
-    "prompt_lookup_num_tokens": "prompt-lookup decoding",
-    "prefill_chunk_size": "chunked prefill",
-    "inputs_embeds": "generation from inputs_embeds",
-}
 
 
 class IAPTModel(nn.Module):
@@ -183,20 +178,10 @@ class IAPTModel(nn.Module):
                 param.requires_grad_(name == adapter_name)
 
     def generator_weights(self, layer: int, adapter_name: str | None = None) -> dict[str, Tensor]:
-        """One layer's weights in the design.md §3 layout (adapter axis first, A = 1).
-
-        Returns detached copies: w_down [1, d, m], w_pool [1, m, T], rat_num [1, p+1],
-        rat_den [1, q], w_up [1, m, d]; anchored form also anchor [1, T, d], anchor_scale [1].
-        """
+        """Detached copies of one layer's weights in the [A, ...] layout, A = 1 (see
+        :meth:`GeneratorBank.layer_weights`); ``adapter_name`` defaults to the active one."""
         name = adapter_name if adapter_name is not None else self._require_active()
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        adapter = self.generators[name]
-        if layer < 0:
-            layer += self._arch.num_layers
-        if layer not in adapter:
-            raise ValueError(f"adapter {name!r} has no generator at layer {layer}; its layers: {adapter.layer_indices}")
-        return {w: t.detach().clone() for w, t in adapter[layer].weights().items()}
+        return self.generators.layer_weights(name, layer)
 
     def _check_supported(self, config: IAPTConfig, what: str) -> None:
         """Refuse, before any work, an adapter this backbone and backend cannot run."""
@@ -288,15 +273,12 @@ class IAPTModel(nn.Module):
         cache = cache if cache is not None else legacy
         inputs = check_inputs(input_ids, kwargs.get("inputs_embeds"))
         batch, length = inputs.shape[:2]
-        if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (batch, length)):
-            raise ValueError(f"labels must be a [B, N] = {(batch, length)} tensor like input_ids, "
-                             f"got {tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+        check_labels(labels, batch, length)
         if cache is not None and cache.get_seq_length() > 0:
-            return self._decode_step(input_ids, attention_mask, cache, labels, kwargs)
-        if self.training and torch.is_grad_enabled() and self._arch.reentrant_checkpointing():
-            raise ValueError("IAPT needs non-reentrant activation checkpointing (the prefix reaches each layer as a "
-                             "keyword argument, which reentrant checkpointing cannot differentiate): call "
-                             "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+            kwargs = self._hooks.decode_kwargs(input_ids, attention_mask, cache, kwargs)
+            return self.base_model(input_ids=input_ids, labels=labels, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            check_checkpointing(self._arch)
         mask = check_mask(attention_mask, "attention_mask", batch, length, inputs.device)
         if instruction_mask is None and labels is not None:
             instruction_mask = prompt_before_labels(labels, mask)
@@ -323,18 +305,7 @@ class IAPTModel(nn.Module):
         prompt's attention mask (the whole prompt is the instruction).
         """
         self._require_hooks()
-        for key, what in _UNSUPPORTED_GENERATE.items():
-            if generate_kwargs.get(key) is not None:
-                raise ValueError(f"IAPTModel.generate does not support {what} ({key}=) yet")
-        gen_config = generate_kwargs.get("generation_config")
-        if generate_kwargs.get("use_cache") is False or (gen_config is not None and gen_config.use_cache is False):
-            raise ValueError("IAPTModel.generate needs use_cache=True: the prefix lives in the KV cache")
-        implementation = generate_kwargs.get("cache_implementation") or getattr(gen_config, "cache_implementation", None)
-        if implementation not in (None, "dynamic"):
-            raise ValueError(f"cache_implementation={implementation!r} is not supported with IAPT (use the dynamic cache)")
-        for key in ("cache", "past_key_values"):
-            if generate_kwargs.get(key) is not None:
-                raise ValueError(f"IAPTModel.generate starts from an empty cache; do not pass {key}=")
+        check_generate_kwargs(generate_kwargs)
         batch, length = check_inputs(input_ids, None).shape
         mask = check_mask(attention_mask, "attention_mask", batch, length, input_ids.device)
         request = make_request(self.generators, self._arch, self._active_adapter, mask, instruction_mask,
@@ -349,28 +320,6 @@ class IAPTModel(nn.Module):
                                             position_ids=position_ids, **generate_kwargs)
         finally:
             PENDING.reset(token)
-
-    # ------------------------------------------------------------------ manual decoding
-    def _decode_step(self, input_ids, attention_mask, cache, labels, kwargs):
-        """A step after an IAPT prefill: the prefix is in the cache; prepend its mask columns."""
-        state = cache_state(cache)
-        if state is None:
-            raise ValueError("the cache passed to forward() was not produced by an IAPTModel prefill")
-        skip = state.num_tokens
-        q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-        past_real = cache.get_seq_length() - skip
-        self._arch.check_prefix_support(skip, state.hides_prefix, past_real + q)
-        if attention_mask is not None:
-            if attention_mask.shape[1] != past_real + q:
-                raise ValueError(f"attention_mask must cover the {past_real} cached and {q} new tokens "
-                                 f"(without the prefix), got length {attention_mask.shape[1]}")
-            if kwargs.get("position_ids") is None:
-                kwargs["position_ids"] = positions(attention_mask.long())[:, -q:]
-            attention_mask = torch.cat([state.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
-        elif kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = torch.arange(past_real, past_real + q, device=state.prefix_mask.device)[None]
-        kwargs[self._hooks.model_cache_kw] = cache
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def remove_hooks(self) -> nn.Module:
         """Detach IAPT from the backbone and return the bare model (the adapters are discarded)."""

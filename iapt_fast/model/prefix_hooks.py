@@ -26,7 +26,7 @@ from iapt_fast.compat import cache_kwarg_name
 from iapt_fast.generator.bank import GeneratorBank
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
-from iapt_fast.model.requests import plan_launches
+from iapt_fast.model.requests import plan_launches, positions
 
 __all__ = ["PrefixHooks", "PREFILL_KW"]
 
@@ -95,6 +95,29 @@ class PrefixHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    # ------------------------------------------------------------------ manual decode steps
+    def decode_kwargs(self, input_ids: Tensor | None, attention_mask: Tensor | None, cache, kwargs: dict) -> dict:
+        """The wrapped model's keyword arguments for a step after an IAPT prefill: the prefix
+        is in the cache; its mask columns are prepended and the positions continue the real ones."""
+        state = cache_state(cache)
+        if state is None:
+            raise ValueError("the cache passed to forward() was not produced by an IAPTModel prefill")
+        skip = state.num_tokens
+        q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+        past_real = cache.get_seq_length() - skip
+        self.arch.check_prefix_support(skip, state.hides_prefix, past_real + q)
+        if attention_mask is not None:
+            if attention_mask.shape[1] != past_real + q:
+                raise ValueError(f"attention_mask must cover the {past_real} cached and {q} new tokens "
+                                 f"(without the prefix), got length {attention_mask.shape[1]}")
+            if kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = positions(attention_mask.long())[:, -q:]
+            attention_mask = torch.cat([state.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+        elif kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = torch.arange(past_real, past_real + q, device=state.prefix_mask.device)[None]
+        kwargs[self.model_cache_kw] = cache
+        return {**kwargs, "attention_mask": attention_mask}
 
     # ------------------------------------------------------------------ 1. the model
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

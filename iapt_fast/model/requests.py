@@ -15,7 +15,8 @@ from iapt_fast.generator.bank import GeneratorBank
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import Launch, Request
 
-__all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "check_inputs", "check_mask", "make_request", "plan_launches",
+__all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "check_inputs", "check_labels", "check_checkpointing",
+           "check_generate_kwargs", "check_mask", "make_request", "plan_launches",
            "prompt_before_labels", "positions", "max_new_tokens"]
 
 # Name a row of a mixed batch can use to run the bare backbone (its prefix slots are masked).
@@ -40,6 +41,44 @@ def check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tens
     if inputs.shape[0] == 0 or inputs.shape[1] == 0:
         raise ValueError(f"{name} must have at least one row and one token, got shape {tuple(inputs.shape)}")
     return inputs
+
+
+def check_labels(labels: Tensor | None, batch: int, length: int) -> None:
+    if labels is not None and (not isinstance(labels, Tensor) or tuple(labels.shape) != (batch, length)):
+        raise ValueError(f"labels must be a [B, N] = {(batch, length)} tensor like input_ids, "
+                         f"got {tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+
+
+def check_checkpointing(arch: Architecture) -> None:
+    """Refuse reentrant activation checkpointing before a training forward."""
+    if arch.reentrant_checkpointing():
+        raise ValueError("IAPT needs non-reentrant activation checkpointing (the prefix reaches each layer as a "
+                         "keyword argument, which reentrant checkpointing cannot differentiate): call "
+                         "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
+
+
+_UNSUPPORTED_GENERATE = {
+    "assistant_model": "assisted decoding",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding",
+    "prefill_chunk_size": "chunked prefill",
+    "inputs_embeds": "generation from inputs_embeds",
+}
+
+
+def check_generate_kwargs(generate_kwargs: dict) -> None:
+    """Refuse generate() options the prefix cache does not support yet, naming each."""
+    for key, what in _UNSUPPORTED_GENERATE.items():
+        if generate_kwargs.get(key) is not None:
+            raise ValueError(f"IAPTModel.generate does not support {what} ({key}=) yet")
+    gen_config = generate_kwargs.get("generation_config")
+    if generate_kwargs.get("use_cache") is False or (gen_config is not None and gen_config.use_cache is False):
+        raise ValueError("IAPTModel.generate needs use_cache=True: the prefix lives in the KV cache")
+    implementation = generate_kwargs.get("cache_implementation") or getattr(gen_config, "cache_implementation", None)
+    if implementation not in (None, "dynamic"):
+        raise ValueError(f"cache_implementation={implementation!r} is not supported with IAPT (use the dynamic cache)")
+    for key in ("cache", "past_key_values"):
+        if generate_kwargs.get(key) is not None:
+            raise ValueError(f"IAPTModel.generate starts from an empty cache; do not pass {key}=")
 
 
 def check_mask(mask: Tensor | None, name: str, batch: int, length: int, device) -> Tensor:
