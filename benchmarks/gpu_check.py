@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.suites.common import bandwidth_gbs, copy_bandwidth_gbs  # noqa: E402
 from iapt_fast.generator import functional, reference  # noqa: E402
+from iapt_fast.generator.inputs import random_inputs  # noqa: E402
 
 # (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,
 # where the forward splits N (flash-decoding) to fill the GPU.
@@ -51,18 +52,9 @@ def bench(fn, cuda: bool) -> float:
 
 
 def make_inputs(batch, seq, dim, bottleneck, tokens, adapters, device, dtype, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
-
-    hidden = rnd(batch, seq, dim)
-    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(device)
-    weights = [rnd(adapters, dim, bottleneck, std=dim**-0.5), rnd(adapters, bottleneck, tokens, std=bottleneck**-0.5),
-               rnd(adapters, 7, std=0.3), rnd(adapters, 5, std=0.3), rnd(adapters, bottleneck, dim, std=bottleneck**-0.5)]
-    ids = (torch.arange(batch) % adapters).to(device) if adapters > 1 else None
-    return hidden, mask, weights, ids
+    inp = random_inputs(batch, seq, dim, bottleneck, tokens, adapters, (6, 5), dtype=dtype, device=device, seed=seed,
+                        min_fill=0.5)
+    return inp.hidden, inp.mask, list(inp.weights.values()), inp.adapter_ids
 
 
 def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):

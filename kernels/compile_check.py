@@ -25,21 +25,14 @@ AMPERE_SHARED_LIMIT = 163 * 1024
 
 def _problem(hidden_dtype, weight_dtype, dim, bottleneck, tokens, adapters, degrees, version,
              hidden_grad=True, seq=40, batch=2, anchored=False):
-    import torch
+    from iapt_fast.generator.inputs import random_inputs
 
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(batch, seq, dim, generator=gen).to(hidden_dtype).requires_grad_(hidden_grad)
-    mask = torch.ones(batch, seq, dtype=torch.bool)
-    p, q = degrees
-    shapes = [(adapters, dim, bottleneck), (adapters, bottleneck, tokens), (adapters, p + 1), (adapters, q),
-              (adapters, bottleneck, dim)]
-    weights = [torch.randn(*s, generator=gen).to(weight_dtype).requires_grad_(True) for s in shapes]
-    ids = torch.arange(batch) % adapters if adapters > 1 else None
-    anchor = {}
-    if anchored:  # the anchored form: the head's fused epilogue and the anchor-gradient kernel
-        anchor = {"anchor": torch.randn(adapters, tokens, dim, generator=gen).to(weight_dtype).requires_grad_(True),
-                  "anchor_scale": torch.rand(adapters, generator=gen).to(weight_dtype)}
-    return hidden, mask, weights, ids, version, anchor
+    inp = random_inputs(batch, seq, dim, bottleneck, tokens, adapters, degrees, dtype=hidden_dtype,
+                        weight_dtype=weight_dtype, anchored=anchored, requires_grad=True)
+    inp.hidden.requires_grad_(hidden_grad)
+    weights = [inp.weights[w] for w in ("w_down", "w_pool", "rat_num", "rat_den", "w_up")]
+    anchor = {k: inp.weights[k] for k in ("anchor", "anchor_scale") if k in inp.weights}
+    return inp.hidden, inp.mask, weights, inp.adapter_ids, version, anchor
 
 
 LEVELS = ("quick", "ci", "full")

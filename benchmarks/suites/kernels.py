@@ -96,31 +96,12 @@ def bytes_moved(case: KernelCase, mode: str, used_adapters: int) -> int:
 
 def make_inputs(case: KernelCase, device: str, seed: int = 0) -> dict[str, Any]:
     """Random generator inputs, drawn on ``device``; about a tenth of each row is padding."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dtype = getattr(torch, case.dtype)
-    a, d, m, t = case.adapters, case.d, case.m, case.t
+    from iapt_fast.generator.inputs import random_inputs
 
-    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
-
-    hidden = rnd(case.batch, case.seq, d)
-    lengths = torch.randint(max(1, case.seq * 9 // 10), case.seq + 1, (case.batch,), generator=gen, device=device)
-    mask = torch.arange(case.seq, device=device)[None, :] < lengths[:, None]
-    if a == 1:
-        ids = None
-    elif case.batch >= a:
-        ids = torch.arange(case.batch, device=device) % a
-    else:
-        ids = torch.randint(0, a, (case.batch,), generator=gen, device=device)
-    weights = {
-        "w_down": rnd(a, d, m, scale=d**-0.5),
-        "w_pool": rnd(a, m, t, scale=m**-0.5),
-        "rat_num": rnd(a, DEGREES[0] + 1, scale=0.3),
-        "rat_den": rnd(a, DEGREES[1], scale=0.3),
-        "w_up": rnd(a, m, d, scale=0.02),
-    }
-    used = 1 if ids is None else int(torch.unique(ids).numel())
-    return {"hidden": hidden, "mask": mask, "weights": weights, "adapter_ids": ids, "used_adapters": used}
+    inp = random_inputs(case.batch, case.seq, case.d, case.m, case.t, case.adapters, DEGREES,
+                        dtype=getattr(torch, case.dtype), device=device, seed=seed, min_fill=0.9)
+    return {"hidden": inp.hidden, "mask": inp.mask, "weights": inp.weights, "adapter_ids": inp.adapter_ids,
+            "used_adapters": inp.used_adapters}
 
 
 def generator_fn(impl: str, device: str) -> Callable[..., torch.Tensor]:
