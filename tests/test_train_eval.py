@@ -77,7 +77,7 @@ def test_trimmed_logits_give_the_same_step(tok, kind, tmp_path):
         tr = Trainer(model, TrainConfig(output_dir=str(tmp_path), batch_size=8, max_steps=2, progress=False,
                                         trim_logits=trim, lr=1e-2), exs, IAPTCollator.from_tokenizer(tok))
         tr.train()
-        assert tr._trim_logits == trim
+        assert tr.accumulator.trim_logits == trim
         params.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,9 @@
 """Training IAPT adapters (and any PEFT-style model) on instruction → response data.
 
     trainer.py       TrainConfig and the one Trainer (joint or bi-level; one process or DDP/FSDP2)
+    accumulation.py  the micro-batches of one step: forward, loss, backward, gradient sync
+    trainer_checkpoints.py  what a checkpoint holds; saving, pruning and exact resume
+    preemption.py    SIGTERM / SIGINT: finish the step, checkpoint, stop
     batches.py       the resumable batch stream
     checkpoints.py   run ownership of output folders, resumable checkpoints, resume checks
     data.py          loading, formatting, tokenizing and collating examples

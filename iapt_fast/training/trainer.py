@@ -20,14 +20,13 @@ every method with the same code.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,11 +34,12 @@ from torch import nn
 from iapt_fast.atomic import atomic_write_text
 from iapt_fast.cli_fields import cli
 from iapt_fast.training.bilevel import grad_only_for, split_parameters
+from iapt_fast.training.accumulation import GradientAccumulator
 from iapt_fast.training.batches import BatchStream
 from iapt_fast.training.checkpoints import STATE_NAME, TrainingInterrupted, latest_checkpoint
-from iapt_fast.training.data import IGNORE_INDEX, IAPTCollator
+from iapt_fast.training.data import IAPTCollator
 from iapt_fast.training.dist_context import SINGLE_PROCESS, DistContext
-from iapt_fast.training.evaluation import accepts_instruction_mask, model_inputs, response_loss_sum
+from iapt_fast.training.evaluation import accepts_instruction_mask
 from iapt_fast.training.parallel import ddp_wrap, full_tensor, is_dtensor, save_adapter
 from iapt_fast.training.preemption import StopSignals
 from iapt_fast.training.sharded import ShardedBatchStream, sharded_eval_loss
@@ -196,8 +196,11 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.checkpoints = TrainerCheckpoints(self)
+        self.accumulator = GradientAccumulator(
+            model, self._forward_module, self.ctx, grad_accum=config.grad_accum,
+            with_instruction_mask=self.with_instruction_mask, device=self.device, trim_logits=config.trim_logits,
+            params=self.weight_params + self.rational_params)
         self._gc_enabled = False
-        self._trim_logits = config.trim_logits
         self._ema: float | None = None  # the progress bar's smoothed loss
 
     def _check_job(self) -> None:
@@ -258,88 +261,8 @@ class Trainer:
                                   self.ctx.world_size)
 
     # ------------------------------------------------------------------ one optimizer step
-    @contextlib.contextmanager
-    def _sync_gradients(self, sync: bool) -> Iterator[None]:
-        """Micro-batches of one accumulated step skip the gradient sync but the last."""
-        if self.ctx.strategy == "ddp" and not sync:
-            with self._forward_module.no_sync():
-                yield
-        elif self.ctx.strategy == "fsdp":
-            self.model.set_requires_gradient_sync(sync)
-            try:
-                yield
-            finally:
-                self.model.set_requires_gradient_sync(True)
-        else:
-            yield
-
     def _accumulate(self, stream: BatchStream) -> tuple[float, int, int]:
-        """Forward/backward ``grad_accum`` micro-batches; loss normalised over all their labels
-        (of every rank), so accumulation and sharding give exactly the full batch's gradient."""
-        ctx = self.ctx
-        batches = [stream.next_batch() for _ in range(self.config.grad_accum)]
-        local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in batches)
-        total = int(ctx.all_reduce_sum([local])[0])
-        if total == 0:
-            raise ValueError("a training step has no labelled (response) tokens; check the data and max_length")
-        # FSDP2 keeps computing gradients for the unsharded copies of parameters that bi-level
-        # mode switched off; they are dropped below so the other side's step never sees them.
-        inactive = [p for p in self.weight_params + self.rational_params if not p.requires_grad]
-        loss_sum, tokens = 0.0, 0
-        for i, batch in enumerate(batches):
-            with self._sync_gradients(i == len(batches) - 1):
-                out, labels = self._forward(batch)
-                loss, count = response_loss_sum(out.logits, labels)
-                if count == 0:
-                    # A padding share: a zero that still reaches every parameter, so the
-                    # gradient collectives of this rank match the others'.
-                    loss = out.logits.sum() * 0.0
-                # DDP and FSDP average gradients over the ranks; × world_size makes it the global sum.
-                (loss * ctx.world_size / total).backward()
-            loss_sum += float(loss.detach())
-            if count:
-                tokens += int(batch["attention_mask"].sum())
-        for p in inactive:
-            p.grad = None
-        loss_sum, tokens = ctx.all_reduce_sum([loss_sum, tokens])
-        mean = loss_sum / total
-        if not math.isfinite(mean):
-            raise FloatingPointError(f"non-finite training loss {mean} at step {self.step}")
-        return mean, int(tokens), total
-
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        """One micro-batch forward (through the DDP wrapper if any) → (output, aligned labels).
-
-        Logits are computed only from the first labelled position on (``trim_logits``); a
-        forward that rejects ``logits_to_keep`` falls back to full logits.
-        """
-        inputs = model_inputs(batch, self.with_instruction_mask, self.device)
-        labels = batch["labels"].to(self.device)
-        keep = self._logits_to_keep(labels)
-        if keep is None:
-            return self._forward_module(**inputs), labels
-        try:
-            return self._forward_module(**inputs, logits_to_keep=keep), labels[:, -keep:]
-        except TypeError as err:
-            if "logits_to_keep" not in str(err):
-                raise
-            self._trim_logits = False  # this model's forward does not take it: full logits from now on
-            return self._forward_module(**inputs), labels
-
-    def _logits_to_keep(self, labels: torch.Tensor) -> int | None:
-        """How many trailing positions need logits: from the one before the first label on.
-
-        The LM head over the whole vocabulary is a large share of a small model's step
-        (SmolLM2-135M: 49k × 576, ~20 % of the forward); classification-style data needs
-        it at one or two positions only.
-        """
-        if not self._trim_logits:
-            return None
-        labelled = labels.ne(IGNORE_INDEX).any(0).nonzero()
-        if len(labelled) == 0:
-            return None
-        keep = labels.shape[1] - int(labelled[0]) + 1
-        return keep if keep < labels.shape[1] else None
+        return self.accumulator.run(stream, self.step)
 
     def _optimizer_step(self, name: str, params: list[nn.Parameter]) -> float | None:
         """Clip, step, schedule and zero one optimizer; returns the gradient norm before clipping."""
