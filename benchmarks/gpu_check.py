@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.suites.common import bandwidth_gbs, copy_bandwidth_gbs  # noqa: E402
 from iapt_fast.generator import functional, reference  # noqa: E402
 from iapt_fast.generator.inputs import random_inputs  # noqa: E402
+from iapt_fast.generator.weights import GeneratorWeights  # noqa: E402
 
 # (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,
 # where the forward splits N (flash-decoding) to fill the GPU.
@@ -65,7 +66,7 @@ def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
 
     impls = {
         "triton": lambda: functional.prompt_generator(leaves[0], mask, *leaves[1:], adapter_ids=ids, backend="triton"),
-        "eager": lambda: reference.prompt_generator(leaves[0], mask, *leaves[1:], ids),
+        "eager": lambda: reference.prompt_generator(leaves[0], mask, GeneratorWeights(*leaves[1:]), ids),
     }
     if compiled_fn is not None:
         impls["compile"] = lambda: compiled_fn(leaves[0], mask, *leaves[1:], ids)
@@ -75,7 +76,7 @@ def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
     # Correctness at this size: max error of Triton and of the bf16 reference vs float32 reference.
     with torch.no_grad():
         out = impls["triton"]().float()
-        ref32 = reference.prompt_generator(hidden.float(), mask, *[w.float() for w in weights], ids)
+        ref32 = reference.prompt_generator(hidden.float(), mask, GeneratorWeights(*[w.float() for w in weights]), ids)
         ref_bf = impls["eager"]().float()
     row["max_err_triton"] = float((out - ref32).abs().max())
     row["max_err_bf16_reference"] = float((ref_bf - ref32).abs().max())

@@ -12,6 +12,7 @@ import torch
 from benchmarks.suites.kernels import KernelCase, make_inputs
 from iapt_fast.generator import rational
 from iapt_fast.generator import reference
+from iapt_fast.generator.weights import GeneratorWeights
 from iapt_fast.generator.functional import prompt_generator
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,7 +93,7 @@ def test_reference_eager_forward(benchmark, name):
 
     def run():
         with torch.no_grad():
-            out = reference.prompt_generator(*args, ids)
+            out = reference.prompt_generator(args[0], args[1], GeneratorWeights(*args[2:]), ids)
         _sync()
         return out
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from iapt_fast.generator.weights import GeneratorWeights
+
 from . import launch as policy
 from .generator_bwd import pool_bwd_kernel, pool_bwd_scores_kernel
 from .generator_fwd import combine_kernel, pool_fwd_kernel
@@ -297,32 +299,20 @@ class PromptGeneratorFunction(torch.autograd.Function):
         return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None, grad_anchor, None
 
 
-def triton_prompt_generator(
-    hidden: Tensor,
-    mask: Tensor,
-    w_down: Tensor,
-    w_pool: Tensor,
-    rat_num: Tensor,
-    rat_den: Tensor,
-    w_up: Tensor,
-    adapter_ids: Tensor | None = None,
-    rational_version: str = "B",
-    num_splits: int | None = None,
-    anchor: Tensor | None = None,
-    anchor_scale: Tensor | None = None,
-) -> Tensor:
+def triton_prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None = None,
+                            rational_version: str = "B", num_splits: int | None = None) -> Tensor:
     """Fused generator on validated inputs (use ``iapt_fast.functional.prompt_generator``).
 
     Args:
-        hidden [B, N, d] f32/f16/bf16; mask [B, N] bool; w_down [A, d, m]; w_pool [A, m, T]
-        (T <= 16); rat_num [A, p+1]; rat_den [A, q]; w_up [A, m, d] (one float dtype);
-        adapter_ids [B] int64 or None (A == 1); rational_version "A" | "B";
-        num_splits: force the number of N-splits of the forward (None: heuristic).
-        anchor [A, T, d] or None; anchor_scale [A] or None (a constant: no gradient).
+        hidden [B, N, d] f32/f16/bf16; mask [B, N] bool; weights: the [A, ...] weights of one
+        float dtype (T <= 16; anchor_scale is a constant: no gradient); adapter_ids [B] int64 or
+        None (A == 1); rational_version "A" | "B"; num_splits: force the number of N-splits of
+        the forward (None: heuristic).
     Returns:
         [B, T, d] = anchor[a] + anchor_scale[a]·R(p)·W_up[a] in hidden.dtype; differentiable
         w.r.t. hidden, every weight and the anchor.
     """
+    w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
     if hidden.shape[0] == 0:
         # Keeps the graph connected so an empty batch still back-propagates zeros.
         keep = hidden.sum() * 0 + w_up.sum() * 0 + (anchor.sum() * 0 if anchor is not None else 0)

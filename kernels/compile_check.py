@@ -78,11 +78,12 @@ def record_all(level: str = "ci"):
     import torch
 
     from iapt_fast.kernels import record_launches, triton_prompt_generator
+    from iapt_fast.generator.weights import GeneratorWeights
 
     seen = {}
     for label, (hidden, mask, weights, ids, version, anchor) in problems(level):
         with record_launches() as specs:
-            out = triton_prompt_generator(hidden, mask, *weights, ids, version, **anchor)
+            out = triton_prompt_generator(hidden, mask, GeneratorWeights(*weights, **anchor), ids, version)
             out.backward(torch.ones_like(out))
         for spec in specs:
             key = (spec.name, tuple(sorted(spec.signature.items())), tuple(sorted(spec.constexprs.items())), spec.num_warps)

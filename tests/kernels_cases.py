@@ -9,6 +9,7 @@ import torch
 
 from iapt_fast.generator.tolerance import ATOL, assert_close_by_rule
 from iapt_fast.generator import reference
+from iapt_fast.generator.weights import GeneratorWeights
 
 NAMES = ("hidden", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "anchor")
 
@@ -31,6 +32,10 @@ class Problem:
         ws = [w if weight_dtype is None else w.to(weight_dtype) for w in self.weights + extra]
         leaves = [h.detach().clone().requires_grad_(True)] + [w.detach().clone().requires_grad_(True) for w in ws]
         return leaves
+
+    def weights_of(self, leaves) -> GeneratorWeights:
+        """The GeneratorWeights record of ``leaves`` (anchor and scale included when the problem has them)."""
+        return GeneratorWeights(*leaves[1:6], **self.anchor_kwargs(leaves))
 
     def anchor_kwargs(self, leaves) -> dict:
         """anchor / anchor_scale keyword arguments for ``leaves`` (scale in the leaves' dtype)."""
@@ -96,8 +101,7 @@ def make_problem(batch=3, seq=37, dim=96, bottleneck=24, tokens=4, adapters=3, d
 
 
 def run_reference(prob: Problem, leaves, grad_out):
-    out = reference.prompt_generator(leaves[0], prob.mask, *leaves[1:6], prob.ids, prob.version,
-                                     **prob.anchor_kwargs(leaves))
+    out = reference.prompt_generator(leaves[0], prob.mask, prob.weights_of(leaves), prob.ids, prob.version)
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     return out, grads
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from iapt_fast.generator import reference
+from iapt_fast.generator.weights import GeneratorWeights
 
 VOCAB = 97
 
@@ -104,8 +105,8 @@ def slow_logits(model, generators: dict[int, dict[str, Tensor]], input_ids: Tens
         if weights is not None:
             source = _input_norm(model, layer)(hidden) if pool_input == "normed" else hidden
             ids = None if weights["w_down"].shape[0] == 1 else torch.arange(batch)
-            soft = reference.prompt_generator(source, instruction_mask.bool(), **weights, adapter_ids=ids,
-                                              version=version)
+            soft = reference.prompt_generator(source, instruction_mask.bool(), GeneratorWeights(**weights),
+                                              adapter_ids=ids, version=version)
             num = soft.shape[1]
             x = torch.cat([soft.to(hidden.dtype), hidden], dim=1)
             full_pos = torch.cat([torch.arange(num).expand(batch, num), positions + num], dim=1)

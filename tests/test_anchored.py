@@ -14,6 +14,7 @@ import torch
 from iapt_fast.generator.tolerance import assert_close_by_rule
 from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
 from iapt_fast.generator import functional
+from iapt_fast.generator.weights import GeneratorWeights
 from iapt_fast.generator import reference
 from iapt_fast.model.anchor import anchor_token_ids
 from slow_reference import padded_batch, slow_logits, tiny_model
@@ -125,8 +126,8 @@ def test_functional_anchor_matches_float64_oracle_and_validates():
     plain = functional.prompt_generator(hidden, mask, **w, adapter_ids=ids, backend="torch")
     oracle = anchor.double()[ids] + scale.double()[ids][:, None, None] * plain.double()
     assert_close_by_rule(out, oracle, oracle.float(), "anchored output")
-    f64 = reference.prompt_generator(hidden.double(), mask, *(v.double() for v in w.values()), ids,
-                                     anchor=anchor.double(), anchor_scale=scale.double())
+    f64 = reference.prompt_generator(hidden.double(), mask, GeneratorWeights(*(v.double() for v in w.values()),
+                                     anchor=anchor.double(), anchor_scale=scale.double()), ids)
     assert (f64 - oracle).abs().max() < 1e-5
     bad = [
         (dict(anchor=anchor[:, :2]), ValueError, r"anchor must be \[A, T, d\] = \(3, 4, 16\)"),

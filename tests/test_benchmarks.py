@@ -260,7 +260,7 @@ def test_kernel_suite_refuses_to_time_a_wrong_forward():
 
     def off_by_a_bit(*args):
         from iapt_fast.generator import reference
-        return reference.prompt_generator(*args) * 1.01
+        return reference.prompt_generator(*args) * 1.01  # (hidden, mask, weights, ids)
 
     with pytest.raises(AssertionError, match="forward is wrong"):
         kernels.measure(case, "broken", "fwd", "cpu", off_by_a_bit, copy_gbs=None, quick=True)

@@ -11,6 +11,7 @@ import torch
 
 from iapt_fast.generator import functional
 from iapt_fast.kernels import poison_buffers, triton_prompt_generator
+from iapt_fast.generator.weights import GeneratorWeights
 from kernels_cases import check, make_problem
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,8 +25,8 @@ def _poison():
 
 
 def kernel(prob, **kw):
-    return lambda leaves: triton_prompt_generator(leaves[0], prob.mask, *leaves[1:6], prob.ids, prob.version,
-                                                  **prob.anchor_kwargs(leaves), **kw)
+    return lambda leaves: triton_prompt_generator(leaves[0], prob.mask, prob.weights_of(leaves), prob.ids,
+                                                  prob.version, **kw)
 
 
 def via_functional(prob):
@@ -144,7 +145,7 @@ def test_single_adapter_without_ids_and_strided_inputs():
         # A hidden view with non-unit strides (transposed storage) and a strided grad_out.
         h = leaves[0].transpose(1, 2).contiguous().transpose(1, 2)
         assert not h.is_contiguous()
-        return triton_prompt_generator(h, prob.mask, *leaves[1:], None, prob.version)
+        return triton_prompt_generator(h, prob.mask, GeneratorWeights(*leaves[1:]), None, prob.version)
 
     check(prob, fn, grad_out_noncontig=True)
 
@@ -154,11 +155,11 @@ def test_frozen_hidden_and_frozen_rational():
     leaves = prob.inputs()
     leaves[0].requires_grad_(False)
     leaves[3].requires_grad_(False)
-    out = triton_prompt_generator(leaves[0], prob.mask, *leaves[1:], prob.ids, prob.version)
+    out = triton_prompt_generator(leaves[0], prob.mask, GeneratorWeights(*leaves[1:]), prob.ids, prob.version)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [leaves[1], leaves[5]], g)
     full = prob.inputs()
-    out_full = triton_prompt_generator(full[0], prob.mask, *full[1:], prob.ids, prob.version)
+    out_full = triton_prompt_generator(full[0], prob.mask, GeneratorWeights(*full[1:]), prob.ids, prob.version)
     ref = torch.autograd.grad(out_full, [full[1], full[5]], g)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)

@@ -44,5 +44,5 @@ def test_matches_reference(batch, seq, dim, bottleneck, tokens, adapters, p, q, 
     prob = make_problem(batch=batch, seq=seq, dim=dim, bottleneck=bottleneck, tokens=tokens, adapters=adapters,
                         degrees=(p, q), version=version, dtype=DTYPES[dtype], mask_kind=mask_kind, seed=seed)
     with poison_buffers():
-        check(prob, lambda leaves: triton_prompt_generator(leaves[0], prob.mask, *leaves[1:], prob.ids, prob.version,
-                                                           num_splits=num_splits))
+        check(prob, lambda leaves: triton_prompt_generator(leaves[0], prob.mask, prob.weights_of(leaves), prob.ids,
+                                                           prob.version, num_splits=num_splits))

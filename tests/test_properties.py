@@ -19,6 +19,7 @@ import torch
 from iapt_fast import IAPTConfig, get_iapt_model
 from iapt_fast.generator import functional
 from iapt_fast.generator import reference
+from iapt_fast.generator.weights import GeneratorWeights
 from iapt_fast.model.adapter_io import WEIGHTS_NAME
 from slow_reference import VOCAB, slow_logits, tiny_model
 
@@ -111,8 +112,9 @@ def test_prompt_generator_errors_or_matches_the_float64_reference(batch, seq, di
     assert torch.isfinite(out).all(), mutation
     ref_kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
               for k, v in kw.items() if k not in ("backend",)}
-    ref_kw["version"] = ref_kw.pop("rational_version", "B")
-    ref = reference.prompt_generator(**ref_kw)
+    weights = GeneratorWeights(**{k: ref_kw.pop(k) for k in GeneratorWeights._fields if k in ref_kw})
+    ref = reference.prompt_generator(ref_kw["hidden"], ref_kw["mask"], weights, ref_kw.get("adapter_ids"),
+                                     ref_kw.get("rational_version", "B"))
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * (1 + float(ref.abs().max())))
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.suites.common import Recorder, bandwidth_gbs, copy_bandwidth_gbs, time_fn
+from iapt_fast.generator.weights import GeneratorWeights
 
 SUITE = "kernels"
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -105,7 +106,7 @@ def make_inputs(case: KernelCase, device: str, seed: int = 0) -> dict[str, Any]:
 
 
 def generator_fn(impl: str, device: str) -> Callable[..., torch.Tensor]:
-    """The callable (hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids) of ``impl``."""
+    """The callable (hidden, mask, weights: GeneratorWeights, adapter_ids) of ``impl``."""
     from iapt_fast.generator import reference
 
     if impl == "eager":
@@ -127,9 +128,7 @@ def generator_fn(impl: str, device: str) -> Callable[..., torch.Tensor]:
             raise RuntimeError("the Triton kernels are timed on CUDA only (the interpreter is not a backend)")
         from iapt_fast.kernels import triton_prompt_generator
 
-        def call(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids):
-            return triton_prompt_generator(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, "B")
-        return call
+        return triton_prompt_generator
     raise ValueError(f"unknown impl {impl!r}")
 
 
@@ -144,8 +143,8 @@ def check_forward(out: torch.Tensor, inp: dict[str, Any], impl: str) -> dict[str
     hidden, mask, ids = inp["hidden"], inp["mask"], inp["adapter_ids"]
     weights = list(inp["weights"].values())
     with torch.no_grad():
-        ref32 = reference.prompt_generator(hidden.float(), mask, *[w.float() for w in weights], ids)
-        ref_pt = reference.prompt_generator(hidden, mask, *weights, ids)
+        ref32 = reference.prompt_generator(hidden.float(), mask, GeneratorWeights(*[w.float() for w in weights]), ids)
+        ref_pt = reference.prompt_generator(hidden, mask, GeneratorWeights(*weights), ids)
     if not torch.isfinite(out).all():
         raise FloatingPointError(f"{impl} forward produced non-finite values")
     err, bound = rule_error(out, ref32, ref_pt)
@@ -171,18 +170,18 @@ def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..
     if mode == "fwd":
         def run() -> Any:
             with torch.no_grad():
-                return fn(hidden, mask, *weights, ids)
+                return fn(hidden, mask, GeneratorWeights(*weights), ids)
     else:
         leaves = [hidden.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
         grad_out = torch.randn(case.batch, case.t, case.d, device=device, dtype=hidden.dtype)
         if mode == "bwd":
-            out = fn(hidden, mask, *weights, ids)
+            out = fn(hidden, mask, GeneratorWeights(*weights), ids)
 
             def run() -> Any:
                 return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
         else:
             def run() -> Any:
-                return torch.autograd.grad(fn(hidden, mask, *weights, ids), leaves, grad_out)
+                return torch.autograd.grad(fn(hidden, mask, GeneratorWeights(*weights), ids), leaves, grad_out)
     result = run()  # first call: compiles (torch.compile / Triton JIT); timed separately
     if device == "cuda":
         torch.cuda.synchronize()

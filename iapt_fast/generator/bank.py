@@ -25,13 +25,12 @@ from torch import Tensor, nn
 
 from iapt_fast.config import CUSTOM_INIT, IAPTConfig
 from iapt_fast.generator.rational import fit_rational
+from iapt_fast.generator.weights import ANCHOR_NAMES, WEIGHT_NAMES  # the names and their order, defined once
 
 __all__ = ["LayerGenerator", "AdapterGenerators", "GeneratorBank", "WEIGHT_NAMES", "ANCHOR_NAMES", "tensor_names",
            "anchor_scale_of"]
 
-WEIGHT_NAMES = ("w_down", "w_pool", "rat_num", "rat_den", "w_up")
 # The anchored form's extra tensors: a trainable Parameter and a fixed buffer.
-ANCHOR_NAMES = ("anchor", "anchor_scale")
 
 
 def tensor_names(config: IAPTConfig) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from torch import Tensor
 from iapt_fast.config import RATIONAL_VERSIONS
 from iapt_fast.generator import reference
 from iapt_fast.generator.limits import MAX_SOFT_TOKENS
+from iapt_fast.generator.weights import GeneratorWeights
 
 __all__ = ["prompt_generator", "triton_available", "resolve_backend", "check_backend_limits", "MAX_SOFT_TOKENS"]
 
@@ -100,21 +101,16 @@ def prompt_generator(
         hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, chosen, rational_version, check_ids
     )
     _validate_anchor(anchor, anchor_scale, w_down, w_pool, chosen)
+    weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
     if chosen == "torch":
-        return reference.prompt_generator(
-            hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version,
-            anchor, anchor_scale,
-        )
+        return reference.prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
     if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
             f"imported to run the kernels in the interpreter; got hidden on {hidden.device}"
         )
     triton_prompt_generator = _load_kernels()
-    return triton_prompt_generator(
-        hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, rational_version,
-        anchor=anchor, anchor_scale=anchor_scale,
-    )
+    return triton_prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
 
 
 def _load_kernels():

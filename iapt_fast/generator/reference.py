@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from iapt_fast.generator.rational import rational
+from iapt_fast.generator.weights import GeneratorWeights
 
 __all__ = ["prompt_generator", "masked_softmax"]
 
@@ -31,34 +32,22 @@ def masked_softmax(scores: Tensor, mask: Tensor, dim: int) -> Tensor:
     return weights / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def prompt_generator(
-    hidden: Tensor,
-    mask: Tensor,
-    w_down: Tensor,
-    w_pool: Tensor,
-    rat_num: Tensor,
-    rat_den: Tensor,
-    w_up: Tensor,
-    adapter_ids: Tensor | None = None,
-    version: str = "B",
-    anchor: Tensor | None = None,
-    anchor_scale: Tensor | None = None,
-) -> Tensor:
+def prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None = None,
+                     version: str = "B") -> Tensor:
     """Soft tokens of every row of a (mixed-adapter) batch.
 
     Args:
         hidden: [B, N, d] layer inputs.
         mask: [B, N] bool, True = instruction token to pool over.
-        w_down: [A, d, m]; w_pool: [A, m, T]; rat_num: [A, p+1]; rat_den: [A, q]; w_up: [A, m, d].
+        weights: the [A, ...] weights (anchor None: zero, anchor_scale None: one).
         adapter_ids: [B] int64 in [0, A); None means A == 1.
         version: rational version, "B" or "A".
-        anchor: [A, T, d] or None (zero): the static part B of the anchored form.
-        anchor_scale: [A] or None (one): the scale s of the generator term.
     Returns:
         [B, T, d] = anchor[a] + anchor_scale[a] · R(p)·W_up[a] in ``hidden.dtype``, accumulated
         in float32 (float64 for float64 input). A row with no instruction token (all-masked,
         or N = 0) pools to p = 0 and gets anchor[a] + anchor_scale[a] · R(0)·W_up[a].
     """
+    w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     batch = hidden.shape[0]
     if adapter_ids is None:
