@@ -99,7 +99,7 @@ def _lines_mm(mode: int, x: Tensor, w: StridedTensor, *, out_shape: tuple[int, i
                    nout, per_split, x.stride(0), x.stride(1), x.stride(2), *w.strides,
                    out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
                    *a_strides, scale.stride(0) if scale is not None else 0],
-                  dict(MODE=mode, ATOMIC=atomic, TPL=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_K=policy.LINES_BLOCK_K,
+                  dict(MODE=mode, ATOMIC=atomic, LINES_PER_ROW=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_K=policy.LINES_BLOCK_K,
                        BLOCK_NO=policy.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b,
                        PREC=prec, ANCHOR=anchor is not None, SCALE=scale is not None))
     return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -133,7 +133,7 @@ def _seg_outer(x: Tensor, y: Tensor, out: Tensor, *, rows: RowLayout, segments: 
                    out.shape[2], x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
                    out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
                    *first.strides, *second.strides],
-                  dict(APPLY_R=apply_r, EXTRA=extra, TPL=policy.lines_per_row(rows.tokens), TC=policy.TP_DOT,
+                  dict(APPLY_R=apply_r, ADD_PRODUCT=extra, LINES_PER_ROW=policy.lines_per_row(rows.tokens), TP=policy.TP_DOT,
                        BLOCK_L=policy.LINES_BLOCK, BLOCK_I=policy.LINES_BLOCK_OUT, BLOCK_J=policy.LINES_BLOCK_OUT,
                        P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b, PREC=prec))
 
@@ -239,7 +239,7 @@ class PromptGeneratorFunction(torch.autograd.Function):
             policy.launch(seg_sum_kernel, (n_adapters, policy.triton.cdiv(dim, bd)),
                      [grad_out, grad_anchor, order, segments, tokens, dim, grad_out.stride(0), grad_out.stride(1),
                       grad_out.stride(2), grad_anchor.stride(0), grad_anchor.stride(1), grad_anchor.stride(2)],
-                     dict(TPL=policy.lines_per_row(tokens), BLOCK_D=bd))
+                     dict(LINES_PER_ROW=policy.lines_per_row(tokens), BLOCK_D=bd))
         if anchor_scale is not None:
             # The generator term is s·G: its weights see s·dP (a [B, T, d] float32 scratch).
             grad_out = grad_out.float() * anchor_scale.float()[ids[:batch]][:, None, None]
@@ -255,7 +255,7 @@ class PromptGeneratorFunction(torch.autograd.Function):
         policy.launch(rat_bwd_kernel, (policy.triton.cdiv(batch, policy.LINES_BLOCK // lines), policy.triton.cdiv(bottleneck, policy.LINES_BLOCK_OUT)),
                  [dr, p, dp, order, sorted_ids, rat_num, rat_den, dnum, dden, batch, tokens, bottleneck,
                   rat_num.stride(0), rat_den.stride(0)],
-                 dict(TPL=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_M=policy.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
+                 dict(LINES_PER_ROW=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_M=policy.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
                       VERSION_B=version_b))
         del dr
         dpooled = _lines_mm(MODE_GEMM, dp, _strided(w_down, transpose=True), out_shape=(batch, tokens, dim),

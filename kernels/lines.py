@@ -31,7 +31,7 @@ def lines_mm_kernel(
     x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, anchor_ptr, scale_ptr,
     B, T, K, NOUT, K_PER_SPLIT,
     s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_na, s_da, s_aa, s_at, s_an, s_sa,
-    MODE: tl.constexpr, ATOMIC: tl.constexpr, TPL: tl.constexpr, BLOCK_L: tl.constexpr,
+    MODE: tl.constexpr, ATOMIC: tl.constexpr, LINES_PER_ROW: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_NO: tl.constexpr, P1: tl.constexpr, Q: tl.constexpr,
     VERSION_B: tl.constexpr, PREC: tl.constexpr, ANCHOR: tl.constexpr, SCALE: tl.constexpr,
 ):
@@ -41,14 +41,14 @@ def lines_mm_kernel(
 
     Epilogue of the anchored form (never with ATOMIC): out = anchor[a, t, :] + scale[a] · out
     (ANCHOR adds the anchor, SCALE multiplies by the scale), fused into the single store."""
-    BLOCK_R: tl.constexpr = BLOCK_L // TPL
+    BLOCK_R: tl.constexpr = BLOCK_L // LINES_PER_ROW
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = tl.program_id(2) * K_PER_SPLIT
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     offs_l = tl.arange(0, BLOCK_L)
-    slot = offs_l // TPL
-    t = offs_l % TPL
+    slot = offs_l // LINES_PER_ROW
+    t = offs_l % LINES_PER_ROW
     pos = pid_r * BLOCK_R + slot
     pos_ok = pos < B
     line_ok = pos_ok & (t < T)
@@ -100,17 +100,17 @@ def rat_bwd_kernel(
     dr_ptr, p_ptr, dp_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, dnum_ptr, dden_ptr,
     B, T, M,
     s_na, s_da,
-    TPL: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, P1: tl.constexpr,
+    LINES_PER_ROW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, P1: tl.constexpr,
     Q: tl.constexpr, VERSION_B: tl.constexpr,
 ):
     """dp = dr·R'(p) on [B, T, M] float32 (contiguous), and the rational coefficient
     gradients Σ dr·∂R/∂a_i, Σ dr·∂R/∂b_j per adapter: one atomic per coefficient, adapter
     and program."""
-    BLOCK_R: tl.constexpr = BLOCK_L // TPL
+    BLOCK_R: tl.constexpr = BLOCK_L // LINES_PER_ROW
     pid_r = tl.program_id(0)
     offs_l = tl.arange(0, BLOCK_L)
-    slot = offs_l // TPL
-    t = offs_l % TPL
+    slot = offs_l // LINES_PER_ROW
+    t = offs_l % LINES_PER_ROW
     pos = pid_r * BLOCK_R + slot
     pos_ok = pos < B
     line_ok = pos_ok & (t < T)
@@ -141,25 +141,25 @@ def rat_bwd_kernel(
 
 @triton.jit
 def seg_outer_kernel(
-    x_ptr, y_ptr, out_ptr, order_ptr, seg_ptr, num_ptr, den_ptr, e1_ptr, e2_ptr,
+    x_ptr, y_ptr, out_ptr, order_ptr, seg_ptr, num_ptr, den_ptr, prod_a_ptr, prod_b_ptr,
     T, K1, K2,
     s_xb, s_xt, s_xk, s_yb, s_yt, s_yk, s_oa, s_oi, s_oj, s_na, s_da,
-    s_e1a, s_e1i, s_e1c, s_e2a, s_e2c, s_e2j,
-    APPLY_R: tl.constexpr, EXTRA: tl.constexpr, TPL: tl.constexpr, TC: tl.constexpr,
+    s_pa_a, s_pa_i, s_pa_c, s_pb_a, s_pb_c, s_pb_j,
+    APPLY_R: tl.constexpr, ADD_PRODUCT: tl.constexpr, LINES_PER_ROW: tl.constexpr, TP: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
     P1: tl.constexpr, Q: tl.constexpr, VERSION_B: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[a, i, j] = Σ_{rows of adapter a} Σ_t f(x[row, t, i]) y[row, t, j]
-                      (+ Σ_{c<T} e1[a, i, c] e2[a, c, j] when EXTRA)."""
-    BLOCK_R: tl.constexpr = BLOCK_L // TPL
+                      (+ Σ_{c<T} prod_a[a, i, c] prod_b[a, c, j] when ADD_PRODUCT: dW_dp·W_poolᵀ for dW_down)."""
+    BLOCK_R: tl.constexpr = BLOCK_L // LINES_PER_ROW
     a = tl.program_id(0).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     i_ok = offs_i < K1
     j_ok = offs_j < K2
     offs_l = tl.arange(0, BLOCK_L)
-    slot = offs_l // TPL
-    t = offs_l % TPL
+    slot = offs_l // LINES_PER_ROW
+    t = offs_l % LINES_PER_ROW
     start = tl.load(seg_ptr + a)
     end = tl.load(seg_ptr + a + 1)
     acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
@@ -176,14 +176,14 @@ def seg_outer_kernel(
         y = tl.load(y_ptr + row[:, None] * s_yb + t[:, None] * s_yt + offs_j[None, :] * s_yk,
                     mask=ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
         acc += dot_ff(tl.trans(x), y, PREC)
-    if EXTRA:
-        offs_c = tl.arange(0, TC)
+    if ADD_PRODUCT:
+        offs_c = tl.arange(0, TP)
         c_ok = offs_c < T
-        e1 = tl.load(e1_ptr + a * s_e1a + offs_i[:, None] * s_e1i + offs_c[None, :] * s_e1c,
+        pa = tl.load(prod_a_ptr + a * s_pa_a + offs_i[:, None] * s_pa_i + offs_c[None, :] * s_pa_c,
                      mask=i_ok[:, None] & c_ok[None, :], other=0.0)
-        e2 = tl.load(e2_ptr + a * s_e2a + offs_c[:, None] * s_e2c + offs_j[None, :] * s_e2j,
+        pb = tl.load(prod_b_ptr + a * s_pb_a + offs_c[:, None] * s_pb_c + offs_j[None, :] * s_pb_j,
                      mask=c_ok[:, None] & j_ok[None, :], other=0.0)
-        acc += dot_ff(e1, e2, PREC)
+        acc += dot_ff(pa, pb, PREC)
     tl.store(out_ptr + a * s_oa + offs_i[:, None] * s_oi + offs_j[None, :] * s_oj,
              cast_for(acc, out_ptr), mask=i_ok[:, None] & j_ok[None, :])
 
@@ -222,18 +222,18 @@ def seg_sum_kernel(
     x_ptr, out_ptr, order_ptr, seg_ptr,
     T, D,
     s_xb, s_xt, s_xd, s_oa, s_ot, s_od,
-    TPL: tl.constexpr, BLOCK_D: tl.constexpr,
+    LINES_PER_ROW: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[a, t, :] = Σ_{rows of adapter a} x[row, t, :] (the anchor's gradient): one program
     per (adapter, d-tile) reduces its adapter's segment of sorted rows in registers and stores
     once. No atomics; adapters nobody used get exact zeros."""
     a = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_t = tl.arange(0, TPL)
+    offs_t = tl.arange(0, LINES_PER_ROW)
     ok = (offs_t < T)[:, None] & (offs_d < D)[None, :]
     start = tl.load(seg_ptr + a)
     end = tl.load(seg_ptr + a + 1)
-    acc = tl.zeros([TPL, BLOCK_D], tl.float32)
+    acc = tl.zeros([LINES_PER_ROW, BLOCK_D], tl.float32)
     for pos in range(start, end):
         row = tl.load(order_ptr + pos).to(tl.int64)
         acc += tl.load(x_ptr + row * s_xb + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd,
