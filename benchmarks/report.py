@@ -353,109 +353,122 @@ def _settings_summary(suite: str, info: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- plots
+def _bars(ax, groups: list[str], series: list[str], value, ylabel: str, log: bool = False, spread=None) -> None:
+    """Grouped bars; ``spread(group, series)`` -> (low, high) draws p10–p90 whiskers; a missing
+    value is a red cross on the axis, never a silent gap."""
+    width = 0.8 / max(1, len(series))
+    plotted = 0
+    for i, s in enumerate(series):
+        xs, ys, lows, highs, missing = [], [], [], [], []
+        for j, g in enumerate(groups):
+            v = value(g, s)
+            x = j + (i - (len(series) - 1) / 2) * width
+            if v is None:
+                missing.append(x)
+                continue
+            xs.append(x)
+            ys.append(v)
+            lo, hi = spread(g, s) if spread else (None, None)
+            lows.append(v - lo if lo is not None else 0.0)
+            highs.append(hi - v if hi is not None else 0.0)
+        # Fixed colours: a series with no bar (all failed) must not shift the others' colours.
+        ax.bar(xs, ys, width, label=s if xs else f"{s} (no result)", color=f"C{i}",
+               yerr=[lows, highs] if spread and xs else None, capsize=2, ecolor="0.3")
+        for x in missing:
+            ax.text(x, 0.02, "×", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    color="red", fontsize=10)
+        plotted += len(xs)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, len(groups) - 0.5)  # keep the crosses of missing bars inside the axes
+    ax.set_ylabel(ylabel)
+    if not plotted:
+        ax.text(0.5, 0.5, "no results: every case failed or was skipped", transform=ax.transAxes,
+                ha="center", va="center", color="red", fontsize=9)
+        ax.set_yticks([])
+        return
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _getter(rows: list[dict[str, Any]], suite: str, key: str, method_of=lambda s: s):
+    """(case, series) -> the metric ``key`` of that row, None unless it ran ok."""
+    idx = _index(rows, suite)
+
+    def value(case: str, s: str):
+        r = idx.get((case, method_of(s)))
+        return r["metrics"].get(key) if r and r["status"] == "ok" else None
+    return value
+
+
+def _kernels_figure(plt, rows, title):
+    kr = [r for r in rows if r["suite"] == "kernels" and r["method"] != "copy"]
+    if not kr:
+        return None
+    cases = list(dict.fromkeys(r["case"] for r in kr))
+    impls = list(dict.fromkeys(r["method"].split("/")[0] for r in kr))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, mode in zip(axes, ("fwd", "bwd", "fwdbwd")):
+        name = (lambda s, mode=mode: f"{s}/{mode}")
+        lo, hi = _getter(rows, "kernels", "p10_ms", name), _getter(rows, "kernels", "p90_ms", name)
+        _bars(ax, cases, impls, _getter(rows, "kernels", "median_ms", name), "median ms (log), p10–p90", log=True,
+              spread=lambda g, s, lo=lo, hi=hi: (lo(g, s), hi(g, s)))
+        ax.set_title(f"generator {mode}")
+    fig.suptitle(f"Kernels — {title}  (× = failed or skipped)", fontsize=8)
+    return fig
+
+
+def _e2e_figure(plt, rows, title):
+    er = [r for r in rows if r["suite"] == "e2e"]
+    if not er:
+        return None
+    cases = list(dict.fromkeys(r["case"] for r in er))
+    methods = list(dict.fromkeys(r["method"] for r in er))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    lo, hi = _getter(rows, "e2e", "prefill_p10_ms"), _getter(rows, "e2e", "prefill_p90_ms")
+    spreads = {"prefill_ms": lambda g, s: (lo(g, s), hi(g, s))}
+    for ax, (key, label) in zip(axes, (("tokens_per_s", "generated tokens/s"),
+                                       ("prefill_ms", "prefill ms (p10–p90)"),
+                                       ("decode_ms_per_token", "decode ms per step"))):
+        _bars(ax, cases, methods, _getter(rows, "e2e", key), label, spread=spreads.get(key))
+        ax.set_title(label)
+    fig.suptitle(f"Multi-tenant generation (K = batch adapters; × = failed or skipped) — {title}", fontsize=8)
+    return fig
+
+
+def _train_figure(plt, rows, title):
+    tr = [r for r in rows if r["suite"] == "train"]
+    if not tr:
+        return None
+    cases = list(dict.fromkeys(r["case"] for r in tr))
+    methods = list(dict.fromkeys(r["method"] for r in tr))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    _bars(axes[0], cases, methods, _getter(rows, "train", "tokens_per_s"), "trained tokens/s")
+    _bars(axes[1], cases, methods, _getter(rows, "train", "peak_mem_mb"), "peak memory MB")
+    fig.suptitle(f"Training step — {title}", fontsize=8)
+    return fig
+
+
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
-    """PNG plots (matplotlib, Agg); returns file names relative to ``out_dir``."""
+    """PNG plots (matplotlib, Agg), one per suite that ran; returns file names relative to ``out_dir``."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    rows = results["rows"]
     title = machine_line(results["machine"])
     written = []
-
-    def bars(ax, groups: list[str], series: list[str], value, ylabel: str, log: bool = False, spread=None) -> None:
-        """Grouped bars; ``spread(group, series)`` -> (low, high) draws p10–p90 whiskers."""
-        width = 0.8 / max(1, len(series))
-        plotted = 0
-        for i, s in enumerate(series):
-            xs, ys, lows, highs, missing = [], [], [], [], []
-            for j, g in enumerate(groups):
-                v = value(g, s)
-                x = j + (i - (len(series) - 1) / 2) * width
-                if v is None:
-                    missing.append(x)
-                    continue
-                xs.append(x)
-                ys.append(v)
-                lo, hi = spread(g, s) if spread else (None, None)
-                lows.append(v - lo if lo is not None else 0.0)
-                highs.append(hi - v if hi is not None else 0.0)
-            # Fixed colours: a series with no bar (all failed) must not shift the others' colours.
-            ax.bar(xs, ys, width, label=s if xs else f"{s} (no result)", color=f"C{i}",
-                   yerr=[lows, highs] if spread and xs else None, capsize=2, ecolor="0.3")
-            for x in missing:  # failed or skipped: a red cross on the axis, never a silent gap
-                ax.text(x, 0.02, "×", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                        color="red", fontsize=10)
-            plotted += len(xs)
-        ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
-        ax.set_xlim(-0.5, len(groups) - 0.5)  # keep the crosses of missing bars inside the axes
-        ax.set_ylabel(ylabel)
-        if not plotted:
-            ax.text(0.5, 0.5, "no results: every case failed or was skipped", transform=ax.transAxes,
-                    ha="center", va="center", color="red", fontsize=9)
-            ax.set_yticks([])
-            return
-        if log:
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
-
-    def getter(suite: str, key: str, method_of=lambda s: s):
-        idx = _index(rows, suite)
-
-        def value(case: str, s: str):
-            r = idx.get((case, method_of(s)))
-            return r["metrics"].get(key) if r and r["status"] == "ok" else None
-        return value
-
-    kr = [r for r in rows if r["suite"] == "kernels" and r["method"] != "copy"]
-    if kr:
-        cases = list(dict.fromkeys(r["case"] for r in kr))
-        impls = list(dict.fromkeys(r["method"].split("/")[0] for r in kr))
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-        for ax, mode in zip(axes, ("fwd", "bwd", "fwdbwd")):
-            name = (lambda s, mode=mode: f"{s}/{mode}")
-            lo, hi = getter("kernels", "p10_ms", name), getter("kernels", "p90_ms", name)
-            bars(ax, cases, impls, getter("kernels", "median_ms", name), "median ms (log), p10–p90", log=True,
-                 spread=lambda g, s, lo=lo, hi=hi: (lo(g, s), hi(g, s)))
-            ax.set_title(f"generator {mode}")
-        fig.suptitle(f"Kernels — {title}  (× = failed or skipped)", fontsize=8)
+    for name, figure in (("kernels.png", _kernels_figure), ("e2e.png", _e2e_figure), ("train.png", _train_figure)):
+        fig = figure(plt, results["rows"], title)
+        if fig is None:
+            continue
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "kernels.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
         plt.close(fig)
-        written.append("kernels.png")
-    er = [r for r in rows if r["suite"] == "e2e"]
-    if er:
-        cases = list(dict.fromkeys(r["case"] for r in er))
-        methods = list(dict.fromkeys(r["method"] for r in er))
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-        lo, hi = getter("e2e", "prefill_p10_ms"), getter("e2e", "prefill_p90_ms")
-        spreads = {"prefill_ms": lambda g, s: (lo(g, s), hi(g, s))}
-        for ax, (key, label) in zip(axes, (("tokens_per_s", "generated tokens/s"),
-                                           ("prefill_ms", "prefill ms (p10–p90)"),
-                                           ("decode_ms_per_token", "decode ms per step"))):
-            bars(ax, cases, methods, getter("e2e", key), label, spread=spreads.get(key))
-            ax.set_title(label)
-        fig.suptitle(f"Multi-tenant generation (K = batch adapters; × = failed or skipped) — {title}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "e2e.png"), dpi=110)
-        plt.close(fig)
-        written.append("e2e.png")
-    tr = [r for r in rows if r["suite"] == "train"]
-    if tr:
-        cases = list(dict.fromkeys(r["case"] for r in tr))
-        methods = list(dict.fromkeys(r["method"] for r in tr))
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        bars(axes[0], cases, methods, getter("train", "tokens_per_s"), "trained tokens/s")
-        bars(axes[1], cases, methods, getter("train", "peak_mem_mb"), "peak memory MB")
-        fig.suptitle(f"Training step — {title}", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "train.png"), dpi=110)
-        plt.close(fig)
-        written.append("train.png")
+        written.append(name)
     return written
 
 
