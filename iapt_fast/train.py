@@ -257,13 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, ctx) -> int:
+    """Data, model, training, then the adapter, history and metrics in --output-dir."""
     import torch
     from transformers import AutoTokenizer
 
-    from iapt_fast.training.data import IAPTCollator
-    from iapt_fast.atomic import atomic_write_text
     from iapt_fast.training.checkpoints import TrainingInterrupted
-    from iapt_fast.training.distributed import make_trainer, prepare_model, save_adapter, sharded_choice_eval_fn
+    from iapt_fast.training.data import IAPTCollator
+    from iapt_fast.training.distributed import make_trainer, prepare_model
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     try:
@@ -271,26 +271,16 @@ def _run(args: argparse.Namespace, ctx) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"iapt-train: error: {err}", file=sys.stderr)
         return 2
-    cfg, adapter_cfg = args.train_config, args.adapter_config
-    device = ctx.device
+    cfg = args.train_config
     torch.manual_seed(args.seed)
     # FSDP: loaded on the CPU, each layer reaches the GPU only as its shard (prepare_model).
-    load_device = torch.device("cpu") if ctx.strategy == "fsdp" else device
-    model = load_iapt_model(args.model, adapter_cfg, args.precision, load_device, args.attn_implementation, args.seed,
-                            tokenizer=tokenizer)
+    load_device = torch.device("cpu") if ctx.strategy == "fsdp" else ctx.device
+    model = load_iapt_model(args.model, args.adapter_config, args.precision, load_device, args.attn_implementation,
+                            args.seed, tokenizer=tokenizer)
     model = prepare_model(model, ctx)  # FSDP shards here, before the optimizer exists
-
-    eval_fn = None
-    if data["choices"] and data["eval_pairs"]:
-        if ctx.enabled:
-            eval_fn = sharded_choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"],
-                                             max(1, args.eval_batch_size // ctx.world_size), args.max_length, ctx)
-        else:
-            eval_fn = _choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"], args.eval_batch_size,
-                                      args.max_length)
-    collator = IAPTCollator.from_tokenizer(tokenizer, padding_side="right")
-    trainer = make_trainer(model, cfg, data["train"], collator, ctx, eval_examples=data["eval"],
-                           dev_examples=data["dev"], eval_fn=eval_fn)
+    eval_fn = _eval_fn(args, ctx, tokenizer, data)
+    trainer = make_trainer(model, cfg, data["train"], IAPTCollator.from_tokenizer(tokenizer, padding_side="right"), ctx,
+                           eval_examples=data["eval"], dev_examples=data["dev"], eval_fn=eval_fn)
     if cfg.eval_every is None and data["eval"]:
         cfg.eval_every = trainer.max_steps  # evaluate once, at the end
     t0 = time.perf_counter()
@@ -302,9 +292,29 @@ def _run(args: argparse.Namespace, ctx) -> int:
         if ctx.is_main:
             print(f"iapt-train: {stop}", file=sys.stderr)
         return 128 + stop.signum
-    elapsed = time.perf_counter() - t0
+    _write_outputs(args, ctx, model, trainer, data, eval_fn, time.perf_counter() - t0)
+    return 0
+
+
+def _eval_fn(args: argparse.Namespace, ctx, tokenizer, data: dict[str, Any]):
+    """Choice accuracy on the eval split (sharded over the ranks), or None."""
+    from iapt_fast.training.distributed import sharded_choice_eval_fn
+
+    if not (data["choices"] and data["eval_pairs"]):
+        return None
+    if ctx.enabled:
+        return sharded_choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"],
+                                      max(1, args.eval_batch_size // ctx.world_size), args.max_length, ctx)
+    return _choice_eval_fn(tokenizer, data["eval_pairs"], data["choices"], args.eval_batch_size, args.max_length)
+
+
+def _write_outputs(args: argparse.Namespace, ctx, model, trainer, data: dict[str, Any], eval_fn, elapsed: float) -> None:
+    """The adapter (gathered; rank 0 writes), history.jsonl and metrics.json, each by rename."""
+    from iapt_fast.atomic import atomic_write_text
+    from iapt_fast.training.distributed import save_adapter
+
     os.makedirs(args.output_dir, exist_ok=True)
-    save_adapter(model, args.output_dir, ctx)  # gathered; only rank 0 writes
+    save_adapter(model, args.output_dir, ctx)
     trainer.save_history()
     final = trainer.evaluate() if (data["eval"] or eval_fn) else {}
     metrics = {
@@ -316,11 +326,10 @@ def _run(args: argparse.Namespace, ctx) -> int:
         **final,
     }
     if not ctx.is_main:
-        return 0
+        return
     metrics["world_size"], metrics["distributed"] = ctx.world_size, ctx.strategy
     atomic_write_text(os.path.join(args.output_dir, "metrics.json"), json.dumps(metrics, indent=2))
     print(json.dumps(metrics))
-    return 0
 
 
 def load_iapt_model(path: str, adapter_config, precision: str, device, attn_implementation: str | None = None,
