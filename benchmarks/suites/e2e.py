@@ -124,15 +124,11 @@ def _memory(prep: Prepared, mem: dict[str, float | None]) -> dict[str, float | N
             "process_peak_mb": mem["process_peak_mb"]}
 
 
-def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_targets: list[str]) -> dict[str, Any]:
-    """Run the suite into ``rec``; returns its settings for the report."""
-    cfg = settings(device, quick)
-    spec: BackboneSpec = cfg["spec"]
-    plan = budget(spec, lora_targets)
-    dtype = getattr(torch, cfg["dtype"])
-    grid = [(b, p) for p in cfg["prompts"] for b in cfg["batches"]]
+def _info(cfg: dict[str, Any], spec: BackboneSpec, plan: dict[str, Any], methods: list[str], device: str,
+          lora_targets: list[str]) -> dict[str, Any]:
+    """The suite's settings for the report."""
     max_adapters = max(cfg["batches"])
-    info = {
+    return {
         "backbone": spec.to_dict(), "dtype": cfg["dtype"], "batches": cfg["batches"], "prompts": cfg["prompts"],
         "new_tokens": cfg["new_tokens"], "reps": cfg["reps"], "budget": plan, "methods": methods,
         "method_labels": {m: METHOD_LABELS[m] for m in methods}, "adapters_loaded": max_adapters,
@@ -147,16 +143,10 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
             "rounds that run every method once, interleaved in rotating order; medians over the rounds",
         ],
     }
-    try:
-        start = time.perf_counter()
-        backbone = build_backbone(spec, torch.device(device), dtype)
-        info["backbone_build_s"] = time.perf_counter() - start
-        info["backbone_params"] = sum(p.numel() for p in backbone.parameters())
-    except Exception as err:
-        for method in methods:
-            for b, p in grid:
-                rec.fail(SUITE, f"b{b} p{p}", method, {"batch": b, "prompt": p}, f"backbone: {type(err).__name__}: {err}")
-        return info
+
+
+def _prepare_all(methods: list[str], backbone, max_adapters: int, plan: dict[str, Any]):
+    """(prepared methods, build error per method that could not be built)."""
     preps: dict[str, Prepared] = {}
     build_errors: dict[str, str] = {}
     for method in methods:
@@ -165,6 +155,27 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
                                     built=preps)
         except Exception as err:  # the method's rows are all failed, with the build error
             build_errors[method] = f"building {method}: {type(err).__name__}: {err}"
+    return preps, build_errors
+
+
+def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_targets: list[str]) -> dict[str, Any]:
+    """Run the suite into ``rec``; returns its settings for the report."""
+    cfg = settings(device, quick)
+    spec: BackboneSpec = cfg["spec"]
+    plan = budget(spec, lora_targets)
+    grid = [(b, p) for p in cfg["prompts"] for b in cfg["batches"]]
+    info = _info(cfg, spec, plan, methods, device, lora_targets)
+    try:
+        start = time.perf_counter()
+        backbone = build_backbone(spec, torch.device(device), getattr(torch, cfg["dtype"]))
+        info["backbone_build_s"] = time.perf_counter() - start
+        info["backbone_params"] = sum(p.numel() for p in backbone.parameters())
+    except Exception as err:
+        for method in methods:
+            for b, p in grid:
+                rec.fail(SUITE, f"b{b} p{p}", method, {"batch": b, "prompt": p}, f"backbone: {type(err).__name__}: {err}")
+        return info
+    preps, build_errors = _prepare_all(methods, backbone, max(cfg["batches"]), plan)
     history: list[tuple[float, float]] = []  # (work, seconds) of the cases measured so far
     for b, p in grid:
         work = float(b * (p + cfg["new_tokens"]))
