@@ -163,14 +163,7 @@ def init_distributed(strategy: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     env = os.environ if env is None else env
     resolved = resolve_strategy(strategy, env)
-    try:
-        wanted = torch.device(device) if device is not None else None
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r} is not a torch device: {err}") from None
-    if wanted is not None and wanted.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a cpu or cuda device, got {device!r}")
-    if wanted is not None and wanted.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    wanted = _wanted_device(device)
     cuda = torch.cuda.is_available() if wanted is None else wanted.type == "cuda"
     if resolved == "none":
         single = wanted if wanted is not None else torch.device("cuda" if cuda else "cpu")
@@ -180,14 +173,7 @@ def init_distributed(strategy: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
     launch = _launch_env(env)
     assert launch is not None  # resolve_strategy guarantees it
     rank, world, local = launch["RANK"], launch["WORLD_SIZE"], launch["LOCAL_RANK"]
-    if cuda:
-        if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
-                               "start at most one process per device")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = _rank_device(cuda, local)
     if dist.is_initialized():
         if dist.get_world_size() != world or dist.get_rank() != rank:
             raise RuntimeError(f"a process group is already initialised with rank {dist.get_rank()} of "
@@ -210,6 +196,31 @@ def init_distributed(strategy: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
             f"MASTER_ADDR/MASTER_PORT, and is the port reachable? " + _LAUNCH_HINT
         ) from err
     return DistContext(resolved, rank, world, local, device, float(timeout_s), owns_group=True)
+
+
+def _wanted_device(device: str | torch.device | None) -> torch.device | None:
+    """The device a caller forces (cpu or an available cuda), or None."""
+    try:
+        wanted = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device: {err}") from None
+    if wanted is not None and wanted.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device, got {device!r}")
+    if wanted is not None and wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return wanted
+
+
+def _rank_device(cuda: bool, local_rank: int) -> torch.device:
+    """``cuda:LOCAL_RANK`` (made current) under a launcher with CUDA, else the CPU."""
+    if not cuda:
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
+                           "visible; start at most one process per device")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 def shutdown(ctx: DistContext | None) -> None:
