@@ -28,7 +28,7 @@ MODE_OUT = 1    # out = R(x) · W[a]         (P = R(p)·W_up)
 
 @triton.jit
 def lines_mm_kernel(
-    x_ptr, w_ptr, out_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, anchor_ptr, scale_ptr,
+    x_ptr, w_ptr, out_ptr, order_ptr, sorted_ids_ptr, num_ptr, den_ptr, anchor_ptr, scale_ptr,
     B, T, K, NOUT, K_PER_SPLIT,
     s_xb, s_xt, s_xk, s_wa, s_wk, s_wn, s_ob, s_ot, s_on, s_na, s_da, s_aa, s_at, s_an, s_sa,
     MODE: tl.constexpr, ATOMIC: tl.constexpr, LINES_PER_ROW: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -53,7 +53,7 @@ def lines_mm_kernel(
     pos_ok = pos < B
     line_ok = pos_ok & (t < T)
     row = tl.load(order_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
-    lad = tl.load(sids_ptr + pos, mask=pos_ok, other=-1)
+    line_adapter = tl.load(sorted_ids_ptr + pos, mask=pos_ok, other=-1)
     offs_o = pid_n * BLOCK_NO + tl.arange(0, BLOCK_NO)
     o_ok = offs_o < NOUT
     offs_bk = tl.arange(0, BLOCK_K)
@@ -62,11 +62,11 @@ def lines_mm_kernel(
     for j in range(0, BLOCK_R):
         pj = pid_r * BLOCK_R + j
         if pj < B:
-            a = tl.load(sids_ptr + pj)
-            a_prev = tl.load(sids_ptr + tl.maximum(pj - 1, 0))
+            a = tl.load(sorted_ids_ptr + pj)
+            a_prev = tl.load(sorted_ids_ptr + tl.maximum(pj - 1, 0))
             if (j == 0) | (a != a_prev):
                 a64 = a.to(tl.int64)
-                sel = line_ok & (lad == a)
+                sel = line_ok & (line_adapter == a)
                 for k0 in range(k_lo, k_hi, BLOCK_K):
                     offs_k = k0 + offs_bk
                     k_ok = offs_k < k_hi
@@ -82,12 +82,12 @@ def lines_mm_kernel(
                     out += dot_ff(x, w, PREC)
     o_ptrs = out_ptr + row[:, None] * s_ob + t[:, None] * s_ot + offs_o[None, :] * s_on
     o_mask = line_ok[:, None] & o_ok[None, :]
-    la = tl.maximum(lad, 0).to(tl.int64)
+    adapter_of_line = tl.maximum(line_adapter, 0).to(tl.int64)
     if SCALE:
-        sc = tl.load(scale_ptr + la * s_sa, mask=line_ok, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + adapter_of_line * s_sa, mask=line_ok, other=0.0).to(tl.float32)
         out = out * sc[:, None]
     if ANCHOR:
-        out += tl.load(anchor_ptr + la[:, None] * s_aa + t[:, None] * s_at + offs_o[None, :] * s_an,
+        out += tl.load(anchor_ptr + adapter_of_line[:, None] * s_aa + t[:, None] * s_at + offs_o[None, :] * s_an,
                        mask=o_mask, other=0.0).to(tl.float32)
     if ATOMIC:
         tl.atomic_add(o_ptrs, out, mask=o_mask)
@@ -97,7 +97,7 @@ def lines_mm_kernel(
 
 @triton.jit
 def rat_bwd_kernel(
-    dr_ptr, p_ptr, dp_ptr, order_ptr, sids_ptr, num_ptr, den_ptr, dnum_ptr, dden_ptr,
+    dr_ptr, p_ptr, dp_ptr, order_ptr, sorted_ids_ptr, num_ptr, den_ptr, dnum_ptr, dden_ptr,
     B, T, M,
     s_na, s_da,
     LINES_PER_ROW: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, P1: tl.constexpr,
@@ -115,7 +115,7 @@ def rat_bwd_kernel(
     pos_ok = pos < B
     line_ok = pos_ok & (t < T)
     row = tl.load(order_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
-    lad = tl.load(sids_ptr + pos, mask=pos_ok, other=-1)
+    line_adapter = tl.load(sorted_ids_ptr + pos, mask=pos_ok, other=-1)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     off = row[:, None] * T * M + t[:, None] * M + offs_m[None, :]
@@ -126,11 +126,11 @@ def rat_bwd_kernel(
     for j in range(0, BLOCK_R):
         pj = pid_r * BLOCK_R + j
         if pj < B:
-            a = tl.load(sids_ptr + pj)
-            a_prev = tl.load(sids_ptr + tl.maximum(pj - 1, 0))
+            a = tl.load(sorted_ids_ptr + pj)
+            a_prev = tl.load(sorted_ids_ptr + tl.maximum(pj - 1, 0))
             if (j == 0) | (a != a_prev):
                 a64 = a.to(tl.int64)
-                sel = ok & (lad == a)[:, None]
+                sel = ok & (line_adapter == a)[:, None]
                 g = tl.where(sel, dr, 0.0)
                 dx, numer, denom = rat_dx(pv, num_ptr + a64 * s_na, den_ptr + a64 * s_da, P1, Q, VERSION_B)
                 rat_coef_grads_atomic(pv, g, numer, denom, den_ptr + a64 * s_da, dnum_ptr + a64 * P1,

@@ -112,6 +112,11 @@ class IAPTModel(nn.Module):
         return self.base_model.config
 
     @property
+    def decoder_layers(self) -> list[nn.Module]:
+        """The backbone's decoder layers, in order (FSDP's units of sharding)."""
+        return list(self._arch.layers)
+
+    @property
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
 

@@ -31,12 +31,12 @@ def full_tensor(t: Tensor) -> Tensor:
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The backbone's repeated blocks: FSDP's units of sharding.
 
-    IAPTModel knows its layers (architectures.py); any other transformers model names their
+    IAPTModel names them (``decoder_layers``); any other transformers model names their
     class in ``_no_split_modules``.
     """
-    arch = getattr(model, "_arch", None)
-    if arch is not None and getattr(arch, "layers", None) is not None:
-        return list(arch.layers)
+    layers = getattr(model, "decoder_layers", None)
+    if layers is not None:
+        return list(layers)
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
@@ -134,7 +134,7 @@ def gathered_adapter(model: nn.Module, adapter_name: str | None = None):
     adapter = model.generators[name]
     weights = {layer: {w: full_tensor(getattr(adapter[layer], w).detach()).cpu() for w in adapter[layer].names}
                for layer in adapter.layer_indices}
-    return AdapterGenerators.from_weights(adapter.config, adapter.hidden_size, model._arch.num_layers, weights)
+    return AdapterGenerators.from_weights(adapter.config, adapter.hidden_size, model.generators.num_layers, weights)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, ctx: DistContext | None = None,
