@@ -403,12 +403,19 @@ def _getter(rows: list[dict[str, Any]], suite: str, key: str, method_of=lambda s
     return value
 
 
-def _kernels_figure(plt, rows, title):
-    kr = [r for r in rows if r["suite"] == "kernels" and r["method"] != "copy"]
-    if not kr:
+def _cases_and_series(rows, suite: str, series_of=lambda method: method):
+    """(cases, series) of a suite's rows in first-seen order, or None when it has none."""
+    mine = [r for r in rows if r["suite"] == suite and r["method"] != "copy"]
+    if not mine:
         return None
-    cases = list(dict.fromkeys(r["case"] for r in kr))
-    impls = list(dict.fromkeys(r["method"].split("/")[0] for r in kr))
+    return list(dict.fromkeys(r["case"] for r in mine)), list(dict.fromkeys(series_of(r["method"]) for r in mine))
+
+
+def _kernels_figure(plt, rows, title):
+    found = _cases_and_series(rows, "kernels", lambda method: method.split("/")[0])
+    if found is None:
+        return None
+    cases, impls = found
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, mode in zip(axes, ("fwd", "bwd", "fwdbwd")):
         name = (lambda s, mode=mode: f"{s}/{mode}")
@@ -421,11 +428,10 @@ def _kernels_figure(plt, rows, title):
 
 
 def _e2e_figure(plt, rows, title):
-    er = [r for r in rows if r["suite"] == "e2e"]
-    if not er:
+    found = _cases_and_series(rows, "e2e")
+    if found is None:
         return None
-    cases = list(dict.fromkeys(r["case"] for r in er))
-    methods = list(dict.fromkeys(r["method"] for r in er))
+    cases, methods = found
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     lo, hi = _getter(rows, "e2e", "prefill_p10_ms"), _getter(rows, "e2e", "prefill_p90_ms")
     spreads = {"prefill_ms": lambda g, s: (lo(g, s), hi(g, s))}
@@ -439,11 +445,10 @@ def _e2e_figure(plt, rows, title):
 
 
 def _train_figure(plt, rows, title):
-    tr = [r for r in rows if r["suite"] == "train"]
-    if not tr:
+    found = _cases_and_series(rows, "train")
+    if found is None:
         return None
-    cases = list(dict.fromkeys(r["case"] for r in tr))
-    methods = list(dict.fromkeys(r["method"] for r in tr))
+    cases, methods = found
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     _bars(axes[0], cases, methods, _getter(rows, "train", "tokens_per_s"), "trained tokens/s")
     _bars(axes[1], cases, methods, _getter(rows, "train", "peak_mem_mb"), "peak memory MB")
