@@ -17,7 +17,7 @@ status=0
 # benchmark ~2.5 min (torch.compile of the reference dominates). Fewer hypothesis examples on
 # the GPU: every new shape class compiles fresh kernels.
 IAPT_HYPOTHESIS_EXAMPLES="${IAPT_HYPOTHESIS_EXAMPLES:-4}" timeout 170 \
-    python -m pytest -q -x tests/test_kernels.py tests/test_kernels_hypothesis.py 2>&1 \
+    python -m pytest -q -x tests/test_kernels.py tests/test_kernels_hypothesis.py tests/test_custom_op.py 2>&1 \
     | tee benchmarks/results/gpu_check_tests.log | tail -15
 test_status=${PIPESTATUS[0]}
 [ "$test_status" -ne 0 ] && { echo "gpu_check: kernel tests FAILED (status $test_status)"; status=1; }

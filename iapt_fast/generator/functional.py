@@ -102,6 +102,10 @@ def prompt_generator(
     )
     _validate_anchor(anchor, anchor_scale, w_down, w_pool, chosen)
     weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
+    if _compiling():
+        # One opaque node for torch.compile: no graph break inside the generator.
+        from iapt_fast.generator.op import prompt_generator_op
+        return prompt_generator_op(hidden, mask, *weights[:5], adapter_ids, anchor, anchor_scale, rational_version)
     if chosen == "torch":
         return reference.prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
     if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -111,6 +115,11 @@ def prompt_generator(
         )
     triton_prompt_generator = _load_kernels()
     return triton_prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _load_kernels():
