@@ -55,13 +55,11 @@ class Launch:
         pack: serving path: the pre-stacked weights (ids index the pack).
     """
 
-    key: GroupKey
+    key: GroupKey  # also says what the launch pools over and which rational it applies
     rows: Tensor | None
     ids: Tensor
     names: list[str]
     pack: AdapterPack | None
-    pool_input: str
-    rational_version: str
 
 
 @dataclass
@@ -69,10 +67,9 @@ class PrefillState:
     """The prefill in flight: handed to every decoder layer with the model's keyword arguments
     (so a checkpointed layer replayed in backward sees it too)."""
 
-    instruction_mask: Tensor
+    instruction_mask: Tensor  # [B, N]: B is the batch after expansion (beams, return sequences)
     launches: list[Launch]
     num_tokens: int
-    batch: int
     rotary: tuple[Tensor, Tensor] | None = None  # cos/sin at −T…−1, computed by the first target layer
 
 

@@ -151,8 +151,7 @@ class PrefixHooks:
         # Riding along with them, the prefill state reaches the layer hooks even when a
         # checkpointed layer is replayed during backward (transformers 5.17 runs the hooks
         # inside the checkpoint, 5.24 outside; both keep the call's keyword arguments).
-        kwargs[PREFILL_KW] = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens,
-                                          batch=batch)
+        kwargs[PREFILL_KW] = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens)
         return args, kwargs
 
     def _empty_cache(self, kwargs: dict):
@@ -213,7 +212,7 @@ class PrefixHooks:
         out = None
         for launch in launches:
             source = hidden
-            if launch.pool_input == "normed":
+            if launch.key.pool_input == "normed":
                 normed = norm(hidden) if normed is None else normed
                 source = normed
             mask, ids, rows = state.instruction_mask, launch.ids, launch.rows
@@ -226,14 +225,14 @@ class PrefixHooks:
                 self.bank.stacked_weights(index, launch.names)
             soft = functional.prompt_generator(
                 source, mask, **weights, adapter_ids=ids if len(weights["w_down"]) > 1 else None,
-                backend=self.backend(), rational_version=launch.rational_version,
+                backend=self.backend(), rational_version=launch.key.rational_version,
                 check_ids=False,  # built on the host from validated adapter names: no device sync
             )
             if rows is None:
                 return soft
             if out is None:
                 # Rows without an adapter keep P = 0: finite through the norms, masked anyway.
-                out = hidden.new_zeros(state.batch, soft.shape[1], hidden.shape[-1])
+                out = hidden.new_zeros(state.instruction_mask.shape[0], soft.shape[1], hidden.shape[-1])
             out = out.index_copy(0, rows, soft)
         return out
 

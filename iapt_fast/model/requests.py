@@ -242,6 +242,5 @@ def plan_launches(bank: GeneratorBank, packs: ServingPacks, rows: list[str | Non
             distinct = list(dict.fromkeys(names))
             position = {n: i for i, n in enumerate(distinct)}
             ids = torch.tensor([position[n] for n in names], device=device)
-        launches.append(Launch(key=key, rows=row_index, ids=ids, names=distinct, pack=pack,
-                               pool_input=key.pool_input, rational_version=key.rational_version))
+        launches.append(Launch(key=key, rows=row_index, ids=ids, names=distinct, pack=pack))
     return launches
