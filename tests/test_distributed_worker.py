@@ -79,6 +79,10 @@ def _train_modes(root: str) -> None:
         _train_one("ddp", os.path.join(root, "ddp"), ctx)
         _train_one("fsdp", os.path.join(root, "fsdp"), dataclasses.replace(ctx, strategy="fsdp"))
         _train_hf(os.path.join(root, "hf"), ctx)
+        # Both ranks done with every collective before the group is destroyed: a rank that tears
+        # down while gloo still serves the other one can abort at exit (seen once in CI).
+        import torch.distributed as dist
+        dist.barrier()
     finally:
         shutdown(ctx)
 
