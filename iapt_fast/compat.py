@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-__all__ = ["cache_kwarg_name", "ddp_buffer_kwargs", "distribute_tensor_from_local_copies"]
+__all__ = ["cache_kwarg_name", "ddp_buffer_kwargs", "distribute_tensor_from_local_copies", "decode_compile_config"]
 
 
 def cache_kwarg_name(fn: Callable) -> str:
@@ -36,3 +36,22 @@ def distribute_tensor_from_local_copies(full: Any, mesh: Any, placements: Any) -
         return distribute_tensor(full, mesh, placements, src_data_rank=None)
     except TypeError:
         return distribute_tensor(full, mesh, placements)
+
+
+def decode_compile_config(device: Any, fullgraph: bool = True) -> Any:
+    """The ``generate(compile_config=...)`` that compiles the decode step on ``device``.
+
+    With a static cache, transformers compiles the decode step by itself on CUDA (and XPU,
+    TPU...) in ``"reduce-overhead"`` mode, which captures CUDA graphs. Elsewhere it does not
+    compile at all unless the config says to compile on every device (``_compile_all_devices``,
+    the flag transformers 5.17–5.24 give their own CPU tests); there the mode is ``"default"``
+    (CUDA graphs need CUDA).
+    """
+    import torch
+    from transformers.generation import CompileConfig
+
+    cuda = torch.device(device).type == "cuda"
+    config = CompileConfig(fullgraph=fullgraph, mode="reduce-overhead" if cuda else "default")
+    if not cuda:
+        config._compile_all_devices = True
+    return config

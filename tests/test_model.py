@@ -327,8 +327,8 @@ def test_bad_inputs_raise_before_any_computation(monkeypatch):
         wrapped.generate(ids, attention_mask=mask, use_cache=False, max_new_tokens=2)
     with pytest.raises(ValueError, match="chunked prefill"):
         wrapped.generate(ids, attention_mask=mask, prefill_chunk_size=2, max_new_tokens=2)
-    with pytest.raises(ValueError, match="cache_implementation='static'"):
-        wrapped.generate(ids, attention_mask=mask, cache_implementation="static", max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache_implementation='offloaded' is not supported"):
+        wrapped.generate(ids, attention_mask=mask, cache_implementation="offloaded", max_new_tokens=2)
     with pytest.raises(ValueError, match="pass input_ids .* or inputs_embeds"):
         wrapped(attention_mask=mask)
     wrapped.base_model.config._attn_implementation = "flash_attention_2"

@@ -27,9 +27,10 @@ from iapt_fast.generator.bank import GeneratorBank, check_adapter_name
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import PENDING
 from iapt_fast.model.prefix_hooks import PrefixHooks
-from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, check_checkpointing, check_generate_kwargs,
-                                      check_inputs, check_labels, check_mask, make_request, max_new_tokens, positions,
-                                      prompt_before_labels, require_active)
+from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, cache_implementation, check_checkpointing,
+                                      check_generate_kwargs, check_inputs, check_labels, check_mask, make_request,
+                                      max_new_tokens, positions, prompt_before_labels, require_active,
+                                      static_cache_length)
 
 __all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER", "VERIFIED_ATTENTION"]
 
@@ -68,9 +69,7 @@ class IAPTModel(nn.Module):
         self.generators = GeneratorBank(arch.hidden_size, arch.num_layers)
         self._active_adapter: str | None = None
         self._packs = ServingPacks(self.generators)
-        self._has_untargeted = False
-        self._hooks = PrefixHooks(self, arch, self.generators, self._packs, backend=lambda: self.backend,
-                                  has_untargeted=lambda: self._has_untargeted)
+        self._hooks = PrefixHooks(self, arch, self.generators, self._packs, backend=lambda: self.backend)
         self._hooks.install()
         model._iapt_wrapped = True
         if config is not None:
@@ -145,7 +144,7 @@ class IAPTModel(nn.Module):
             adapter[layer].to(self._arch.layer_device(layer))
         for param in adapter.parameters():
             param.requires_grad_(adapter_name == self._active_adapter)
-        self._adapters_changed(added=adapter_name)
+        self._adapters_changed()
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str) -> None:
         """Load a saved adapter under ``adapter_name``; the backbone is not touched or copied.
@@ -161,7 +160,7 @@ class IAPTModel(nn.Module):
         for param in adapter.parameters():
             param.requires_grad_(False)
         self.generators.adapters[adapter_name] = adapter
-        self._adapters_changed(added=adapter_name)
+        self._adapters_changed()
         if self._active_adapter is None:  # a host started without adapters serves its first one
             self._active_adapter = adapter_name
 
@@ -201,15 +200,8 @@ class IAPTModel(nn.Module):
         if name in self.generators.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
 
-    def _adapters_changed(self, added: str | None = None) -> None:
+    def _adapters_changed(self) -> None:
         self._packs.invalidate()
-        if added is not None:  # O(1) per load: 1,000 loads must not rescan 1,000 adapters
-            partial = len(self.generators[added].layer_indices) != self._arch.num_layers
-            self._has_untargeted = self._has_untargeted or partial
-            return
-        self._has_untargeted = any(
-            len(self.generators[n].layer_indices) != self._arch.num_layers for n in self.adapter_names
-        )
 
     def _require_hooks(self) -> None:
         if not self._hooks.installed:
@@ -290,14 +282,11 @@ class IAPTModel(nn.Module):
         request = make_request(self.generators, self._arch, self._active_adapter, mask, instruction_mask, adapter_names)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = positions(mask)
-        ext_mask = torch.cat([request.prefix_mask.to(mask.dtype), mask], dim=1)
+        ext_mask = request.attention_mask
         if cache is not None:
             kwargs[self._hooks.model_cache_kw] = cache
-        token = PENDING.set((self, request))
-        try:
+        with PENDING.submit(self, request):
             return self.base_model(input_ids=input_ids, attention_mask=ext_mask, labels=labels, **kwargs)
-        finally:
-            PENDING.reset(token)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -310,21 +299,22 @@ class IAPTModel(nn.Module):
         prompt's attention mask (the whole prompt is the instruction).
         """
         self._require_hooks()
-        check_generate_kwargs(generate_kwargs)
+        check_generate_kwargs(self.base_model, generate_kwargs)
         batch, length = check_inputs(input_ids, None).shape
         mask = check_mask(attention_mask, "attention_mask", batch, length, input_ids.device)
+        new_tokens = max_new_tokens(self.base_model, length, generate_kwargs)
         request = make_request(self.generators, self._arch, self._active_adapter, mask, instruction_mask,
-                               adapter_names, new_tokens=max_new_tokens(self.base_model, length, generate_kwargs))
+                               adapter_names, new_tokens=new_tokens)
+        if cache_implementation(self.base_model, generate_kwargs) == "static":
+            generate_kwargs["max_cache_len"] = static_cache_length(self.base_model, generate_kwargs,
+                                                                   request.num_tokens, length, new_tokens)
         position_ids = generate_kwargs.pop("position_ids", None)
         if position_ids is None:
             position_ids = positions(mask)
-        ext_mask = torch.cat([request.prefix_mask.to(mask.dtype), mask], dim=1)
-        token = PENDING.set((self, request))
-        try:
+        ext_mask = request.attention_mask
+        with PENDING.submit(self, request):
             return self.base_model.generate(input_ids=input_ids, attention_mask=ext_mask,
                                             position_ids=position_ids, **generate_kwargs)
-        finally:
-            PENDING.reset(token)
 
     def remove_hooks(self) -> nn.Module:
         """Detach IAPT from the backbone and return the bare model (the adapters are discarded)."""

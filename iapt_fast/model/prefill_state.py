@@ -8,19 +8,23 @@ hooks, and what a KV cache filled by an IAPT prefill remembers for its decode st
         │                          arguments down to every decoder layer)
         └─ CacheState             (registered for the cache object; read by every decode step)
     layer pre-hook → PrefixKV keyword argument → attention pre-hook → the cache's T slots
+    decode steps: read only the cache (prefix_cache.py: its layers say which hide the T slots)
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import threading
 import weakref
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 from torch import Tensor
 
 from iapt_fast.model.packing import AdapterPack, GroupKey
 
-__all__ = ["Request", "Launch", "PrefillState", "CacheState", "cache_state", "register_cache", "PENDING"]
+__all__ = ["Request", "Launch", "PrefillState", "CacheState", "cache_state", "register_cache", "PendingRequests",
+           "PENDING"]
 
 
 @dataclass(frozen=True)
@@ -30,17 +34,26 @@ class Request:
     Attributes:
         instruction_mask: [B, N] bool, what the generators pool over.
         row_adapters: adapter name per row; None = the bare backbone.
-        prefix_mask: [B, T] 1 where the row has soft tokens.
+        attention_mask: [B, T + N] long, the prompt's mask after T prefix columns (1 where the
+            row has soft tokens): what the wrapped model is called with.
         num_tokens: T.
-        hides_prefix: some layer must hide the T slots (layers outside ``target_layers``, or a
-            batch of base rows only).
+        target_layers: the layers whose slots hold the prefix (the batch's adapters share them;
+            empty for a batch of base rows only).
+        num_layers: of the backbone.
     """
 
     instruction_mask: Tensor
     row_adapters: list[str | None]
-    prefix_mask: Tensor
+    attention_mask: Tensor
     num_tokens: int
-    hides_prefix: bool
+    target_layers: frozenset[int]
+    num_layers: int
+
+    @property
+    def hides_prefix(self) -> bool:
+        """Some layer must hide the T slots (layers outside ``target_layers``, or a batch of
+        base rows only)."""
+        return len(self.target_layers) != self.num_layers
 
 
 @dataclass(frozen=True)
@@ -80,22 +93,64 @@ class CacheState:
     Attributes:
         num_tokens: T, the leading slots of every layer.
         prefix_mask: [B, T] mask columns of the slots (decode steps prepend them).
-        target_layers: layers whose slots hold the prefix; the others hide their slots.
-        hides_prefix: as in :class:`Request`.
+        hides_prefix: as in :class:`Request` (its layers' caches are HiddenPrefixLayer).
     """
 
     num_tokens: int
     prefix_mask: Tensor
-    target_layers: frozenset[int] = field(default_factory=frozenset)
     hides_prefix: bool = False
 
 
-# The request of the call in flight, from forward()/generate() to the model pre-hook. A
-# ContextVar is per thread and per asyncio task, so concurrent calls on one IAPTModel never
-# see each other's request; the value is (owner, request), so a call on one IAPTModel never
-# hands its request to another.
-PENDING: contextvars.ContextVar[tuple[Any, Request] | None] = contextvars.ContextVar(
-    "iapt_pending_request", default=None)
+class PendingRequests:
+    """The request of the call in flight, from forward()/generate() to the model pre-hook.
+
+    The request lives in a ContextVar, which is per thread and per asyncio task, so concurrent
+    calls on one IAPTModel never see each other's request; the value is (owner, request), so a
+    call on one IAPTModel never hands its request to another. Beside it, a plain flag says
+    whether any request anywhere is waiting for its prefill: a decode step reads only the flag,
+    which torch.compile traces (it cannot trace a ContextVar), so a compiled decode step runs
+    with no graph break while no prefill is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._var: contextvars.ContextVar[tuple[Any, Request] | None] = contextvars.ContextVar(
+            "iapt_pending_request", default=None)
+        self._lock = threading.Lock()
+        self._waiting = 0  # submitted requests whose prefill has not run
+        self.any = False  # _waiting > 0, as a bool (a compiled step guards on it: two variants at most)
+
+    @contextlib.contextmanager
+    def submit(self, owner: Any, request: Request) -> Iterator[None]:
+        """Make ``request`` the pending one of ``owner`` for the calls inside the block."""
+        token = self._var.set((owner, request))
+        self._count(+1)
+        try:
+            yield
+        finally:
+            if self._var.get() is not None:  # the model never ran (an error before its prefill)
+                self._count(-1)
+            self._var.reset(token)
+
+    def take(self, owner: Any) -> Request | None:
+        """The request ``owner``'s prefill serves (once), or None: a decode step, or another model's."""
+        pending = self._var.get()
+        if pending is None or pending[0] is not owner:
+            return None
+        self._var.set(None)  # one prefill per request; decode steps pass straight through
+        self._count(-1)
+        return pending[1]
+
+    def get(self) -> tuple[Any, Request] | None:
+        """(owner, request) pending in this thread / task, if any."""
+        return self._var.get()
+
+    def _count(self, step: int) -> None:
+        with self._lock:
+            self._waiting += step
+            self.any = self._waiting > 0
+
+
+PENDING = PendingRequests()
 
 # Cache object → its IAPT state, without writing attributes onto transformers' objects.
 _CACHES: "weakref.WeakKeyDictionary[Any, CacheState]" = weakref.WeakKeyDictionary()

@@ -2,16 +2,21 @@
 
 Three forward pre-hooks, installed by :class:`PrefixHooks`:
 
-1. **model** (the ``*ForCausalLM``): at a prefill (a :class:`~iapt_fast.prefill_state.Request`
-   is pending for this model), seed the KV cache with T placeholder slots per layer, register
-   its :class:`CacheState`, plan the generator launches and hand a :class:`PrefillState` to the
-   decoder layers with the model's keyword arguments. Decode steps pass straight through.
-2. **decoder layer**: run the generator on the layer's input H_l (one launch per shape group)
-   and turn P_l into prefix keys/values (``Architecture.prefix_kv``), passed on as a keyword
-   argument; layers outside ``target_layers`` are told to hide the T slots instead.
+1. **model** (the ``*ForCausalLM``): at a prefill (a :class:`~iapt_fast.model.prefill_state.Request`
+   is pending for this model), seed the KV cache with T slots per layer (prefix_cache.py),
+   register its :class:`CacheState`, plan the generator launches and hand a
+   :class:`PrefillState` to the decoder layers with the model's keyword arguments. Decode
+   steps pass straight through.
+2. **decoder layer**: at a prefill, run the generator on the layer's input H_l (one launch per
+   shape group) and turn P_l into prefix keys/values (``Architecture.prefix_kv``), passed on as
+   a keyword argument; layers outside ``target_layers`` are told to hide the T slots instead.
 3. **attention**: write the prefix into the cache's slots (decode steps then pay only T cache
    entries); inside an activation-checkpointed layer, which drops the cache, prepend it
-   through a stateless proxy cache, so the backward replay sees the same prefix.
+   through a stateless proxy cache, so the backward replay sees the same prefix. A layer that
+   hides the prefix drops the mask's T leading columns (its cache layer drops the T slots).
+
+Decode steps read nothing but the flag of pending requests and the cache they are called
+with, so torch.compile traces them whole (no graph break) and CUDA graphs can capture them.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from iapt_fast.compat import cache_kwarg_name
 from iapt_fast.generator.bank import GeneratorBank
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
+from iapt_fast.model.prefix_cache import (HiddenPrefixLayer, PrefixOnlyCache, cache_layer, check_cache_room, seed_cache,
+                                          write_prefix)
 from iapt_fast.model.requests import plan_launches, positions
 
 __all__ = ["PrefixHooks", "PREFILL_KW"]
@@ -33,31 +40,6 @@ __all__ = ["PrefixHooks", "PREFILL_KW"]
 PREFILL_KW = "iapt_prefill"  # PrefillState, model → decoder layers
 _PREFIX_KW = "iapt_prefix"  # (keys, values), decoder layer → its attention
 _SKIP_KW = "iapt_skip"  # T, decoder layer → its attention: hide the T slots
-
-
-class _PrefixCache:
-    """Stateless stand-in for a KV cache: prepends a fixed prefix (checkpoint-safe)."""
-
-    __slots__ = ("keys", "values")
-
-    def __init__(self, keys: Tensor, values: Tensor) -> None:
-        self.keys, self.values = keys, values
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-class _SkipPrefixCache:
-    """Wraps the real cache of a non-target layer: stores everything, hides the T slots."""
-
-    __slots__ = ("inner", "skip")
-
-    def __init__(self, inner: Any, skip: int) -> None:
-        self.inner, self.skip = inner, skip
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        keys, values = self.inner.update(key_states, value_states, *args, **kwargs)
-        return keys[:, :, self.skip:], values[:, :, self.skip:]
 
 
 class PrefixHooks:
@@ -68,14 +50,12 @@ class PrefixHooks:
         arch: the backbone's accessors.
         bank, packs: the adapters and their serving packs.
         backend: () → the generator backend name (the owner's current setting).
-        has_untargeted: () → whether some loaded adapter leaves layers untargeted (a fast
-            path: otherwise no layer ever needs to look at the cache).
     """
 
     def __init__(self, owner: nn.Module, arch: Architecture, bank: GeneratorBank, packs: ServingPacks,
-                 backend: Callable[[], str], has_untargeted: Callable[[], bool]) -> None:
+                 backend: Callable[[], str]) -> None:
         self.owner, self.arch, self.bank, self.packs = owner, arch, bank, packs
-        self.backend, self.has_untargeted = backend, has_untargeted
+        self.backend = backend
         self.model_cache_kw = cache_kwarg_name(arch.model.forward)
         self._handles: list[Any] = []
 
@@ -105,7 +85,8 @@ class PrefixHooks:
             raise ValueError("the cache passed to forward() was not produced by an IAPTModel prefill")
         skip = state.num_tokens
         q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-        past_real = cache.get_seq_length() - skip
+        past_real = int(cache.get_seq_length()) - skip
+        check_cache_room(cache, skip + past_real + q, skip)
         self.arch.check_prefix_support(skip, state.hides_prefix, past_real + q)
         if attention_mask is not None:
             if attention_mask.shape[1] != past_real + q:
@@ -121,11 +102,11 @@ class PrefixHooks:
 
     # ------------------------------------------------------------------ 1. the model
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        pending = PENDING.get()
-        if pending is None or pending[0] is not self.owner:
+        if not PENDING.any:  # a decode step while no prefill is in flight: nothing to read
             return None
-        request = pending[1]
-        PENDING.set(None)  # one prefill per request; decode steps pass straight through
+        request = PENDING.take(self.owner)
+        if request is None:
+            return None
         inputs = kwargs.get("input_ids")
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
@@ -136,17 +117,24 @@ class PrefixHooks:
         expand = batch // request.instruction_mask.shape[0]
         if expand * request.instruction_mask.shape[0] != batch:
             raise ValueError(f"batch of {batch} rows does not match the request's {request.instruction_mask.shape[0]}")
-        inst, rows, prefix_mask = request.instruction_mask, request.row_adapters, request.prefix_mask
+        inst, rows, prompt_mask = request.instruction_mask, request.row_adapters, request.attention_mask
         if expand > 1:  # beam search / num_return_sequences expand rows with repeat_interleave
             inst = inst.repeat_interleave(expand, dim=0)
-            prefix_mask = prefix_mask.repeat_interleave(expand, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(expand, dim=0)
             rows = [n for n in rows for _ in range(expand)]
+        prefix_mask = prompt_mask[:, :request.num_tokens]
         launches = plan_launches(self.bank, self.packs, rows, inst.device)
-        self._seed_cache(cache, batch, request.num_tokens)
-        register_cache(cache, CacheState(
-            num_tokens=request.num_tokens, prefix_mask=prefix_mask,
-            target_layers=frozenset(launches[0].key.layers) if launches else frozenset(),
-            hides_prefix=request.hides_prefix))
+        check_cache_room(cache, prompt_mask.shape[1], request.num_tokens)
+        seed_cache(cache, self.arch, batch, request.num_tokens, hidden_layers=(
+            i for i in range(self.arch.num_layers) if i not in request.target_layers))
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
+            # generate() builds the 4D mask of a static cache before this hook seeds the T slots,
+            # so that mask places the prompt at 0…N−1: hand the model the 2D mask instead, from
+            # which it builds the right one (the prefill is never the compiled step).
+            kwargs["attention_mask"] = prompt_mask
+        register_cache(cache, CacheState(num_tokens=request.num_tokens, prefix_mask=prefix_mask,
+                                         hides_prefix=request.hides_prefix))
         # transformers hands the model's extra keyword arguments down to every decoder layer.
         # Riding along with them, the prefill state reaches the layer hooks even when a
         # checkpointed layer is replayed during backward (transformers 5.17 runs the hooks
@@ -164,18 +152,11 @@ class PrefixHooks:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.arch.model.config)
-        elif cache.get_seq_length() != 0:
+        elif int(cache.get_seq_length()) != 0:
             raise ValueError("IAPT prefill needs an empty cache")
         kwargs.pop("past_key_values", None)
         kwargs[key] = cache
         return cache
-
-    def _seed_cache(self, cache, batch: int, num_tokens: int) -> None:
-        dtype = self.arch.activation_dtype()
-        for index, layer in enumerate(self.arch.layers):
-            heads, head_dim = self.arch.kv_shape(layer)
-            slots = torch.zeros(batch, heads, num_tokens, head_dim, dtype=dtype, device=self.arch.layer_device(index))
-            cache.update(slots, slots, index)
 
     # ------------------------------------------------------------------ 2. a decoder layer
     def _layer_hook(self, index: int, layer: nn.Module):
@@ -183,14 +164,8 @@ class PrefixHooks:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             state = kwargs.pop(PREFILL_KW, None)
-            if state is None:  # a decode step
-                if not self.has_untargeted():
-                    return None
-                cached = cache_state(arch.find_layer_cache(args, kwargs))
-                if cached is None or index in cached.target_layers:
-                    return None
-                kwargs[_SKIP_KW] = cached.num_tokens
-                return args, kwargs
+            if state is None:  # a decode step: the prefix is in the cache already
+                return None
             hidden = args[0] if args else kwargs["hidden_states"]
             launches = [g for g in state.launches if index in g.key.layers]
             if not launches:
@@ -243,21 +218,21 @@ class PrefixHooks:
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             prefix = kwargs.pop(_PREFIX_KW, None)
             skip = kwargs.pop(_SKIP_KW, None)
-            if prefix is None and skip is None:
-                return None
             cache = kwargs.get(cache_kw)
             if prefix is not None:
                 keys, values = prefix
                 if cache is None:
-                    kwargs[cache_kw] = _PrefixCache(keys, values)
+                    kwargs[cache_kw] = PrefixOnlyCache(keys, values)
                 else:
-                    slot = cache.layers[index]
-                    if slot.keys is None or slot.keys.shape[-2] != keys.shape[-2]:
-                        raise RuntimeError(f"IAPT: layer {index} of the cache does not hold exactly the seeded prefix slots")
-                    slot.keys, slot.values = keys, values
+                    write_prefix(cache.layers[index], index, keys, values)
                 return args, kwargs
-            if cache is not None:
-                kwargs[cache_kw] = _SkipPrefixCache(cache, skip)
+            if skip is None:  # a decode step: does this layer's cache hide the prefix?
+                slot = cache_layer(cache, index)
+                if not isinstance(slot, HiddenPrefixLayer):
+                    return None
+                skip = slot.num_tokens
+            # The layer's cache (a HiddenPrefixLayer) drops the T slots from its keys; the
+            # mask's T leading columns go too.
             mask = kwargs.get("attention_mask")
             if isinstance(mask, Tensor) and mask.dim() == 4:
                 kwargs["attention_mask"] = mask[..., skip:]

@@ -15,12 +15,14 @@ from iapt_fast.generator.bank import GeneratorBank
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import Launch, Request
 
-__all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "check_inputs", "check_labels", "check_checkpointing",
-           "check_generate_kwargs", "check_mask", "make_request", "plan_launches",
-           "prompt_before_labels", "positions", "max_new_tokens"]
+__all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "SUPPORTED_CACHES", "check_inputs", "check_labels",
+           "check_checkpointing", "check_generate_kwargs", "cache_implementation", "static_cache_length", "check_mask",
+           "make_request", "plan_launches", "prompt_before_labels", "positions", "max_new_tokens"]
 
 # Name a row of a mixed batch can use to run the bare backbone (its prefix slots are masked).
 BASE_ADAPTER = "__base__"
+# KV caches generate() may build around the prefix (None: the dynamic default).
+SUPPORTED_CACHES = (None, "dynamic", "static")
 # Attention implementations verified against the slow reference; others build their masks
 # differently (flash: unpadding; flex: block masks) and are refused, not guessed.
 VERIFIED_ATTENTION = ("eager", "sdpa")
@@ -65,7 +67,7 @@ _UNSUPPORTED_GENERATE = {
 }
 
 
-def check_generate_kwargs(generate_kwargs: dict) -> None:
+def check_generate_kwargs(model: Any, generate_kwargs: dict) -> None:
     """Refuse generate() options the prefix cache does not support yet, naming each."""
     for key, what in _UNSUPPORTED_GENERATE.items():
         if generate_kwargs.get(key) is not None:
@@ -73,12 +75,30 @@ def check_generate_kwargs(generate_kwargs: dict) -> None:
     gen_config = generate_kwargs.get("generation_config")
     if generate_kwargs.get("use_cache") is False or (gen_config is not None and gen_config.use_cache is False):
         raise ValueError("IAPTModel.generate needs use_cache=True: the prefix lives in the KV cache")
-    implementation = generate_kwargs.get("cache_implementation") or getattr(gen_config, "cache_implementation", None)
-    if implementation not in (None, "dynamic"):
-        raise ValueError(f"cache_implementation={implementation!r} is not supported with IAPT (use the dynamic cache)")
     for key in ("cache", "past_key_values"):
         if generate_kwargs.get(key) is not None:
             raise ValueError(f"IAPTModel.generate starts from an empty cache; do not pass {key}=")
+    implementation = cache_implementation(model, generate_kwargs)
+    if implementation not in SUPPORTED_CACHES:
+        raise ValueError(f"cache_implementation={implementation!r} is not supported with IAPT yet "
+                         f"(use one of {SUPPORTED_CACHES[1:]})")
+
+
+def cache_implementation(model: Any, generate_kwargs: dict) -> str | None:
+    """The KV cache ``generate(**generate_kwargs)`` will build (None: the dynamic default)."""
+    if "cache_implementation" in generate_kwargs:
+        return generate_kwargs["cache_implementation"]
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, "cache_implementation", None)
+
+
+def static_cache_length(model: Any, generate_kwargs: dict, num_tokens: int, length: int, new_tokens: int) -> int:
+    """``max_cache_len`` of a static cache for a prompt of ``length`` that gains ``new_tokens``:
+    T more slots than the base model's (the prefix takes the first T). A ``max_cache_len`` the
+    caller set (room for that many real tokens, to keep compiled shapes across calls) gains T too."""
+    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    asked = generate_kwargs.get("max_cache_len", getattr(config, "max_cache_len", None))
+    return num_tokens + max(int(asked or 0), length + new_tokens)
 
 
 def check_mask(mask: Tensor | None, name: str, batch: int, length: int, device) -> Tensor:
@@ -159,7 +179,8 @@ def make_request(bank: GeneratorBank, arch: Architecture, active: str | None, ma
     rows = row_adapters(bank, active, adapter_names, batch)
     used = [n for n in rows if n is not None]
     num_tokens = check_compatible(bank, used) if used else bank[require_active(bank, active)].config.num_soft_tokens
-    hides = not used or len(bank[used[0]].layer_indices) != arch.num_layers
+    target_layers = frozenset(bank[used[0]].layer_indices) if used else frozenset()
+    hides = len(target_layers) != arch.num_layers
     arch.check_prefix_support(num_tokens, hides, length + new_tokens)
     empty = ~inst.any(dim=1)
     has_prefix = torch.tensor([n is not None for n in rows], device=mask.device)
@@ -168,8 +189,8 @@ def make_request(bank: GeneratorBank, arch: Architecture, active: str | None, ma
         raise ValueError(f"rows {bad} have an empty instruction (instruction_mask is all zeros); "
                          "every row needs at least one instruction token")
     prefix_mask = has_prefix[:, None].expand(batch, num_tokens).long()
-    return Request(instruction_mask=inst, row_adapters=rows, prefix_mask=prefix_mask, num_tokens=num_tokens,
-                   hides_prefix=hides)
+    return Request(instruction_mask=inst, row_adapters=rows, attention_mask=torch.cat([prefix_mask, mask.long()], dim=1),
+                   num_tokens=num_tokens, target_layers=target_layers, num_layers=arch.num_layers)
 
 
 def require_active(bank: GeneratorBank, active: str | None) -> str:

@@ -86,11 +86,6 @@ class Architecture:
         """
         raise NotImplementedError
 
-    def find_layer_cache(self, args: tuple, kwargs: dict):
-        """The KV cache a decoder layer was called with, or None."""
-        cache = kwargs.get("cache")
-        return cache if cache is not None else kwargs.get("past_key_values")
-
     # ------------------------------------------------------------------ per-layer modules
     def layer_device(self, index: int) -> torch.device:
         """Device of decoder layer ``index`` (layers may be spread over devices)."""

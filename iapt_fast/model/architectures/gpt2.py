@@ -30,9 +30,3 @@ class GPT2(Architecture):
         _, key, value = attn.c_attn(layer.ln_1(soft)).split(attn.split_size, dim=2)
         shape = (batch, num_tokens, -1, attn.head_dim)
         return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
-
-    def find_layer_cache(self, args: tuple, kwargs: dict):
-        cache = super().find_layer_cache(args, kwargs)
-        if cache is None and len(args) > 1 and hasattr(args[1], "get_seq_length"):
-            cache = args[1]  # GPT-2's blocks take it positionally
-        return cache
