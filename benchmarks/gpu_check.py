@@ -1,8 +1,9 @@
 """GPU check of the fused generator kernels: correctness at realistic size, then timings.
 
 Times forward and forward+backward at bf16, d = 4096, m = 320, T = 4, for 2k–64k tokens and 1
-or 32 adapters: the Triton kernels vs the eager PyTorch reference vs torch.compile of the
-reference (triton.testing.do_bench medians), with the achieved bandwidth of reading H
+or 32 adapters: the Triton kernels (the autograd.Function of eager calls, and the custom operator
+torch.compile calls) vs the eager PyTorch reference vs torch.compile of the reference
+(triton.testing.do_bench medians), with the achieved bandwidth of reading H
 against a measured device-to-device copy. Writes Markdown + JSON under benchmarks/results/
 naming the card and the date, and prints a short table last.
 
@@ -30,6 +31,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.suites.common import bandwidth_gbs, copy_bandwidth_gbs  # noqa: E402
 from iapt_fast.generator import functional, reference  # noqa: E402
 from iapt_fast.generator.inputs import random_inputs  # noqa: E402
+from iapt_fast.generator.op import prompt_generator_op  # noqa: E402
 from iapt_fast.generator.weights import GeneratorWeights  # noqa: E402
 
 # (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,
@@ -66,6 +68,9 @@ def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
 
     impls = {
         "triton": lambda: functional.prompt_generator(leaves[0], mask, *leaves[1:], adapter_ids=ids, backend="triton"),
+        # The custom operator torch.compile sees: the same kernels forward; its registered
+        # backward recomputes the forward (a stateless operator keeps no statistics).
+        "op": lambda: prompt_generator_op(leaves[0], mask, *leaves[1:], ids, None, None, "B"),
         "eager": lambda: reference.prompt_generator(leaves[0], mask, GeneratorWeights(*leaves[1:]), ids),
     }
     if compiled_fn is not None:
@@ -78,7 +83,9 @@ def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
         out = impls["triton"]().float()
         ref32 = reference.prompt_generator(hidden.float(), mask, GeneratorWeights(*[w.float() for w in weights]), ids)
         ref_bf = impls["eager"]().float()
+        op_out = impls["op"]().float()
     row["max_err_triton"] = float((out - ref32).abs().max())
+    row["max_err_op"] = float((op_out - ref32).abs().max())
     row["max_err_bf16_reference"] = float((ref_bf - ref32).abs().max())
     row["finite"] = bool(torch.isfinite(out).all())
 
@@ -105,7 +112,7 @@ def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
         gbs = bandwidth_gbs(h_bytes, row["triton_fwd_ms"])
         row["triton_fwd_GBps"] = gbs
         row["fwd_fraction_of_copy"] = gbs / copy_gbs
-        for other in ("eager", "compile"):
+        for other in ("eager", "compile", "op"):
             if f"{other}_fwd_ms" in row:
                 row[f"fwd_speedup_vs_{other}"] = row[f"{other}_fwd_ms"] / row["triton_fwd_ms"]
                 row[f"bwd_speedup_vs_{other}"] = row[f"{other}_bwd_ms"] / max(row["triton_bwd_ms"], 1e-9)
@@ -121,17 +128,24 @@ def markdown(meta, rows) -> str:
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, d={meta['dim']}, m={meta['bottleneck']}, "
              f"T={meta['tokens']}; do_bench medians (ms). Copy bandwidth (read+write): {meta['copy_GBps']:.0f} GB/s. "
              "GB/s = bytes of H read once / forward time.", "",
+             "Custom op = `iapt_fast::prompt_generator` called eagerly (the path torch.compile takes): same "
+             "forward kernels, a backward that recomputes the forward; op ÷ Function = its time over the "
+             "autograd.Function's (eager path).", "",
              "| B×N | adapters | Triton fwd | eager fwd | compile fwd | Triton bwd | eager bwd | compile bwd | "
-             "fwd GB/s | % of copy | fwd × eager | fwd × compile | bwd × eager | max err (Triton / bf16 ref) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "op fwd | op bwd | op ÷ Function fwd / bwd | "
+             "fwd GB/s | % of copy | fwd × eager | fwd × compile | bwd × eager | max err (Triton / op / bf16 ref) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['batch']}×{r['seq']} | {r['adapters']} | {fmt(r.get('triton_fwd_ms'))} | {fmt(r.get('eager_fwd_ms'))} | "
             f"{fmt(r.get('compile_fwd_ms'))} | {fmt(r.get('triton_bwd_ms'))} | {fmt(r.get('eager_bwd_ms'))} | "
-            f"{fmt(r.get('compile_bwd_ms'))} | {fmt(r.get('triton_fwd_GBps'), '.0f')} | "
+            f"{fmt(r.get('compile_bwd_ms'))} | {fmt(r.get('op_fwd_ms'))} | {fmt(r.get('op_bwd_ms'))} | "
+            f"{fmt(r.get('fwd_speedup_vs_op'), '.2f')} / {fmt(r.get('bwd_speedup_vs_op'), '.2f')} | "
+            f"{fmt(r.get('triton_fwd_GBps'), '.0f')} | "
             f"{fmt(100 * r['fwd_fraction_of_copy'] if 'fwd_fraction_of_copy' in r else None, '.0f')} | "
             f"{fmt(r.get('fwd_speedup_vs_eager'), '.1f')} | {fmt(r.get('fwd_speedup_vs_compile'), '.1f')} | "
             f"{fmt(r.get('bwd_speedup_vs_eager'), '.1f')} | {fmt(r['max_err_triton'], '.2e')} / "
+            f"{fmt(r['max_err_op'], '.2e')} / "
             f"{fmt(r['max_err_bf16_reference'], '.2e')} |")
     errors = [(r["batch"], r["seq"], r["adapters"], k, v) for r in rows for k, v in r.items() if k.endswith("_error")]
     if errors:
@@ -186,7 +200,8 @@ def main(argv=None) -> int:
             row = run_case(batch, seq, adapters, args, cuda, use_compile, meta["copy_GBps"])
             rows.append(row)
             print(f"  {batch}x{seq} A={adapters}: triton fwd {fmt(row.get('triton_fwd_ms'))} ms, "
-                  f"bwd {fmt(row.get('triton_bwd_ms'))} ms, eager fwd {fmt(row.get('eager_fwd_ms'))} ms "
+                  f"bwd {fmt(row.get('triton_bwd_ms'))} ms, op fwd {fmt(row.get('op_fwd_ms'))} ms, "
+                  f"bwd {fmt(row.get('op_bwd_ms'))} ms, eager fwd {fmt(row.get('eager_fwd_ms'))} ms "
                   f"({time.time() - start:.0f} s)", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)

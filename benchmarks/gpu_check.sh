@@ -2,7 +2,9 @@
 # One command on a CUDA machine (< 6 min on an H100/H200, torch 2.11 / triton 3.6):
 #   1. install the package offline if iapt_fast.kernels is not importable yet,
 #   2. run the kernel tests natively on the GPU,
-#   3. time the kernels at realistic shapes (benchmarks/gpu_check.py), writing
+#   3. time the kernels at realistic shapes (benchmarks/gpu_check.py): the autograd.Function of
+#      eager calls and the custom operator torch.compile calls, against the eager and compiled
+#      reference, writing
 #      benchmarks/results/gpu_check_<card>_<date>.{md,json} and printing a short table.
 # Extra arguments go to gpu_check.py (e.g. --adapters 1).
 set -uo pipefail

@@ -202,6 +202,16 @@ def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, An
             out.append(_ratio("IAPT Triton / IAPT reference tokens/s", "e2e", case, iapt, iapt_torch, "tokens_per_s"))
             out.append(_ratio("IAPT Triton / IAPT reference prefill speed-up", "e2e", case, iapt, iapt_torch,
                               "prefill_ms", invert=True))
+    c = _index(rows, "compiled")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "compiled"):
+        for mode, target in (("compiled", ("ge", 0.95)), ("static", None)):
+            iapt, base = c.get((case, f"iapt_{mode}")), c.get((case, f"base_{mode}"))
+            out.append(_ratio(f"{mode}: IAPT / base decode tokens/s", "compiled", case, iapt, base,
+                              "decode_tokens_per_s", target))
+            out.append(_ratio(f"{mode}: IAPT / base tokens/s", "compiled", case, iapt, base, "tokens_per_s"))
+        for model in ("base", "iapt"):
+            out.append(_ratio(f"{model}: compiled / eager decode speed-up", "compiled", case, c.get((case, f"{model}_static")),
+                              c.get((case, f"{model}_compiled")), "decode_ms_per_token"))
     t = _index(rows, "train")
     for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "train"):
         iapt, peft, bmm = t.get((case, "iapt")), t.get((case, "peft_lora")), t.get((case, "bmm_lora"))
@@ -267,6 +277,14 @@ def suite_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[lis
         tables.append(("End to end: multi-tenant greedy generation",
                        ["case", "method", "K", "prefill ms", "decode ms/step", "tokens/s", "peak MB", "extra MB",
                         "status"], cells))
+    cr = [r for r in rows if r["suite"] == "compiled"]
+    if cr:
+        cells = [[r["case"], r["method"], _metric(r, "distinct_adapters"), _metric(r, "prefill_ms"),
+                  _metric(r, "decode_ms_per_token"), _metric(r, "decode_tokens_per_s"), _metric(r, "tokens_per_s"),
+                  _metric(r, "first_call_s", 2), _status(r)] for r in cr]
+        tables.append(("Fast decoding path: static cache, decode step eager or compiled",
+                       ["case", "method", "K", "prefill ms", "decode ms/step", "decode tokens/s", "tokens/s",
+                        "1st call s", "status"], cells))
     tr = [r for r in rows if r["suite"] == "train"]
     if tr:
         cells = [[r["case"], r["method"], _metric(r, "step_ms"), _metric(r, "tokens_per_s"),
@@ -427,21 +445,30 @@ def _kernels_figure(plt, rows, title):
     return fig
 
 
-def _e2e_figure(plt, rows, title):
-    found = _cases_and_series(rows, "e2e")
+def _generation_figure(plt, rows, title, suite: str, heading: str):
+    found = _cases_and_series(rows, suite)
     if found is None:
         return None
     cases, methods = found
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    lo, hi = _getter(rows, "e2e", "prefill_p10_ms"), _getter(rows, "e2e", "prefill_p90_ms")
+    lo, hi = _getter(rows, suite, "prefill_p10_ms"), _getter(rows, suite, "prefill_p90_ms")
     spreads = {"prefill_ms": lambda g, s: (lo(g, s), hi(g, s))}
     for ax, (key, label) in zip(axes, (("tokens_per_s", "generated tokens/s"),
                                        ("prefill_ms", "prefill ms (p10–p90)"),
                                        ("decode_ms_per_token", "decode ms per step"))):
-        _bars(ax, cases, methods, _getter(rows, "e2e", key), label, spread=spreads.get(key))
+        _bars(ax, cases, methods, _getter(rows, suite, key), label, spread=spreads.get(key))
         ax.set_title(label)
-    fig.suptitle(f"Multi-tenant generation (K = batch adapters; × = failed or skipped) — {title}", fontsize=8)
+    fig.suptitle(f"{heading} (× = failed or skipped) — {title}", fontsize=8)
     return fig
+
+
+def _e2e_figure(plt, rows, title):
+    return _generation_figure(plt, rows, title, "e2e", "Multi-tenant generation (K = batch adapters)")
+
+
+def _compiled_figure(plt, rows, title):
+    return _generation_figure(plt, rows, title, "compiled", "Static cache, decode step eager or compiled "
+                                                            "(IAPT: K = batch adapters)")
 
 
 def _train_figure(plt, rows, title):
@@ -466,7 +493,8 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
         return []
     title = machine_line(results["machine"])
     written = []
-    for name, figure in (("kernels.png", _kernels_figure), ("e2e.png", _e2e_figure), ("train.png", _train_figure)):
+    for name, figure in (("kernels.png", _kernels_figure), ("e2e.png", _e2e_figure),
+                         ("compiled.png", _compiled_figure), ("train.png", _train_figure)):
         fig = figure(plt, results["rows"], title)
         if fig is None:
             continue

@@ -27,6 +27,7 @@ REQUIRED_METRICS = {
     "kernels": {"median_ms", "p10_ms", "p90_ms", "gbs", "frac_copy_bw", "bytes", "first_call_s"},
     "e2e": {"prefill_ms", "decode_ms_per_token", "tokens_per_s", "total_ms", "peak_mem_mb", "extra_mem_mb",
             "weights_mb", "distinct_adapters"},
+    "compiled": {"prefill_ms", "decode_ms_per_token", "tokens_per_s", "total_ms", "first_call_s", "distinct_adapters"},
     "train": {"step_ms", "tokens_per_s", "peak_mem_mb", "extra_mem_mb", "weights_mb", "trainable_params"},
 }
 
@@ -58,7 +59,7 @@ def test_quick_run_json_has_every_field(quick_run):
                 "settings", "rows", "ratios", "plots"):
         assert key in res, key
     assert res["device"] == "cpu" and res["quick"] is True
-    assert res["suites"] == ["kernels", "e2e", "train"]
+    assert res["suites"] == ["kernels", "e2e", "compiled", "train"]
     m = res["machine"]
     for key in ("date_utc", "cpu_model", "cpu_count", "torch_threads", "versions", "git_commit", "command"):
         assert m.get(key) not in (None, ""), key
@@ -94,6 +95,7 @@ def test_quick_run_json_has_every_field(quick_run):
     methods = {s: {r["method"] for r in res["rows"] if r["suite"] == s} for s in res["suites"]}
     assert methods["e2e"] == set(models.DEFAULT_METHODS["cpu"])
     assert methods["train"] == {"iapt", "peft_lora", "bmm_lora"}
+    assert methods["compiled"] == {"base_static", "iapt_static", "base_compiled", "iapt_compiled"}
     assert methods["kernels"] == {"copy"} | {f"{i}/{m}" for i in ("eager", "compile") for m in ("fwd", "bwd", "fwdbwd")}
     e2e_ok = {r["method"]: r for r in res["rows"] if r["suite"] == "e2e" and r["status"] == "ok"}
     batch = res["settings"]["e2e"]["batches"][0]
@@ -102,11 +104,12 @@ def test_quick_run_json_has_every_field(quick_run):
 
     names = {r["name"] for r in res["ratios"]}
     assert {"IAPT / base tokens/s", "IAPT / PEFT LoRA mixed tokens/s", "IAPT prefill overhead over base",
-            "fwd: torch.compile speed-up over eager", "train: IAPT / PEFT LoRA tokens/s"} <= names
+            "fwd: torch.compile speed-up over eager", "train: IAPT / PEFT LoRA tokens/s",
+            "compiled: IAPT / base decode tokens/s", "iapt: compiled / eager decode speed-up"} <= names
     for r in res["ratios"]:
         assert r["value"] is not None or r["note"], r
 
-    assert sorted(res["plots"]) == ["e2e.png", "kernels.png", "train.png"]
+    assert sorted(res["plots"]) == ["compiled.png", "e2e.png", "kernels.png", "train.png"]
     for name in res["plots"]:
         with open(out / name, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -117,7 +120,7 @@ def test_quick_run_json_has_every_field(quick_run):
 def test_quick_run_prints_the_tables(quick_run):
     _, res, stdout = quick_run
     assert "Ratios (targets: design.md §5)" in stdout
-    for title in ("Kernels: prompt generator", "End to end", "Training step"):
+    for title in ("Kernels: prompt generator", "End to end", "Fast decoding path", "Training step"):
         assert title in stdout
     assert res["machine"]["cpu_model"] in stdout
 
@@ -234,6 +237,34 @@ def test_ratios_from_rows():
     bmm = ratios["IAPT / gathered-BMM LoRA tokens/s"]
     assert bmm["value"] is None and bmm["met"] is None and "bmm_lora failed: boom" in bmm["note"]
     assert ratios["IAPT / merged LoRA (1 tenant) tokens/s"]["note"] == "not measured in this run"
+    fast = [dict(r, suite="compiled", method=m) for r, m in
+            ((row("x", decode_tokens_per_s=100.0, decode_ms_per_token=4.0, tokens_per_s=90.0), "base_compiled"),
+             (row("x", decode_tokens_per_s=96.0, decode_ms_per_token=4.2, tokens_per_s=88.0), "iapt_compiled"),
+             (row("x", decode_tokens_per_s=50.0, decode_ms_per_token=8.4, tokens_per_s=45.0), "iapt_static"))]
+    ratios = {r["name"]: r for r in report.compute_ratios(fast, "cpu")}
+    assert ratios["compiled: IAPT / base decode tokens/s"]["value"] == pytest.approx(0.96)
+    assert ratios["compiled: IAPT / base decode tokens/s"]["met"] is True
+    assert ratios["iapt: compiled / eager decode speed-up"]["value"] == pytest.approx(2.0)
+    assert ratios["static: IAPT / base tokens/s"]["note"] == "not measured in this run"
+
+
+def test_compiled_suite_refuses_to_time_a_compiled_path_with_other_tokens():
+    from benchmarks.suites import compiled
+
+    class Model:  # the compiled decode step of this model gets one token wrong
+        def generate(self, input_ids, compile_config=None, max_new_tokens=1, **kwargs):
+            out = torch.cat([input_ids, torch.full((input_ids.shape[0], max_new_tokens), 5)], dim=1)
+            if compile_config is not None:
+                out[0, -1] = 6
+            return out
+
+    preps = {"base": models.Prepared("base", Model(), []), "iapt": models.Prepared("iapt", Model(), ["t0", "t1"])}
+    case = compiled._Case(2, 4, 3, "cpu", 50)
+    results = compiled.measure_case(preps, case, list(compiled.METHODS), reps=1)
+    for method in ("base_compiled", "iapt_compiled"):
+        assert isinstance(results[method], RuntimeError) and "1 differ" in str(results[method])
+    for method in ("base_static", "iapt_static"):
+        assert results[method]["tokens_per_s"] > 0
 
 
 def test_kernel_suite_drives_the_triton_kernels_in_the_interpreter():
