@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from iapt_fast import IAPTConfig, get_iapt_model
+from iapt_fast import IAPTConfig
 from slow_reference import padded_batch, slow_greedy, tiny_model
 from test_model import FAMILIES, CallCounter, weights_of, wrap
 

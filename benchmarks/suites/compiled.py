@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites.common import Recorder, estimate_seconds, quantiles, release_memory, time_calls
-from benchmarks.suites.e2e import settings as e2e_settings
+from benchmarks.suites.common import Recorder, release_memory
+from benchmarks.suites.e2e import run_grid, settings as e2e_settings, time_generation
 from benchmarks.suites.models import BackboneSpec, Prepared, budget, build_backbone, prepare
 
 SUITE = "compiled"
@@ -93,7 +93,7 @@ def _method(name: str) -> tuple[str, bool]:
 
 def measure_case(preps: dict[str, Prepared], case: _Case, methods: list[str],
                  reps: int) -> dict[str, dict[str, float | None] | Exception]:
-    """Warm up (compiling) and check each method, then time them interleaved (as e2e does)."""
+    """Warm up (compiling) and check each method, then time them as the e2e suite does."""
     results: dict[str, dict[str, float | None] | Exception] = {}
     first_call: dict[str, float] = {}
     eager_tokens: dict[str, torch.Tensor] = {}
@@ -110,39 +110,11 @@ def measure_case(preps: dict[str, Prepared], case: _Case, methods: list[str],
                                    f"({int((tokens != eager_tokens[model]).sum())} differ)")
         except Exception as err:
             results[method] = err
-    live = [m for m in methods if m not in results]
-    prefill: dict[str, list[float]] = {m: [] for m in live}
-    full: dict[str, list[float]] = {m: [] for m in live}
-    for r in range(reps):
-        order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))]
-        for method in order:
-            if method in results:
-                continue
-            model, compiled = _method(method)
-            try:
-                prefill[method].append(time_calls(case.device, lambda: case.generate(preps[model], compiled, 1),
-                                                  1).median_ms)
-                full[method].append(time_calls(case.device, lambda: case.generate(preps[model], compiled,
-                                                                                   case.new_tokens), 1).median_ms)
-            except Exception as err:
-                results[method] = err
-    n, b = case.new_tokens, case.batch
-    for method in live:
-        if method in results:
-            continue
-        pre, tot = quantiles(prefill[method]), quantiles(full[method])
-        decode_ms = (tot.median_ms - pre.median_ms) / max(1, n - 1)
-        decode_ms = decode_ms if decode_ms > 0 else None  # noise on a loaded machine: not measurable
-        results[method] = {
-            "prefill_ms": pre.median_ms, "prefill_p10_ms": pre.p10_ms, "prefill_p90_ms": pre.p90_ms,
-            "total_ms": tot.median_ms, "total_p10_ms": tot.p10_ms, "total_p90_ms": tot.p90_ms,
-            "decode_ms_per_token": decode_ms,
-            "tokens_per_s": b * n / (tot.median_ms * 1e-3),
-            "decode_tokens_per_s": b / (decode_ms * 1e-3) if decode_ms else None,
-            "first_call_s": first_call[method],
-            "distinct_adapters": float(preps[_method(method)[0]].distinct_adapters(b)),
-            "reps": float(reps),
-        }
+    timings = time_generation(methods, lambda method, n: case.generate(preps[_method(method)[0]], _method(method)[1], n),
+                              case.device, case.batch, case.new_tokens, reps, results)
+    for method, metrics in timings.items():
+        results[method] = {**metrics, "first_call_s": first_call[method],
+                           "distinct_adapters": float(preps[_method(method)[0]].distinct_adapters(case.batch))}
     return results
 
 
@@ -175,28 +147,9 @@ def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dic
             for b, p in grid:
                 rec.fail(SUITE, f"b{b} p{p}", method, {"batch": b, "prompt": p}, f"setup: {type(err).__name__}: {err}")
         return info
-    history: list[tuple[float, float]] = []
-    for b, p in grid:
-        work = float(b * (p + cfg["new_tokens"]))
-        reason = rec.budget.skip_reason(estimate_seconds(history, work))
-        results: dict[str, Any] = {}
-        seconds = 0.0
-        if reason is None:
-            start = time.perf_counter()
-            try:
-                results = measure_case(preps, _Case(b, p, cfg["new_tokens"], device, spec.vocab_size), methods,
-                                       cfg["reps"])
-            except Exception as err:
-                results = {m: err for m in methods}
-            seconds = time.perf_counter() - start
-            history.append((work, seconds))
-        for method in methods:
-            params = {"batch": b, "prompt": p, "new_tokens": cfg["new_tokens"], "method_label": METHOD_LABELS[method]}
-            if reason is not None:
-                rec.skip(SUITE, f"b{b} p{p}", method, params, reason)
-            else:
-                rec.record(SUITE, f"b{b} p{p}", method, params, results.get(method, RuntimeError("not measured")),
-                           seconds)
+    run_grid(rec, SUITE, grid, cfg["new_tokens"], methods, METHOD_LABELS,
+             lambda b, p: measure_case(preps, _Case(b, p, cfg["new_tokens"], device, spec.vocab_size), methods,
+                                       cfg["reps"]))
     del preps, backbone
     torch._dynamo.reset()
     release_memory()

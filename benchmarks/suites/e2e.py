@@ -11,12 +11,13 @@ Every method runs the same generate() call of transformers, so its overheads are
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from benchmarks.suites.common import MEMORY_NOTE, Recorder, estimate_seconds, measure_memory, module_mb, quantiles, release_memory, time_calls
-from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, METHODS, BackboneSpec, Prepared, budget, \
+from benchmarks.suites.common import (MEMORY_NOTE, Recorder, estimate_seconds, measure_memory, module_mb, quantiles,
+                                      release_memory, time_calls)
+from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, BackboneSpec, Prepared, budget, \
     build_backbone, prepare
 
 SUITE = "e2e"
@@ -64,12 +65,51 @@ class _Case:
         return seqs
 
 
-def measure_case(preps: dict[str, Prepared], case: _Case, reps: int) -> dict[str, dict[str, float | None] | Exception]:
-    """Time every method on one case; returns metrics or the exception, per method.
+def time_generation(methods: list[str], generate: Callable[[str, int], Any], device: str, batch: int,
+                    new_tokens: int, reps: int, failed: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Time ``generate(method, n)`` for n = 1 (prefill) and n = new_tokens, per method.
 
     Methods are interleaved (round r runs every method once, in a rotated order), so that
-    load drifting on a shared machine spreads over all methods instead of biasing one.
+    load drifting on a shared machine spreads over all methods instead of biasing one. A method
+    already in ``failed`` is skipped; one that raises is added to it.
+    Returns the timings of every method that ran: prefill and total medians (p10, p90), decode
+    ms per step = (total − prefill) / (n − 1), generated and decode tokens per second.
     """
+    live = [m for m in methods if m not in failed]
+    prefill: dict[str, list[float]] = {m: [] for m in live}
+    full: dict[str, list[float]] = {m: [] for m in live}
+    for r in range(reps):
+        order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))]
+        for method in order:
+            if method in failed:
+                continue
+            try:
+                prefill[method].append(time_calls(device, lambda: generate(method, 1), 1).median_ms)
+                full[method].append(time_calls(device, lambda: generate(method, new_tokens), 1).median_ms)
+            except Exception as err:
+                failed[method] = err
+    out: dict[str, dict[str, float | None]] = {}
+    for method in live:
+        if method in failed:
+            continue
+        pre, tot = quantiles(prefill[method]), quantiles(full[method])
+        decode_ms = (tot.median_ms - pre.median_ms) / max(1, new_tokens - 1)
+        # On a loaded machine the difference of two medians can come out negative: that is
+        # noise, and is reported as not measurable rather than as a number.
+        decode_ms = decode_ms if decode_ms > 0 else None
+        out[method] = {
+            "prefill_ms": pre.median_ms, "prefill_p10_ms": pre.p10_ms, "prefill_p90_ms": pre.p90_ms,
+            "total_ms": tot.median_ms, "total_p10_ms": tot.p10_ms, "total_p90_ms": tot.p90_ms,
+            "decode_ms_per_token": decode_ms,
+            "tokens_per_s": batch * new_tokens / (tot.median_ms * 1e-3),
+            "decode_tokens_per_s": batch / (decode_ms * 1e-3) if decode_ms else None,
+            "reps": float(reps),
+        }
+    return out
+
+
+def measure_case(preps: dict[str, Prepared], case: _Case, reps: int) -> dict[str, dict[str, float | None] | Exception]:
+    """Time every method on one case; returns metrics or the exception, per method."""
     results: dict[str, dict[str, float | None] | Exception] = {}
     memory: dict[str, dict[str, float | None]] = {}
     for method, prep in preps.items():
@@ -78,41 +118,15 @@ def measure_case(preps: dict[str, Prepared], case: _Case, reps: int) -> dict[str
             memory[method] = measure_memory(case.device, lambda: case.generate(prep, case.new_tokens))
         except Exception as err:
             results[method] = err
-    live = [m for m in preps if m not in results]
-    prefill: dict[str, list[float]] = {m: [] for m in live}
-    full: dict[str, list[float]] = {m: [] for m in live}
-    for r in range(reps):
-        order = live[r % max(1, len(live)):] + live[: r % max(1, len(live))]
-        for method in order:
-            if method in results:
-                continue
-            try:
-                prefill[method].append(time_calls(case.device, lambda: case.generate(preps[method], 1), 1).median_ms)
-                full[method].append(time_calls(case.device, lambda: case.generate(preps[method], case.new_tokens),
-                                               1).median_ms)
-            except Exception as err:
-                results[method] = err
-    n, b = case.new_tokens, case.batch
-    for method in live:
-        if method in results:
-            continue
-        pre, tot = quantiles(prefill[method]), quantiles(full[method])
-        decode_ms = (tot.median_ms - pre.median_ms) / max(1, n - 1)
-        # On a loaded machine the difference of two medians can come out negative: that is
-        # noise, and is reported as not measurable rather than as a number.
-        decode_ms = decode_ms if decode_ms > 0 else None
+    timings = time_generation(list(preps), lambda method, n: case.generate(preps[method], n), case.device,
+                              case.batch, case.new_tokens, reps, results)
+    for method, metrics in timings.items():
         prep = preps[method]
         results[method] = {
-            "prefill_ms": pre.median_ms, "prefill_p10_ms": pre.p10_ms, "prefill_p90_ms": pre.p90_ms,
-            "total_ms": tot.median_ms, "total_p10_ms": tot.p10_ms, "total_p90_ms": tot.p90_ms,
-            "decode_ms_per_token": decode_ms,
-            "tokens_per_s": b * n / (tot.median_ms * 1e-3),
-            "decode_tokens_per_s": b / (decode_ms * 1e-3) if decode_ms else None,
-            **_memory(prep, memory[method]),
-            "distinct_adapters": float(prep.distinct_adapters(b)),
+            **metrics, **_memory(prep, memory[method]),
+            "distinct_adapters": float(prep.distinct_adapters(case.batch)),
             "adapters_loaded": float(len(prep.adapter_names)),
             "trainable_params_per_adapter": float(prep.trainable_params),
-            "reps": float(reps),
         }
     return results
 
@@ -158,6 +172,39 @@ def _prepare_all(methods: list[str], backbone, max_adapters: int, plan: dict[str
     return preps, build_errors
 
 
+def run_grid(rec: Recorder, suite: str, grid: list[tuple[int, int]], new_tokens: int, methods: list[str],
+             labels: dict[str, str], measure: Callable[[int, int], dict[str, Any]],
+             build_errors: dict[str, str] | None = None) -> None:
+    """Measure every (batch, prompt) of ``grid`` with ``measure(batch, prompt)`` (metrics or the
+    exception, per method) while the recorder's budget lasts, and record one row per method:
+    failed (``build_errors``: it could not be built), skipped (past the budget) or measured."""
+    build_errors = build_errors or {}
+    history: list[tuple[float, float]] = []  # (work, seconds) of the cases measured so far
+    for b, p in grid:
+        work = float(b * (p + new_tokens))
+        reason = rec.budget.skip_reason(estimate_seconds(history, work))
+        results: dict[str, Any] = {}
+        seconds = 0.0
+        if reason is None:
+            start = time.perf_counter()
+            try:
+                results = measure(b, p)
+            except Exception as err:  # e.g. the inputs could not be built: every method fails
+                results = {m: err for m in methods}
+            seconds = time.perf_counter() - start
+            history.append((work, seconds))
+        for method in methods:
+            params = {"batch": b, "prompt": p, "new_tokens": new_tokens, "method_label": labels[method]}
+            case = f"b{b} p{p}"
+            if method in build_errors:
+                rec.fail(suite, case, method, params, build_errors[method])
+            elif reason is not None:
+                rec.skip(suite, case, method, params, reason)
+            else:
+                # seconds: the whole case, every method interleaved
+                rec.record(suite, case, method, params, results.get(method, RuntimeError("not measured")), seconds)
+
+
 def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_targets: list[str]) -> dict[str, Any]:
     """Run the suite into ``rec``; returns its settings for the report."""
     cfg = settings(device, quick)
@@ -176,30 +223,9 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
                 rec.fail(SUITE, f"b{b} p{p}", method, {"batch": b, "prompt": p}, f"backbone: {type(err).__name__}: {err}")
         return info
     preps, build_errors = _prepare_all(methods, backbone, max(cfg["batches"]), plan)
-    history: list[tuple[float, float]] = []  # (work, seconds) of the cases measured so far
-    for b, p in grid:
-        work = float(b * (p + cfg["new_tokens"]))
-        reason = rec.budget.skip_reason(estimate_seconds(history, work))
-        results: dict[str, Any] = {}
-        seconds = 0.0
-        if reason is None:
-            start = time.perf_counter()
-            try:
-                results = measure_case(preps, _Case(b, p, cfg["new_tokens"], device, spec.vocab_size), cfg["reps"])
-            except Exception as err:  # e.g. the inputs could not be built: every method fails
-                results = {m: err for m in preps}
-            seconds = time.perf_counter() - start
-            history.append((work, seconds))
-        for method in methods:
-            params = {"batch": b, "prompt": p, "new_tokens": cfg["new_tokens"], "method_label": METHOD_LABELS[method]}
-            case = f"b{b} p{p}"
-            if method in build_errors:
-                rec.fail(SUITE, case, method, params, build_errors[method])
-            elif reason is not None:
-                rec.skip(SUITE, case, method, params, reason)
-            else:
-                # seconds: the whole case, every method interleaved
-                rec.record(SUITE, case, method, params, results.get(method, RuntimeError("not measured")), seconds)
+    run_grid(rec, SUITE, grid, cfg["new_tokens"], methods, METHOD_LABELS,
+             lambda b, p: measure_case(preps, _Case(b, p, cfg["new_tokens"], device, spec.vocab_size), cfg["reps"]),
+             build_errors)
     del preps
     release_memory()
     del backbone

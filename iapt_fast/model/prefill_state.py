@@ -107,9 +107,9 @@ class PendingRequests:
     The request lives in a ContextVar, which is per thread and per asyncio task, so concurrent
     calls on one IAPTModel never see each other's request; the value is (owner, request), so a
     call on one IAPTModel never hands its request to another. Beside it, a plain flag says
-    whether any request anywhere is waiting for its prefill: a decode step reads only the flag,
-    which torch.compile traces (it cannot trace a ContextVar), so a compiled decode step runs
-    with no graph break while no prefill is in flight.
+    whether any request anywhere waits for its prefill, so a call of the backbone while none
+    does never touches the ContextVar (which torch.compile cannot trace). Decode steps read
+    neither: their cache holds a prefill already (prefix_hooks).
     """
 
     def __init__(self) -> None:

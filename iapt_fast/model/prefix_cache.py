@@ -16,7 +16,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["PrefixOnlyCache", "HiddenPrefixLayer", "hiding_prefix", "cache_layer", "check_cache_room", "seed_cache", "write_prefix"]
+__all__ = ["PrefixOnlyCache", "HiddenPrefixLayer", "hiding_prefix", "cache_in_use", "cache_layer", "check_cache_room",
+           "seed_cache", "write_prefix"]
 
 
 class PrefixOnlyCache:
@@ -69,6 +70,13 @@ def cache_layer(cache: Any, index: int) -> Any:
     if layers is None or index >= len(layers):
         return None
     return layers[index]
+
+
+def cache_in_use(cache: Any) -> bool:
+    """Whether ``cache`` holds entries already (a decode step), read from a plain flag of its
+    first layer (lazily initialised by its first update), never from a tensor."""
+    layer = cache_layer(cache, 0)
+    return bool(layer is not None and getattr(layer, "is_initialized", False))
 
 
 def seed_cache(cache: Any, arch: Any, batch: int, num_tokens: int, hidden_layers: Iterable[int]) -> None:

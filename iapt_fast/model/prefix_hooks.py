@@ -31,8 +31,8 @@ from iapt_fast.compat import cache_kwarg_name
 from iapt_fast.generator.bank import GeneratorBank
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
-from iapt_fast.model.prefix_cache import (HiddenPrefixLayer, PrefixOnlyCache, cache_layer, check_cache_room, seed_cache,
-                                          write_prefix)
+from iapt_fast.model.prefix_cache import (HiddenPrefixLayer, PrefixOnlyCache, cache_in_use, cache_layer, check_cache_room,
+                                          seed_cache, write_prefix)
 from iapt_fast.model.requests import plan_launches, positions
 
 __all__ = ["PrefixHooks", "PREFILL_KW"]
@@ -102,7 +102,9 @@ class PrefixHooks:
 
     # ------------------------------------------------------------------ 1. the model
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not PENDING.any:  # a decode step while no prefill is in flight: nothing to read
+        # Decode steps return here reading only plain values (torch.compile traces them whole):
+        # a cache that holds a prefill already, or no request pending anywhere.
+        if cache_in_use(kwargs.get(self.model_cache_kw, kwargs.get("past_key_values"))) or not PENDING.any:
             return None
         request = PENDING.take(self.owner)
         if request is None:
