@@ -124,3 +124,26 @@ def test_a_static_cache_without_room_for_the_prefix_is_refused():
         out = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, use_cache=True, cache=cache)
         with pytest.raises(ValueError, match="needs 12"):
             wrapped(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), cache=out.cache)
+
+
+def test_a_static_cache_reused_after_reset_and_one_initialised_early():
+    # A cache object outlives its call: after reset() it must hold no trace of the previous
+    # call's layout (which layers hid the prefix), and an early-initialised empty cache is a
+    # prefill like a lazy one.
+    model = tiny_model("llama", "sdpa", layers=3)
+    wrapped = wrap(model)
+    wrapped.add_adapter("part", IAPTConfig(bottleneck_dim=8, init_std_up=0.5, target_layers=[1]), seed=3)
+    ids, mask, inst = padded_batch(2, 7, "left", seed=29)
+    cache = StaticCache(config=model.config, max_cache_len=4 + 7)
+    with torch.no_grad():
+        for name in ("part", "default", "part"):
+            want = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, adapter_names=[name] * 2).logits
+            cache.reset()
+            got = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, adapter_names=[name] * 2,
+                          use_cache=True, cache=cache).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+        early = StaticCache(config=model.config, max_cache_len=4 + 7)
+        early.early_initialization(batch_size=2, num_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+        got = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, use_cache=True, cache=early).logits
+        want = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -6,8 +6,9 @@ length and the model builds one mask (T prefix columns, then the real tokens):
 * a layer in ``target_layers`` gets its prefix keys/values written into those slots
   (:func:`write_prefix`: dynamic layers take the tensors, static layers copy in place);
 * any other layer's cache layer is replaced by an equal one that mixes in
-  :class:`HiddenPrefixLayer`: it keeps the slots but hands attention only what follows them. The decision lives in the cache itself, so a decode step
-  (eager or compiled) reads nothing but the cache it is called with.
+  :class:`HiddenPrefixLayer`: it keeps the slots but hands attention only what follows them.
+  The decision lives in the cache itself, so a decode step (eager or compiled) reads nothing
+  but the cache it is called with.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["PrefixOnlyCache", "HiddenPrefixLayer", "hiding_prefix", "cache_in_use", "cache_layer", "check_cache_room",
+__all__ = ["PrefixOnlyCache", "HiddenPrefixLayer", "hiding_prefix", "plain_layer", "cache_in_use", "cache_layer", "check_cache_room",
            "seed_cache", "write_prefix"]
 
 
@@ -40,6 +41,7 @@ class HiddenPrefixLayer:
     beam reordering, cropping; transformers' isinstance checks see that class)."""
 
     _layer_type = None  # never registered as a layer type of transformers' mappings
+    _plain_class: type  # the layer's own class
     num_tokens: int
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -50,18 +52,34 @@ class HiddenPrefixLayer:
 _HIDING_CLASSES: dict[type, type] = {}
 
 
+def _same_state(layer: Any, cls: type) -> Any:
+    """A ``cls`` object with ``layer``'s state (the same tensors); ``layer`` is left as it was."""
+    twin = object.__new__(cls)
+    twin.__dict__.update(vars(layer))
+    return twin
+
+
 def hiding_prefix(layer: Any, num_tokens: int) -> Any:
     """A cache layer equal to ``layer`` (the same tensors and state, its own class's behaviour)
-    that hides its T leading slots from attention; ``layer`` itself is left as it was."""
-    base = type(layer)
+    that hides its T leading slots from attention."""
+    base = plain_layer(layer).__class__
     cls = _HIDING_CLASSES.get(base)
     if cls is None:
         cls = _HIDING_CLASSES[base] = type(f"HiddenPrefix{base.__name__}", (HiddenPrefixLayer, base),
-                                           {"_layer_type": None, "__module__": __name__})
-    hidden = object.__new__(cls)
-    hidden.__dict__.update(vars(layer))
+                                           {"_layer_type": None, "_plain_class": base, "__module__": __name__})
+    hidden = _same_state(plain_layer(layer), cls)
     hidden.num_tokens = num_tokens
     return hidden
+
+
+def plain_layer(layer: Any) -> Any:
+    """``layer`` as its own class again if an earlier prefill made it hide the prefix (a cache
+    reused after ``reset()``), else ``layer`` itself."""
+    if not isinstance(layer, HiddenPrefixLayer):
+        return layer
+    plain = _same_state(layer, type(layer)._plain_class)
+    plain.__dict__.pop("num_tokens", None)
+    return plain
 
 
 def cache_layer(cache: Any, index: int) -> Any:
@@ -81,6 +99,8 @@ def cache_in_use(cache: Any) -> bool:
 
 def seed_cache(cache: Any, arch: Any, batch: int, num_tokens: int, hidden_layers: Iterable[int]) -> None:
     """Give every layer of an empty ``cache`` T zero slots; ``hidden_layers`` will hide them."""
+    for index in range(len(getattr(cache, "layers", ()))):
+        cache.layers[index] = plain_layer(cache.layers[index])
     dtype = arch.activation_dtype()
     for index, layer in enumerate(arch.layers):
         heads, head_dim = arch.kv_shape(layer)

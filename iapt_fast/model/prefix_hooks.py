@@ -102,9 +102,14 @@ class PrefixHooks:
 
     # ------------------------------------------------------------------ 1. the model
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        # Decode steps return here reading only plain values (torch.compile traces them whole):
-        # a cache that holds a prefill already, or no request pending anywhere.
-        if cache_in_use(kwargs.get(self.model_cache_kw, kwargs.get("past_key_values"))) or not PENDING.any:
+        if not PENDING.any:  # no request waits anywhere: a decode step, or a call of the bare backbone
+            return None
+        # Other threads' requests may be waiting. Eagerly, this thread's own ContextVar says;
+        # torch.compile cannot trace a ContextVar, so a compiled call whose cache holds entries
+        # is taken for the decode step it is (one graph, no break; compiling an IAPT prefill
+        # needs a fresh cache or none).
+        if torch.compiler.is_compiling() and cache_in_use(kwargs.get(self.model_cache_kw,
+                                                                     kwargs.get("past_key_values"))):
             return None
         request = PENDING.take(self.owner)
         if request is None:
