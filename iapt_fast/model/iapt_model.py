@@ -7,7 +7,8 @@ Where each part lives (design.md §7):
 * ``requests.py``: validating a call and planning its generator launches;
 * ``prefill_state.py``: the typed state of a call (Request → PrefillState, CacheState);
 * ``prefix_hooks.py``: the three hooks that put the soft tokens into the KV cache;
-* ``architectures.py``: what differs between model families;
+* ``prefix_cache.py``: how the prefix lives in a dynamic or static cache;
+* ``architectures/``: what differs between model families;
 * ``packing.py``: the serving packs (same-shape adapters stacked once).
 """
 from __future__ import annotations
@@ -295,8 +296,10 @@ class IAPTModel(nn.Module):
         """``generate()`` of the wrapped model with the IAPT prefix computed once, at prefill.
 
         Greedy, sampling and beam search work (the prefix slots live in the KV cache and follow
-        its reordering). Args as in :meth:`forward`; ``instruction_mask`` defaults to the
-        prompt's attention mask (the whole prompt is the instruction).
+        its reordering), with the dynamic cache or ``cache_implementation="static"`` (sized T
+        slots longer; its decode step compiles, see ``iapt_fast.compat.decode_compile_config``).
+        Args as in :meth:`forward`; ``instruction_mask`` defaults to the prompt's attention mask
+        (the whole prompt is the instruction).
         """
         self._require_hooks()
         check_generate_kwargs(self.base_model, generate_kwargs)
