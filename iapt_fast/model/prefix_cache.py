@@ -128,8 +128,10 @@ def write_prefix(slot: Any, index: int, keys: Tensor, values: Tensor) -> None:
     address a compiled or CUDA-graph decode step reads)."""
     num_tokens = keys.shape[-2]
     if getattr(slot, "is_compileable", False):
-        if not slot.is_initialized or int(slot.get_seq_length()) != num_tokens:
-            raise RuntimeError(f"IAPT: layer {index} of the static cache does not hold exactly the seeded prefix slots")
+        # Shapes only: the seeded length lives in a device tensor, and reading it would sync
+        # once per layer at every prefill (seed_cache wrote the slots just before).
+        if not slot.is_initialized or slot.keys.shape[-2] < num_tokens or slot.keys.shape[0] != keys.shape[0]:
+            raise RuntimeError(f"IAPT: layer {index} of the static cache has no room for the seeded prefix slots")
         slot.keys[:, :, :num_tokens].copy_(keys)
         slot.values[:, :, :num_tokens].copy_(values)
         return
