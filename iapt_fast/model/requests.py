@@ -72,8 +72,8 @@ def check_generate_kwargs(model: Any, generate_kwargs: dict) -> None:
     for key, what in _UNSUPPORTED_GENERATE.items():
         if generate_kwargs.get(key) is not None:
             raise ValueError(f"IAPTModel.generate does not support {what} ({key}=) yet")
-    gen_config = generate_kwargs.get("generation_config")
-    if generate_kwargs.get("use_cache") is False or (gen_config is not None and gen_config.use_cache is False):
+    if generate_kwargs.get("use_cache") is False or getattr(generation_config(model, generate_kwargs), "use_cache",
+                                                             True) is False:
         raise ValueError("IAPTModel.generate needs use_cache=True: the prefix lives in the KV cache")
     for key in ("cache", "past_key_values"):
         if generate_kwargs.get(key) is not None:
@@ -84,11 +84,16 @@ def check_generate_kwargs(model: Any, generate_kwargs: dict) -> None:
                          f"(use one of {SUPPORTED_CACHES[1:]})")
 
 
+def generation_config(model: Any, generate_kwargs: dict) -> Any:
+    """The GenerationConfig ``generate(**generate_kwargs)`` starts from: the call's, else the model's."""
+    return generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+
 def cache_implementation(model: Any, generate_kwargs: dict) -> str | None:
     """The KV cache ``generate(**generate_kwargs)`` will build (None: the dynamic default)."""
     if "cache_implementation" in generate_kwargs:
         return generate_kwargs["cache_implementation"]
-    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    config = generation_config(model, generate_kwargs)
     return getattr(config, "cache_implementation", None)
 
 
@@ -96,7 +101,7 @@ def static_cache_length(model: Any, generate_kwargs: dict, num_tokens: int, leng
     """``max_cache_len`` of a static cache for a prompt of ``length`` that gains ``new_tokens``:
     T more slots than the base model's (the prefix takes the first T). A ``max_cache_len`` the
     caller set (room for that many real tokens, to keep compiled shapes across calls) gains T too."""
-    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    config = generation_config(model, generate_kwargs)
     asked = generate_kwargs.get("max_cache_len", getattr(config, "max_cache_len", None))
     return num_tokens + max(int(asked or 0), length + new_tokens)
 
@@ -146,7 +151,7 @@ def positions(mask: Tensor) -> Tensor:
 
 def max_new_tokens(model: Any, length: int, generate_kwargs: dict) -> int:
     """How many tokens ``generate(**generate_kwargs)`` may add to a prompt of ``length``."""
-    config = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    config = generation_config(model, generate_kwargs)
     new = generate_kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
     if new is None:
         total = generate_kwargs.get("max_length", getattr(config, "max_length", None))
