@@ -18,7 +18,9 @@ Writes results.json (every row, the machine, versions, settings), results.md and
 --out (default benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the tables with the
 ratios against the design.md §5 targets. A method that fails is a failed row with its error; a
 case the time budget (--budget-s) cannot fit is a skipped row with the reason.
-Exit status: 0, or 1 with --strict when any row failed.
+Exit status: 1 when any row of the project's own methods failed (a generator implementation of the
+kernels suite, an IAPT method, or a suite that crashed), also 1 with --strict when any row failed
+(a baseline such as LoRA included); 0 otherwise. The run ends with a summary naming the failed rows.
 
 results.json:
     machine    date_utc, cpu_model, cpu_count, torch_threads, memory_gb, gpu {name, capability,
@@ -83,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="wall-clock budget in seconds; cases that would start after it, or would not "
                              f"fit in it, are reported as skipped (default: {DEFAULT_BUDGET_S}, --quick "
                              f"{QUICK_BUDGET_S})")
-    parser.add_argument("--strict", action="store_true", help="exit 1 if any row failed")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 if any row failed, baselines included (without it: only the project's own rows)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -167,7 +170,35 @@ def main(argv: list[str] | None = None) -> int:
     print(report.render_text(results))
     print("\nwrote " + ", ".join(os.path.relpath(p) for p in paths.values()))
     failed = [r for r in rows if r["status"] == "failed"]
-    return 1 if (args.strict and failed) else 0
+    own = [r for r in failed if is_own_method(r)]
+    print(final_summary(rows, own, failed, args.strict))
+    return 1 if own or (args.strict and failed) else 0
+
+
+def is_own_method(row: dict[str, Any]) -> bool:
+    """Whether a row measures the project itself: every generator implementation of the kernels
+    suite, an IAPT method of the others, or a suite that crashed before its rows."""
+    return row["suite"] == "kernels" or row["method"].startswith("iapt") or row["method"] == "harness"
+
+
+def final_summary(rows: list[dict[str, Any]], own: list[dict[str, Any]], failed: list[dict[str, Any]],
+                  strict: bool) -> str:
+    """The last lines of a run: the verdict, then every failed row with its error."""
+    ok = sum(r["status"] == "ok" for r in rows)
+    if own:
+        verdict = f"FAILED: {len(own)} row(s) of iapt_fast's own methods failed (exit status 1)"
+    elif failed and strict:
+        verdict = f"FAILED (--strict): {len(failed)} baseline row(s) failed (exit status 1)"
+    elif failed:
+        verdict = f"OK: every iapt_fast row ran; {len(failed)} baseline row(s) failed (exit status 0)"
+    else:
+        verdict = f"OK: {ok} rows measured, none failed (exit status 0)"
+    lines = ["", "=" * 8 + " summary " + "=" * 8, verdict]
+    for r in failed:
+        first = (r.get("error") or "").strip().splitlines()
+        lines.append(f"  failed {'[iapt_fast]' if is_own_method(r) else '[baseline]'} {r['suite']} "
+                     f"{r['case']} {r['method']}: {first[0] if first else 'no error text'}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,30 @@ def test_failing_baselines_are_reported_failed_never_dropped(tmp_path, monkeypat
     strict = ["--quick", "--device", "cpu", "--suite", "e2e", "--out", str(tmp_path / "strict"), "--no-progress",
               "--methods", "peft_lora", "--strict"]
     assert run.main(strict) == 1
+    assert "FAILED (--strict): 1 baseline row(s) failed" in capsys.readouterr().out
+
+
+def test_main_job_fails_when_iapt_fails(tmp_path, monkeypatch, capsys):
+    """The main job never reports success when IAPT itself could not run: exit 1, summary names the row."""
+    from benchmarks import run
+    from benchmarks.suites import e2e
+
+    real_prepare = e2e.prepare
+
+    def prepare(method, backbone, num_adapters, plan, **kwargs):
+        if method == "iapt":
+            raise RuntimeError("iapt could not be built")
+        return real_prepare(method, backbone, num_adapters, plan, **kwargs)
+
+    monkeypatch.setattr(e2e, "prepare", prepare)
+    args = ["--quick", "--device", "cpu", "--suite", "e2e", "--out", str(tmp_path), "--no-progress",
+            "--methods", "base,iapt"]
+    assert run.main(args) == 1
+    out = capsys.readouterr().out
+    summary = out[out.index("summary"):]
+    assert "FAILED:" in summary and "iapt_fast's own methods" in summary
+    assert "[iapt_fast] e2e" in summary and "iapt could not be built" in summary
+    assert "[baseline]" not in summary
 
 
 def test_recorder_budget_and_exceptions():

@@ -12,6 +12,8 @@ from torch import Tensor
 from iapt_fast.config import RATIONAL_VERSIONS
 from iapt_fast.generator import reference
 from iapt_fast.generator.limits import MAX_SOFT_TOKENS
+# Imported here so that `import iapt_fast` registers torch.ops.iapt_fast.prompt_generator.
+from iapt_fast.generator.op import prompt_generator_op
 from iapt_fast.generator.weights import GeneratorWeights
 
 __all__ = ["prompt_generator", "triton_available", "resolve_backend", "check_backend_limits", "MAX_SOFT_TOKENS"]
@@ -104,7 +106,6 @@ def prompt_generator(
     weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
     if _compiling():
         # One opaque node for torch.compile: no graph break inside the generator.
-        from iapt_fast.generator.op import prompt_generator_op
         return prompt_generator_op(hidden, mask, *weights[:5], adapter_ids, anchor, anchor_scale, rational_version)
     if chosen == "torch":
         return reference.prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
@@ -127,10 +128,6 @@ def _load_kernels():
     try:
         from iapt_fast.kernels import triton_prompt_generator
     except ImportError as err:
-        if getattr(err, "name", None) == "iapt_fast.kernels" or "iapt_fast.kernels" in str(err):
-            # kernels/ is a top-level folder that only the installed package maps to iapt_fast.kernels.
-            raise ValueError("the Triton kernels (iapt_fast.kernels) are not importable: this checkout of iapt_fast "
-                             "was not installed; run `pip install -e .` in its root folder") from err
         raise ValueError(f"backend='triton' is unavailable: {err}") from err  # e.g. triton missing here
     return triton_prompt_generator
 
