@@ -1,7 +1,15 @@
 """Packaging for iapt_fast.
 
-The top-level folder ``kernels/`` is installed as ``iapt_fast.kernels``: a bare top-level
-``kernels`` module would clash with other distributions that ship one (design.md §2).
+The top-level folder ``kernels/`` is installed as ``iapt_fast/kernels/`` and imported as
+``iapt_fast.kernels`` (the module iapt_fast/kernels.py points the package at it). The folder has no
+``__init__.py`` on purpose: transformers installs a distribution whose top-level module is
+``kernels``, and a regular package at a checkout's root would shadow it (docs/design.md §2).
+setuptools warns that the folder has no ``__init__.py``; that is expected.
+
+Dependency bounds: only where a release is known to break the project, each with its reason.
+None is known today (checked 2026-12-07 with torch 2.13, triton 3.9, transformers 5.25, peft 0.21,
+accelerate 1.16, datasets 5.2, kernels 0.19); transformers' ``past_key_values`` alias (removed in
+5.40) is not relied on (iapt_fast.compat picks the argument name the installed release takes).
 """
 from setuptools import find_packages, setup
 
@@ -23,8 +31,14 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "accelerate", "matplotlib"],
+        # `kernels`: transformers >= 5.25 pulls it in anyway; listed so that tests/test_fresh_checkout.py,
+        # which proves our kernels/ folder cannot shadow it, always has it to prove that with.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "accelerate", "matplotlib", "kernels"],
         "bench": ["matplotlib", "peft"],
     },
-    entry_points={"console_scripts": ["iapt-train=iapt_fast.train:main"]},
+    entry_points={
+        "console_scripts": ["iapt-train=iapt_fast.train:main", "iapt-serve=iapt_fast.serve.cli:main"],
+        # vLLM calls this in each of its processes: it registers the IAPT model classes.
+        "vllm.general_plugins": ["iapt_fast = iapt_fast.serve.plugin:register"],
+    },
 )

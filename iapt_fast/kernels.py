@@ -10,7 +10,7 @@ prefers to a regular package or module of the same name, so it cannot shadow the
 any working directory. A namespace folder cannot carry this package's exports, and setuptools'
 editable finder serves only folders with an ``__init__.py``; so this module is ``iapt_fast.kernels``
 and makes itself a package by setting ``__path__`` (any module with ``__path__`` is a package,
-Python reference §5.2.1) to the folder that holds the kernel modules. docs/design.md#layout.
+Python reference §5.2.1) to the folder that holds the kernel modules. docs/design.md §2.
 
 ``triton_prompt_generator`` is the fused generator (forward and backward) that
 ``iapt_fast.generator.functional.prompt_generator(..., backend="triton")`` dispatches to.

@@ -41,8 +41,7 @@ ATOL = 2e-5
 
 
 def _torchrun(args: list[str], timeout: float, extra_env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           **(extra_env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
@@ -219,7 +218,7 @@ def test_cli_under_torchrun_and_accelerate_matches_one_process(tmp_path):
     assert (tmp_path / "dist" / "checkpoint-2" / "trainer_state.pt").is_file()
     assert proc.stdout.count('"steps": 3') == 1  # metrics printed by rank 0 only
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "iapt_fast.train", *common,
