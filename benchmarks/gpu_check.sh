@@ -27,4 +27,5 @@ IAPT_HYPOTHESIS_EXAMPLES="${IAPT_HYPOTHESIS_EXAMPLES:-4}" timeout 220 \
 test_status=${PIPESTATUS[0]}
 [ "$test_status" -ne 0 ] && { echo "gpu_check: kernel tests FAILED (status $test_status)"; status=1; }
 timeout 180 python benchmarks/gpu_check.py "$@" || status=1
+timeout 420 python benchmarks/run.py --suite serve --device cuda --no-progress || status=1  # vLLM: base vs IAPT vs multi-LoRA (rows skipped, saying how, without .venv-serve)
 exit $status

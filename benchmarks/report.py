@@ -218,6 +218,41 @@ def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, An
         out.append(_ratio("train: IAPT / PEFT LoRA tokens/s", "train", case, iapt, peft, "tokens_per_s"))
         out.append(_ratio("train: IAPT / gathered-BMM LoRA tokens/s", "train", case, iapt, bmm, "tokens_per_s"))
         out.append(_ratio("train: IAPT / PEFT LoRA peak memory", "train", case, iapt, peft, "peak_mem_mb"))
+    out += _serve_ratios(rows, device)
+    return out
+
+
+def _serve_ks(rows: list[dict[str, Any]], case: str) -> list[int]:
+    return sorted({int(r["method"].rsplit("_k", 1)[1]) for r in rows
+                   if r["suite"] == "serve" and r["case"] == case and r["method"].startswith("iapt_k")})
+
+
+def _serve_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """IAPT with K adapters against the bare engine and vLLM multi-LoRA at the same K. Targets
+    at K = 4 on the CPU, offline: IAPT ≥ 0.95× the bare engine and ≥ 2.5× vLLM multi-LoRA."""
+    out: list[dict[str, Any]] = []
+    s = _index(rows, "serve")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "serve"):
+        online = case.startswith("online")
+        key = "output_tokens_per_s" if online else "tokens_per_s"
+        prefix = "online: " if online else ""
+        base = s.get((case, "base"))
+        for k in _serve_ks(rows, case):
+            iapt, lora = s.get((case, f"iapt_k{k}")), s.get((case, f"vllm_lora_k{k}"))
+            targeted = k == 4 and device == "cpu" and not online
+            out.append(_ratio(f"{prefix}IAPT K={k} / base tokens/s", "serve", case, iapt, base, key,
+                              ("ge", 0.95) if targeted else None))
+            out.append(_ratio(f"{prefix}IAPT K={k} / vLLM LoRA K={k} tokens/s", "serve", case, iapt, lora, key,
+                              ("ge", 2.5) if targeted else None))
+            out.append(_ratio(f"{prefix}vLLM LoRA K={k} / base tokens/s", "serve", case, lora, base, key))
+            if not online:
+                out.append(_value(f"IAPT K={k} / base tokens/s, per-round pairs (median)", "serve", case, iapt,
+                                  "paired_vs_base"))
+            if online:
+                out.append(_ratio(f"online: IAPT K={k} / base time to first token", "serve", case, iapt, base,
+                                  "ttft_ms"))
+                out.append(_ratio(f"online: vLLM LoRA K={k} / base time to first token", "serve", case, lora, base,
+                                  "ttft_ms"))
     return out
 
 
@@ -293,6 +328,15 @@ def suite_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[lis
         tables.append(("Training step (forward, backward, AdamW)",
                        ["case", "method", "step ms", "tokens/s", "peak MB", "extra MB", "trainable", "status"],
                        cells))
+    sr = [r for r in rows if r["suite"] == "serve"]
+    if sr:
+        cells = [[r["case"], r["method"], _fmt(r["params"].get("K")),
+                  _metric(r, "output_tokens_per_s" if r["case"].startswith("online") else "tokens_per_s"),
+                  f"{_metric(r, 'total_p10_ms')}–{_metric(r, 'total_p90_ms')}" if "total_ms" in r["metrics"] else "",
+                  _metric(r, "ttft_ms"), _metric(r, "ttft_p90_ms"), _metric(r, "latency_ms"), _status(r)] for r in sr]
+        tables.append(("Serving in vLLM: the same engine, base vs IAPT vs vLLM multi-LoRA",
+                       ["case", "method", "K", "output tokens/s", "batch ms p10–p90", "TTFT ms", "TTFT p90 ms",
+                        "latency ms", "status"], cells))
     return tables
 
 
@@ -483,6 +527,28 @@ def _train_figure(plt, rows, title):
     return fig
 
 
+def _serve_figure(plt, rows, title):
+    """Output tokens/s offline and online, and the online time to first token, per K."""
+    sr = [r for r in rows if r["suite"] == "serve"]
+    if not sr:
+        return None
+    offline = next((r["case"] for r in sr if not r["case"].startswith("online")), None)
+    online = next((r["case"] for r in sr if r["case"].startswith("online")), None)
+    series = {"base engine": lambda k: "base", "IAPT": lambda k: f"iapt_k{k}",
+              "vLLM multi-LoRA": lambda k: f"vllm_lora_k{k}"}
+    panels = [(offline, "tokens_per_s", "offline output tokens/s"),
+              (online, "output_tokens_per_s", "online output tokens/s"), (online, "ttft_ms", "online TTFT ms (median)")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, (case, key, label) in zip(axes, panels):
+        ks = _serve_ks(rows, case) if case else []
+        value = _getter(rows, "serve", key)
+        _bars(ax, [f"K={k}" for k in ks], list(series),
+              lambda g, s, case=case: value(case, series[s](int(g[2:]))), label)
+        ax.set_title(label)
+    fig.suptitle(f"Serving in vLLM (× = failed or skipped) — {title}", fontsize=8)
+    return fig
+
+
 def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     """PNG plots (matplotlib, Agg), one per suite that ran; returns file names relative to ``out_dir``."""
     try:
@@ -494,7 +560,8 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
     title = machine_line(results["machine"])
     written = []
     for name, figure in (("kernels.png", _kernels_figure), ("e2e.png", _e2e_figure),
-                         ("compiled.png", _compiled_figure), ("train.png", _train_figure)):
+                         ("compiled.png", _compiled_figure), ("train.png", _train_figure),
+                         ("serve.png", _serve_figure)):
         fig = figure(plt, results["rows"], title)
         if fig is None:
             continue

@@ -13,6 +13,11 @@ Suites:
     compiled the fast decoding path: static KV cache, eager and with the decode step compiled by
              generate() ("reduce-overhead" CUDA graphs on CUDA), base vs IAPT with K adapters
     train    one training step, IAPT vs LoRA at a comparable parameter budget
+    serve    vLLM serving (its own environment, README "Serving"): the same engine serving the base,
+             IAPT with K = 1, 4, 16 adapters and vLLM multi-LoRA; offline batch throughput, online
+             Poisson arrivals (time to first token); part of "all" only when the serve environment
+             exists (.venv-serve or $IAPT_SERVE_PYTHON) and without --quick, with its own budget on
+             top (CPU ~5 min; --budget-s applies to it when it runs alone)
 
 Writes results.json (every row, the machine, versions, settings), results.md and PNG plots to
 --out (default benchmarks/results/<device>-<YYYY-MM-DD>/) and prints the tables with the
@@ -48,12 +53,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-SUITES = ("kernels", "e2e", "compiled", "train")
+SUITES = ("kernels", "e2e", "compiled", "train", "serve")
 SCHEMA_VERSION = 1
 # Whole-run wall-clock budgets: the GPU run must fit one device call (< 8 min), the default
 # CPU run README's promise (< 10 min on 2 cores). Cases past the budget become skipped rows.
 DEFAULT_BUDGET_S = {"cuda": 420.0, "cpu": 540.0}
 QUICK_BUDGET_S = {"cuda": 240.0, "cpu": 150.0}
+# The serve suite's own budget: three engine starts and the interleaved rounds (CPU: ~4-5 min on an idle core).
+SERVE_BUDGET_S = {"cuda": 360.0, "cpu": 420.0}
+QUICK_SERVE_BUDGET_S = {"cuda": 200.0, "cpu": 200.0}
 # Each suite gets this share of what is left when it starts (unused time carries over), so a
 # slow suite cannot starve the ones after it.
 # On CUDA the kernel suite pays for torch.compile of several graphs; on the CPU, e2e dominates.
@@ -101,7 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.lora_targets:
         parser.error("--lora-targets must name at least one module")
     if args.budget_s is None:
-        args.budget_s = (QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)[args.device]
+        defaults = (QUICK_SERVE_BUDGET_S if args.quick else SERVE_BUDGET_S) if args.suite == "serve" else \
+            (QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)
+        args.budget_s = defaults[args.device]
     if args.out is None:
         date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
         args.out = os.path.join(REPO_ROOT, "benchmarks", "results", f"{args.device}-{date}" + ("-quick" if args.quick else ""))
@@ -119,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from benchmarks import report
-    from benchmarks.suites import compiled, e2e, kernels, train
+    from benchmarks.suites import compiled, e2e, kernels, serve, train
     from benchmarks.suites.common import Budget, Recorder
 
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    suites = default_suites(serve.serve_python()[0] is not None, args.quick) if args.suite == "all" else [args.suite]
     total = sum({"kernels": lambda: kernels.count(args.device, args.quick),
                  "e2e": lambda: e2e.count(args.device, args.quick, args.methods),
                  "compiled": lambda: compiled.count(args.device, args.quick),
-                 "train": lambda: train.count(args.device, args.quick)}[s]() for s in suites)
+                 "train": lambda: train.count(args.device, args.quick),
+                 "serve": lambda: serve.count(args.device, args.quick)}[s]() for s in suites)
     start = time.perf_counter()
     machine = report.machine_info(args.device)
     progress = tqdm(total=total, desc="benchmarks", unit="case", disable=args.no_progress, file=sys.stderr,
@@ -137,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         progress.set_description(suite)
         left = args.budget_s - (time.perf_counter() - start)
         weights = SUITE_WEIGHTS[args.device]
-        share = weights[suite] / sum(weights[s] for s in suites[i:])
-        rec.budget = Budget(max(0.0, left * share))
+        if suite == "serve":
+            rec.budget = Budget(args.budget_s if args.suite == "serve" else
+                                (QUICK_SERVE_BUDGET_S if args.quick else SERVE_BUDGET_S)[args.device])
+        else:
+            share = weights[suite] / sum(weights.get(s, 0.0) for s in suites[i:])
+            rec.budget = Budget(max(0.0, left * share))
         try:
             if suite == "kernels":
                 settings[suite] = kernels.run(rec, args.device, args.quick)
@@ -146,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 settings[suite] = e2e.run(rec, args.device, args.quick, args.methods, args.lora_targets)
             elif suite == "compiled":
                 settings[suite] = compiled.run(rec, args.device, args.quick, args.lora_targets)
+            elif suite == "serve":
+                settings[suite] = serve.run(rec, args.device, args.quick, args.lora_targets)
             else:
                 settings[suite] = train.run(rec, args.device, args.quick, args.lora_targets)
         except Exception as err:  # a broken suite is reported, and the others still run
@@ -173,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     own = [r for r in failed if is_own_method(r)]
     print(final_summary(rows, own, failed, args.strict))
     return 1 if own or (args.strict and failed) else 0
+
+
+def default_suites(serve_env: bool, quick: bool) -> list[str]:
+    """The suites of ``--suite all``: the serve suite only where its environment exists, so that
+    a run without it measures every row it reports, and not in the --quick smoke run (its three
+    engine starts alone take minutes on a CPU; ``--quick --suite serve`` runs it)."""
+    return [s for s in SUITES if s != "serve" or (serve_env and not quick)]
 
 
 def is_own_method(row: dict[str, Any]) -> bool:

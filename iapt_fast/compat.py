@@ -45,7 +45,8 @@ def decode_compile_config(device: Any, fullgraph: bool = True) -> Any:
     TPU...) in ``"reduce-overhead"`` mode, which captures CUDA graphs. Elsewhere it does not
     compile at all unless the config says to compile on every device (``_compile_all_devices``,
     the flag transformers 5.17–5.24 give their own CPU tests); there the mode is ``"default"``
-    (CUDA graphs need CUDA).
+    (CUDA graphs need CUDA). An ``IAPTModel.generate`` that may compile runs alone among
+    concurrent calls (``iapt_fast.model.compile_gate``).
     """
     import torch
     from transformers.generation import CompileConfig

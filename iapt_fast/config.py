@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from iapt_fast.cli_fields import cli
 
 RATIONAL_INITS = ("gelu", "relu", "silu", "tanh", "identity")
 RATIONAL_VERSIONS = ("A", "B")
@@ -25,6 +24,9 @@ CUSTOM_INIT = "custom"
 @dataclass
 class IAPTConfig:
     """Hyper-parameters of one IAPT adapter (design.md §1).
+
+    Each field's ``metadata`` holds its command-line help (and ``choices`` where it has them):
+    ``transformers.HfArgumentParser`` turns the fields into ``iapt-train`` options.
 
     Args:
         num_soft_tokens: T, soft tokens generated per layer (paper: 4).
@@ -52,36 +54,47 @@ class IAPTConfig:
         prompt_init_text: the text of ``anchor_init="text"`` (e.g. a task description).
         anchor_scaled: s_l = RMS(B_l) at initialisation (default), so the generator term's
             share of P_l is the same at every depth; False fixes s_l = 1.
+        anchors_only: the anchored form with the generator term switched off: P_l = B_l, a
+            static deep prompt of T tokens per layer that reads nothing of the instruction
+            (s_l = 0; only the anchors train, T·d per layer). The baseline that shows what the
+            instruction-aware generator adds.
         base_model_name_or_path: informational, written to adapter_config.json.
     """
 
-    num_soft_tokens: int = field(default=4, metadata=cli("T, soft tokens per layer"))
-    bottleneck_dim: int | None = field(default=None, metadata=cli(f"m (default: {DEFAULT_BOTTLENECK_RULE})"))
-    rational_degrees: tuple[int, int] = field(default=(6, 5), metadata=cli(
-        "p,q: numerator and denominator degrees of the rational activation"))
-    rational_version: str = field(default="B", metadata=cli(
-        "rational form: B (safe PAU: 1 + |b1·x + ... + bq·x^q|) or A (1 + |b1·x| + ... + |bq·x^q|)",
-        choices=RATIONAL_VERSIONS))
-    rational_init: str | Callable[..., Any] = field(default="gelu", metadata=cli(
-        "function the rational is fitted to at creation", choices=RATIONAL_INITS))
-    rational_fit_interval: tuple[float, float] = field(default=(-3.0, 3.0), metadata=cli(
-        "lo,hi: interval of that fit"))
-    target_layers: list[int] | None = field(default=None, metadata=cli(
-        "comma-separated decoder layers that get a generator (negative counts from the end; default: all)"))
-    pool_input: str = field(default="normed", metadata=cli(
-        "normed: pool the layer's input norm of its input; hidden: the raw residual stream (the paper's)",
-        choices=POOL_INPUTS))
-    init_std_up: float = field(default=0.02, metadata=cli("std of W_up at initialisation (never zero)"))
-    generator_form: str = field(default="anchored", metadata=cli(
-        "anchored: P = B + s·R(p)·W_up, starting as the backbone with an init sequence prepended; "
-        "paper: P = R(p)·W_up (use with --pool-input hidden for the paper's form)", choices=GENERATOR_FORMS))
-    anchor_init: str = field(default="bos", metadata=cli(
-        "init sequence of the anchor: T copies of BOS, or --prompt-init-text", choices=ANCHOR_INITS))
-    prompt_init_text: str | None = field(default=None, metadata=cli(
-        "text whose first T tokens start the anchor (implies --anchor-init text)"))
-    anchor_scaled: bool = field(default=True, metadata=cli(
-        "fix s = 1 instead of s = RMS(anchor)", flag="--no-anchor-scale"))
-    base_model_name_or_path: str | None = None  # informational; the CLI writes --model here
+    # The command line's group of these options (HfArgumentParser reads this class attribute).
+    _argument_group_name = "adapter (IAPTConfig)"
+
+    num_soft_tokens: int = field(default=4, metadata={"help": "T, soft tokens per layer"})
+    bottleneck_dim: int | None = field(default=None, metadata={"help": f"m (default: {DEFAULT_BOTTLENECK_RULE})"})
+    rational_degrees: tuple[int, int] = field(default=(6, 5), metadata={
+        "help": "p,q: numerator and denominator degrees of the rational activation"})
+    rational_version: str = field(default="B", metadata={
+        "help": "rational form: B (safe PAU: 1 + |b1·x + ... + bq·x^q|) or A (1 + |b1·x| + ... + |bq·x^q|)",
+        "choices": RATIONAL_VERSIONS})
+    rational_init: str | Callable[..., Any] = field(default="gelu", metadata={
+        "help": "function the rational is fitted to at creation", "choices": RATIONAL_INITS})
+    rational_fit_interval: tuple[float, float] = field(default=(-3.0, 3.0), metadata={
+        "help": "lo,hi: interval of that fit"})
+    target_layers: list[int] | None = field(default=None, metadata={
+        "help": "comma-separated decoder layers that get a generator (negative counts from the end; default: all)"})
+    pool_input: str = field(default="normed", metadata={
+        "help": "normed: pool the layer's input norm of its input; hidden: the raw residual stream (the paper's)",
+        "choices": POOL_INPUTS})
+    init_std_up: float = field(default=0.02, metadata={"help": "std of W_up at initialisation (never zero)"})
+    generator_form: str = field(default="anchored", metadata={
+        "help": "anchored: P = B + s·R(p)·W_up, starting as the backbone with an init sequence prepended; "
+                "paper: P = R(p)·W_up (use with --pool-input hidden for the paper's form)",
+        "choices": GENERATOR_FORMS})
+    anchor_init: str = field(default="bos", metadata={
+        "help": "init sequence of the anchor: T copies of BOS, or --prompt-init-text", "choices": ANCHOR_INITS})
+    prompt_init_text: str | None = field(default=None, metadata={
+        "help": "text whose first T tokens start the anchor (implies --anchor-init text)"})
+    anchor_scaled: bool = field(default=True, metadata={
+        "help": "s = RMS(anchor) (--no-anchor-scaled, or --no-anchor-scale: fix s = 1)"})
+    anchors_only: bool = field(default=False, metadata={
+        "help": "anchored form without the generator term: P = B, a static deep prompt (only the anchors train)"})
+    base_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "informational, recorded in adapter_config.json (default: the --model folder)"})
     peft_type: str = field(default="IAPT", init=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +160,10 @@ class IAPTConfig:
             raise ValueError('anchor_init="text" needs prompt_init_text (the text whose hidden states start the anchor)')
         if not isinstance(self.anchor_scaled, bool):
             raise ValueError(f"anchor_scaled must be a bool, got {self.anchor_scaled!r}")
+        if not isinstance(self.anchors_only, bool):
+            raise ValueError(f"anchors_only must be a bool, got {self.anchors_only!r}")
+        if self.anchors_only and not self.anchored:
+            raise ValueError('anchors_only=True needs generator_form="anchored" (the paper form has no anchor)')
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise ValueError(f"base_model_name_or_path must be a string or None, got {self.base_model_name_or_path!r}")
 
@@ -170,10 +187,13 @@ class IAPTConfig:
 
     def num_parameters(self, hidden_size: int, num_layers: int) -> int:
         """Trainable parameters of one adapter: per target layer 2·d·m + m·T + (p+1) + q, plus
-        T·d for the anchor of the anchored form (its scale is a fixed buffer)."""
+        T·d for the anchor of the anchored form (its scale is a fixed buffer); T·d alone with
+        ``anchors_only``."""
         d, m, t = hidden_size, self.resolved_bottleneck(hidden_size), self.num_soft_tokens
         p, q = self.rational_degrees
         per_layer = 2 * d * m + m * t + p + 1 + q + (t * d if self.anchored else 0)
+        if self.anchors_only:
+            per_layer = t * d
         return per_layer * len(self.resolved_layers(num_layers))
 
     def resolved_layers(self, num_layers: int) -> list[int]:
@@ -203,6 +223,7 @@ class IAPTConfig:
     def from_dict(cls, data: dict[str, Any]) -> "IAPTConfig":
         data = dict(data)
         peft_type = data.pop("peft_type", "IAPT")
+        data.pop("backbone", None)  # the record of the backbone, checked by iapt_fast.model.adapter_io
         if peft_type != "IAPT":
             raise ValueError(f"peft_type must be 'IAPT', got {peft_type!r}")
         names = {f.name for f in dataclasses.fields(cls) if f.init}

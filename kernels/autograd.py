@@ -150,7 +150,7 @@ _FORWARD_INPUTS = ("hidden", "mask", "w_down", "w_pool", "rat_num", "rat_den", "
 
 
 class PromptGeneratorFunction(torch.autograd.Function):
-    """Autograd wrapper; inputs are assumed validated by iapt_fast.functional."""
+    """Autograd wrapper; inputs are assumed validated by iapt_fast.generator.functional."""
 
     @staticmethod
     def forward(ctx, hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version, num_splits,
@@ -301,7 +301,7 @@ class PromptGeneratorFunction(torch.autograd.Function):
 
 def triton_prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None = None,
                             rational_version: str = "B", num_splits: int | None = None) -> Tensor:
-    """Fused generator on validated inputs (use ``iapt_fast.functional.prompt_generator``).
+    """Fused generator on validated inputs (use ``iapt_fast.generator.functional.prompt_generator``).
 
     Args:
         hidden [B, N, d] f32/f16/bf16; mask [B, N] bool; weights: the [A, ...] weights of one

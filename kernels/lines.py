@@ -132,8 +132,8 @@ def rat_bwd_kernel(
                 a64 = a.to(tl.int64)
                 sel = ok & (line_adapter == a)[:, None]
                 g = tl.where(sel, dr, 0.0)
-                dx, numer, denom = rat_dx(pv, num_ptr + a64 * s_na, den_ptr + a64 * s_da, P1, Q, VERSION_B)
-                rat_coef_grads_atomic(pv, g, numer, denom, den_ptr + a64 * s_da, dnum_ptr + a64 * P1,
+                dx, r, dh, sh = rat_dx(pv, num_ptr + a64 * s_na, den_ptr + a64 * s_da, P1, Q, VERSION_B)
+                rat_coef_grads_atomic(pv, g, r, dh, sh, den_ptr + a64 * s_da, dnum_ptr + a64 * P1,
                                       dden_ptr + a64 * Q, P1, Q, VERSION_B)
                 dp += g * dx
     tl.store(dp_ptr + off, dp, mask=ok)

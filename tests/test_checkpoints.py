@@ -186,3 +186,16 @@ def test_cli_refuses_a_used_output_dir_unless_told(tmp_path, capsys):
         main(argv)
     assert "already holds a run's output" in capsys.readouterr().err
     assert main(argv + ["--overwrite-output-dir"]) == 0
+
+
+def test_resume_auto_without_a_checkpoint_says_what_the_folder_holds(tok, examples, tmp_path):
+    out = tmp_path / "out"
+    done = _toy(tok, examples, out, max_steps=2)
+    done.train()
+    done.save_history()  # a finished run: its output, no checkpoint
+    with pytest.raises(OutputDirNotEmpty, match=r"resume_from='auto' \(--resume auto\) found nothing to continue in "
+                                                r"output_dir '.*out': it holds history.jsonl but no readable checkpoint"):
+        _toy(tok, examples, out, max_steps=2).train(resume_from="auto")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"output_dir '.*file' is a file, not a folder"):
+        _toy(tok, examples, tmp_path / "file", max_steps=2).train()

@@ -176,3 +176,22 @@ def test_empty_data_files_say_so(tmp_path, name, content, words):
     with pytest.raises(ValueError, match=words) as err:
         load_records([str(path)])
     assert "StopIteration" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.csv", "bad.tsv", "bad.jsonl.gz", "bad.csv.bz2"])
+def test_a_byte_that_is_not_utf8_is_named_with_its_file_and_line(tmp_path, name):
+    import bz2
+    import gzip
+
+    if ".jsonl" in name:
+        lines = [json.dumps({"text": t, "label": "positive"}).encode() for t in ("good", "fine", "caf\xe9")]
+        lines[2] = lines[2].replace("\\u00e9".encode(), b"\xe9")  # Latin-1 é, as a cp1252 export writes it
+    else:
+        sep = b"\t" if ".tsv" in name else b","
+        lines = [b"text" + sep + b"label", b"good" + sep + b"positive", b"caf\xe9" + sep + b"positive"]
+    data = b"\n".join(lines) + b"\n"
+    opener = gzip.open if name.endswith(".gz") else bz2.open if name.endswith(".bz2") else open
+    with opener(tmp_path / name, "wb") as fh:
+        fh.write(data)
+    with pytest.raises(ValueError, match=rf"data file '.*{name}', line 3: byte b'\\xe9' at column \d+ is not UTF-8"):
+        load_records(tmp_path / name, cache_dir=str(tmp_path / "cache"))

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from train_fixtures import save_tiny_model, sentiment_rows, write_jsonl
 
@@ -86,3 +85,37 @@ def test_torchrun_job_runs_from_the_root(tmp_path):
           "-m", "iapt_fast.train", *_cli_args(tmp_path), "--output-dir", str(out)], timeout=300)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["world_size"] == 2
+
+
+def test_a_wheel_install_imports_its_own_kernel_folder(tmp_path):
+    """Built as a wheel, the kernel modules live in iapt_fast/kernels/ and iapt_fast.kernels finds
+    them there (never the checkout's folder, never the `kernels` distribution's)."""
+    import shutil
+    import zipfile
+
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for name in ("iapt_fast", "kernels"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+          "-w", str(tmp_path / "dist")], timeout=300)
+    wheel = next((tmp_path / "dist").glob("iapt_fast-*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    assert (site / "iapt_fast" / "kernels" / "generator_fwd.py").is_file()
+    assert not (site / "kernels").exists(), "the wheel must not install a top-level kernels package"
+    code = ("import json, sys, kernels\n"
+            "from transformers import LlamaForCausalLM\n"
+            "import iapt_fast, iapt_fast.kernels, iapt_fast.kernels.generator_fwd as fwd\n"
+            "print(json.dumps([iapt_fast.__file__, iapt_fast.kernels.__path__[0], fwd.__file__, kernels.__file__]))")
+    env = {**_env(), "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    package, folder, module, theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert package.startswith(str(site)) and folder == str(site / "iapt_fast" / "kernels"), (package, folder)
+    assert module.startswith(folder) and not theirs.startswith(str(site)), (module, theirs)

@@ -261,12 +261,17 @@ def test_bad_adapter_input_leaves_loaded_adapters_untouched(tmp_path, monkeypatc
         wrapped.load_adapter(truncated, "x")
     other = tmp_path / "other_backbone"  # trained on hidden size 64
     get_iapt_model(tiny_model("llama", hidden=64), cfg(), backend="torch").save_pretrained(other)
-    with pytest.raises(ValueError, match="expected .* for hidden size 32"):
+    with pytest.raises(ValueError, match=r"made on a llama \(hidden size 64, 2 layers\), this backbone is a llama "
+                                         r"\(hidden size 32, 2 layers\) \(different hidden_size\)"):
         wrapped.load_adapter(other, "x")
+    with pytest.raises(ValueError, match="expected .* for hidden size 32"):  # no override fits other shapes
+        wrapped.load_adapter(other, "x", allow_other_backbone=True)
     deep = tmp_path / "deep"  # targets a layer this backbone does not have
     get_iapt_model(tiny_model("llama", layers=4), cfg(target_layers=[3]), backend="torch").save_pretrained(deep)
-    with pytest.raises(ValueError, match="does not fit this backbone.*out of range"):
+    with pytest.raises(ValueError, match="different num_layers.*allow_other_backbone=True"):
         wrapped.load_adapter(deep, "x")
+    with pytest.raises(ValueError, match="does not fit this backbone.*out of range"):
+        wrapped.load_adapter(deep, "x", allow_other_backbone=True)
     mismatch = tmp_path / "mismatch"  # config says m = 16, weights have m = 8
     mismatch.mkdir()
     data = json.loads((good / "adapter_config.json").read_text())
@@ -300,3 +305,64 @@ def test_serving_under_inference_mode_then_training():
     # PEFT-style attribute forwarding to the wrapped model
     assert wrapped.generation_config is wrapped.base_model.generation_config
     assert wrapped.dtype == torch.float32
+
+
+def _scale_in_place(wrapped):
+    with torch.no_grad():
+        for p in wrapped.generators["b"].parameters():
+            p.mul_(1.5)
+
+
+def _replace_storage(wrapped):
+    with torch.no_grad():
+        for p in wrapped.generators["b"].parameters():  # b shares its pack with a
+            p.data = p.data * 0.5 + 0.01
+
+
+def _load_state_dict_assign(wrapped):
+    state = {k: v.clone() * 0.75 for k, v in wrapped.generators["wide"].state_dict().items()}
+    wrapped.generators["wide"].load_state_dict(state, assign=True)
+
+
+def _there_and_back(wrapped):
+    wrapped.generators.to(torch.float64)
+    wrapped.generators.to(torch.float32)
+
+
+CHANGES = {
+    "bank to bfloat16": lambda w: w.generators.to(torch.bfloat16),
+    "bank to float64": lambda w: w.generators.to(torch.float64),
+    "float64 and back": _there_and_back,
+    "model .double()": lambda w: w.double(),
+    "one adapter to bfloat16": lambda w: w.generators["b"].to(torch.bfloat16),
+    "one layer to float64": lambda w: w.generators["c"][1].to(torch.float64),
+    "in-place update": _scale_in_place,
+    "param.data replaced": _replace_storage,
+    "load_state_dict(assign=True)": _load_state_dict_assign,
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_serving_after_a_move_or_weight_change_equals_a_fresh_model(change):
+    """Whatever happens to the generators' tensors between served calls, the next call is served
+    what a model that had them so from the start serves: no stale stack, no stale group key."""
+    ids, mask, inst = padded_batch(4, 7, "left", seed=97)
+    rows = ["a", "b", "c", "wide"]
+
+    def serve(wrapped):
+        with torch.no_grad():
+            return wrapped(input_ids=ids.clone(), attention_mask=mask, instruction_mask=inst,
+                           adapter_names=rows).logits
+
+    served = tenants("llama")
+    before = serve(served)  # builds the packs
+    CHANGES[change](served)
+    after, again = serve(served), serve(served)
+    fresh = tenants("llama")
+    CHANGES[change](fresh)
+    want = serve(fresh)
+    # float64 weights are computed in float32 (the same values): there the stale pack, not the
+    # output, would be the failure (a KeyError of the planner).
+    assert torch.equal(want, before) == ("float64" in change)
+    assert torch.equal(after, want), (after - want).abs().max()
+    assert torch.equal(again, want)

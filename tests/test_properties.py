@@ -244,7 +244,7 @@ FILE_MUTATIONS = ("none", "drop_field", "bad_field", "bad_json", "latin1", "drop
 @SETTINGS
 @given(mutation=st.sampled_from(FILE_MUTATIONS), field=st.sampled_from(
     ["num_soft_tokens", "bottleneck_dim", "rational_degrees", "target_layers", "init_std_up", "generator_form",
-     "pool_input", "peft_type"]), value=st.one_of(st.integers(-2, 40), st.floats(allow_nan=False), st.text(max_size=4),
+     "pool_input", "peft_type", "backbone"]), value=st.one_of(st.integers(-2, 40), st.floats(allow_nan=False), st.text(max_size=4),
                                                    st.none(), st.lists(st.integers(-3, 3), max_size=3)),
        pick=st.integers(0, 10_000), cut=st.floats(0.0, 0.99))
 def test_load_adapter_on_mutated_files_loads_or_names_the_problem(host, tmp_path_factory, mutation, field, value, pick,

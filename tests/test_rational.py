@@ -7,6 +7,7 @@ import torch
 from iapt_fast import Rational, fit_rational
 from iapt_fast.generator import rational
 from iapt_fast.generator.rational import named_activation
+from rational_oracle import autograd_per_point, exact_batch, fresh_seed, random_coefficients, wide_inputs
 
 
 def _formula64(x, a, b, version):
@@ -130,3 +131,87 @@ def test_module_trains_and_repr():
     assert act.numerator.grad.abs().sum() > 0 and act.denominator.grad.abs().sum() > 0
     assert "fit_error" in repr(act)
     assert math.isfinite(act.fit_error)
+
+
+# ---------------------------------------------------------------------------- wide range
+def _rounding_scales(x, a, b, version, r, dx):
+    """Forward-error scales of R, dR/dx, dR/da_i, dR/db_j: each quantity with every term taken
+    in absolute value (what float rounding is proportional to, whatever the evaluation order)."""
+    x, a, b, r, dx = (t.double() for t in (x, a, b, r, dx))
+    ax = x.abs()[:, None]
+    i = torch.arange(a.numel(), dtype=torch.float64)
+    j = torch.arange(1, b.numel() + 1, dtype=torch.float64)
+    num_abs = (a.abs() * ax**i).sum(1)
+    den_abs = (b.abs() * ax**j).sum(1)
+    dnum_abs = (i[1:] * a[1:].abs() * ax ** (i[1:] - 1)).sum(1)
+    dden_abs = (j * b.abs() * ax ** (j - 1)).sum(1)
+    if version == "B":
+        denom = 1 + (b * x[:, None] ** j).sum(1).abs()
+    else:
+        denom = 1 + den_abs
+    s_r = (num_abs + r.abs() * den_abs) / denom
+    s_dx = (dnum_abs + (r.abs() + s_r) * dden_abs + dx.abs() * den_abs) / denom
+    growth = (1 + den_abs / denom)[:, None]
+    s_da = ax**i / denom[:, None] * growth
+    s_db = ax**j / denom[:, None] * (s_r[:, None] + r.abs()[:, None] * growth)
+    return s_r, s_dx, s_da, s_db
+
+
+DEGREES = [(6, 5), (3, 2), (0, 1), (5, 7), (2, 2)]
+
+
+@pytest.mark.parametrize("version", ["A", "B"])
+@pytest.mark.parametrize("degrees", DEGREES + ["gelu"])
+def test_wide_range_matches_exact(version, degrees):
+    """|x| from 1e-3 to 1e30, both signs: R and every gradient are finite and as accurate as the
+    float rounding of their terms allows, in float64 and in float32 (design.md §1)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    if degrees == "gelu":
+        a, b, _ = fit_rational("gelu", (6, 5), version)
+    else:
+        a, b = random_coefficients(*degrees, gen)
+    p, q = a.numel() - 1, b.numel()
+    x = wide_inputs(200, gen)
+    want = exact_batch(x, a, b, version)
+    for dtype, factor in ((torch.float64, 4.0), (torch.float32, 4.0)):
+        got = autograd_per_point(x.to(dtype), a.to(dtype), b.to(dtype), version)
+        scales = _rounding_scales(x, a, b, version, want[0], want[1])
+        bound_unit = factor * (p + q + 2) * torch.finfo(dtype).eps
+        for name, g, w, s in zip(("R", "dR/dx", "dR/da", "dR/db"), got, want, scales):
+            where = f"{name} {dtype} {version}{(p, q)} [seed={seed}]"
+            assert g.dtype == dtype
+            # Finite wherever the true value is (a fit can make R itself exceed float32: GELU's
+            # version-A fit has b_5 ≈ -1e-13, so R ≈ 2e10·|x|); beyond, R is ±inf of the right sign.
+            fits = w.abs() <= torch.finfo(dtype).max
+            assert torch.isfinite(g[fits]).all(), f"{where}: non-finite at x = {x[(fits & ~torch.isfinite(g)).reshape(x.numel(), -1).any(1)]}"
+            if name == "R":
+                assert torch.equal(g[~fits], w[~fits].to(dtype)), f"{where}: not ±inf where R overflows"
+            # Below the dtype's smallest normal number a result may underflow: absolute slack there.
+            g, w, s = g[fits], w[fits], s[fits]
+            ratio = ((g.double() - w).abs() / (bound_unit * s + torch.finfo(dtype).tiny)).max().item()
+            assert ratio <= 1.0, f"{where}: error {ratio:.2f}× the rounding bound"
+
+
+def test_issue_inputs_saturate_linearly():
+    # The default GELU fit: x^6/|x|^5 = |x|, so R(x) → (a_6/|b_5|)·|x| as |x| grows.
+    a, b, _ = fit_rational("gelu")
+    x = torch.tensor([1e6, 1e7, 1e10, -1e10, 1e30, -1e30, 1e36])
+    out = rational(x, a, b)
+    torch.testing.assert_close(out.double(), exact_batch(x, a, b, "B")[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[4:].double() / x[4:].double().abs(), (a[6] / b[4].abs()).double().expand(3),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_wide_range(dtype):
+    # Half inputs are evaluated in float32 and rounded once; values beyond the dtype clamp to its max.
+    a, b, _ = fit_rational("gelu")
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = wide_inputs(200, gen, hi=math.log10(torch.finfo(dtype).max)).to(dtype)
+    out = rational(x, a, b)
+    assert torch.isfinite(out).all()
+    fmax = torch.finfo(dtype).max
+    expected = exact_batch(x.float(), a, b, "B")[0].clamp(-fmax, fmax)
+    ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((out.double() - expected).abs() <= ulp + 1e-6).all()

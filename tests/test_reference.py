@@ -5,6 +5,7 @@ import torch
 from iapt_fast import prompt_generator
 from iapt_fast.generator import rational
 from iapt_fast.generator.reference import masked_softmax
+from rational_oracle import exact_batch, fresh_seed, random_coefficients
 
 
 def _weights(A, d, m, T, p=6, q=5, dtype=torch.float64):
@@ -17,8 +18,9 @@ def _weights(A, d, m, T, p=6, q=5, dtype=torch.float64):
     )
 
 
-def _naive(hidden, mask, w, ids, version="B"):
-    """Per row, per soft token, per instruction token: design.md §1 spelled out in float64."""
+def _naive(hidden, mask, w, ids, version="B", act=rational):
+    """Per row, per soft token, per instruction token: design.md §1 spelled out in float64
+    (``act(pooled [m], num, den, version)`` applies the rational)."""
     B, N, d = hidden.shape
     T = w["w_pool"].shape[2]
     out = torch.zeros(B, T, d, dtype=torch.float64)
@@ -35,7 +37,7 @@ def _naive(hidden, mask, w, ids, version="B"):
                 weights = torch.exp(scores - scores.max())
                 weights = weights / weights.sum()
                 pooled = sum(wgt * x for wgt, x in zip(weights, xs))
-            r = rational(pooled, w["rat_num"][a].double(), w["rat_den"][a].double(), version)
+            r = act(pooled, w["rat_num"][a].double(), w["rat_den"][a].double(), version)
             out[b, t] = r @ wu
     return out
 
@@ -152,3 +154,35 @@ def test_masked_softmax_rows():
     assert (out[1] == 0).all()
     torch.testing.assert_close(out[2, [1, 3]], torch.softmax(scores[2, [1, 3]], 0))
     assert (out[2, [0, 2, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("version,coefficients", [("B", "gelu"), ("B", "random"), ("A", "random")])
+def test_huge_hidden_gives_finite_exact_soft_tokens(version, coefficients):
+    # Hidden states of 1e30 pool to p ~ 1e30, where R(p) ~ (a_6/|b_5|)·|p| is finite: the soft
+    # tokens must be too, in float32, and agree with float64 and with an exact R of the pooled p.
+    from iapt_fast import fit_rational
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, N, d, m, T = 3, 9, 16, 8, 4
+    if coefficients == "gelu":
+        num, den, _ = fit_rational("gelu", (6, 5), version)
+    else:
+        num, den = random_coefficients(6, 5, gen)
+    w = dict(w_down=torch.randn(1, d, m, generator=gen) / d**0.5, w_pool=torch.randn(1, m, T, generator=gen),
+             rat_num=num[None], rat_den=den[None], w_up=torch.randn(1, m, d, generator=gen) / m**0.5)
+    hidden = torch.randn(B, N, d, generator=gen) * 1e30
+    mask = torch.rand(B, N, generator=gen) < 0.7
+    mask[0] = True
+    mask[1] = False  # an all-masked row pools to p = 0
+    out = prompt_generator(hidden, mask, **w, rational_version=version, backend="torch")
+    w64 = {k: v.double() for k, v in w.items()}
+    out64 = prompt_generator(hidden.double(), mask, **w64, rational_version=version, backend="torch")
+    exact = _naive(hidden.double(), mask, w64, torch.zeros(B, dtype=torch.long), version,
+                   act=lambda p, a, b, v: exact_batch(p, a, b, v)[0])
+    tag = f"[seed={seed}]"
+    assert torch.isfinite(out).all(), f"non-finite soft tokens {tag}"
+    scale = exact.abs().max()
+    assert (out64 - exact).abs().max() <= 1e-12 * scale, tag
+    # float32 rounding of inputs, pooling and R only, as on O(1) inputs (measured: < 7e-7).
+    assert (out.double() - out64).abs().max() <= 64 * torch.finfo(torch.float32).eps * scale, tag

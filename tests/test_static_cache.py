@@ -147,3 +147,21 @@ def test_a_static_cache_reused_after_reset_and_one_initialised_early():
         got = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, use_cache=True, cache=early).logits
         want = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst).logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_which_generate_calls_may_compile_their_decode_step():
+    """The calls that hold the compile gate exclusively: a static cache that transformers
+    compiles (an accelerator, or a compile config for every device), never a dynamic cache."""
+    from iapt_fast.compat import decode_compile_config
+    from iapt_fast.model.requests import decode_step_may_compile
+
+    model = tiny_model("llama")
+    cpu_config = decode_compile_config("cpu")
+    assert decode_step_may_compile(model, dict(cache_implementation="static", compile_config=cpu_config))
+    assert not decode_step_may_compile(model, dict(cache_implementation="static"))  # CPU: transformers does not
+    assert not decode_step_may_compile(model, dict(cache_implementation="static", compile_config=cpu_config,
+                                                   disable_compile=True))
+    assert not decode_step_may_compile(model, dict(compile_config=cpu_config))  # dynamic cache
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = cpu_config
+    assert decode_step_may_compile(model, {})

@@ -142,7 +142,8 @@ def test_resume_rejects_other_data(tok, examples, tmp_path):
     tr = _trainer(tok, examples, tmp_path, max_steps=4, save_every=2)
     tr.train()
     other = _trainer(tok, examples[:30], tmp_path, max_steps=4)
-    with pytest.raises(ValueError, match="same data"):
+    with pytest.raises(ValueError, match=r"other data.*train examples \(tokenized\): checkpoint sha256:\w+ \(40 rows\), "
+                                         r"this run sha256:\w+ \(30 rows\)"):
         other.train(resume_from=str(tmp_path / "checkpoint-2"))
 
 
@@ -153,3 +154,107 @@ def test_batch_stream_epochs():
     again = BatchStream(list(range(10)), 4, lambda xs: xs, seed=3)
     again.load_state_dict(stream.state_dict())
     assert again.next_batch() == stream.next_batch()
+
+
+# ------------------------------------------------------------------------------ structure of the training code
+def _imports(path):
+    """The iapt_fast modules ``path`` imports (TYPE_CHECKING blocks and function bodies included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("iapt_fast"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("iapt_fast"))
+    return found
+
+
+def test_training_modules_import_no_cycle():
+    import glob
+    import os
+
+    import iapt_fast
+
+    root = os.path.dirname(iapt_fast.__file__)
+    files = glob.glob(os.path.join(root, "training", "*.py")) + [os.path.join(root, "train.py")]
+    name = {f: "iapt_fast." + os.path.relpath(f, os.path.dirname(root))[len("iapt_fast/"):-3].replace(os.sep, ".")
+            for f in files}
+    graph = {name[f]: {m for m in _imports(f) if m in name.values()} for f in files}
+    path: list[str] = []
+
+    def visit(module, done=set()):
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_checkpoints_are_functions_of_explicit_state(tok, examples, tmp_path):
+    # Save and restore with no Trainer: the run's state goes in and comes back as a RunState.
+    from iapt_fast.training.dist_context import SINGLE_PROCESS
+    from iapt_fast.training.trainer_checkpoints import (RunSetup, RunState, Trainables, load_checkpoint,
+                                                        save_checkpoint)
+
+    tr = _trainer(tok, examples, tmp_path, max_steps=4, save_total_limit=1)
+    tr.train(stop_after=2)
+    parts, setup = tr.trainables, RunSetup(tr.config, tr.max_steps, tr.warmup_steps, tr.fingerprint)
+    assert isinstance(parts, Trainables)
+    assert tr.run_setup() == setup
+    before = _snapshot(tr.model)
+    run = RunState(step=2, history=[{"step": 1, "loss": 0.5}], run_id=tr.run_id, checkpoints=["checkpoint-1"])
+    path, saved = save_checkpoint(run, parts, setup, SINGLE_PROCESS)
+    assert path == str(tmp_path / "checkpoint-2")
+    assert saved.checkpoints == ["checkpoint-2"] and run.checkpoints == ["checkpoint-1"]  # pruned; input untouched
+    tr.train_step()
+    assert any(not torch.equal(before[n], p) for n, p in tr.model.named_parameters())
+    loaded = load_checkpoint(path, parts, setup, SINGLE_PROCESS)
+    assert (loaded.step, loaded.history, loaded.run_id) == (2, run.history, run.run_id)
+    # The list as written, before that save's prune: a save killed before pruning is pruned on resume.
+    assert loaded.checkpoints == ["checkpoint-1", "checkpoint-2"]
+    assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())
+
+
+def test_logits_to_keep_is_decided_once_from_the_forward_signature(tok, examples, tmp_path):
+    from iapt_fast.training.accumulation import accepts_logits_to_keep
+
+    class Takes(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep=0):
+            return input_ids
+
+    class Passes(torch.nn.Module):  # a wrapper that sends its keywords on to ``base_model``
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = inner
+
+        def forward(self, **kwargs):
+            return self.base_model(**kwargs)
+
+    assert accepts_logits_to_keep(Takes()) and accepts_logits_to_keep(Passes(Takes()))
+    assert not accepts_logits_to_keep(Passes(torch.nn.Linear(2, 2)))
+    # ToyIAPT's forward names its arguments and not this one: full logits, known before any step.
+    tr = _trainer(tok, examples, tmp_path, max_steps=1)
+    assert tr.accumulator.trim_logits is False
+
+
+def test_a_fresh_start_raises_by_kind_whatever_the_folder_is_called(tok, examples, tmp_path):
+    from iapt_fast.training.checkpoints import OutputDirNotEmpty
+
+    out = tmp_path / "not a folder"  # words of the bad-path message, in another run's output folder
+    done = _trainer(tok, examples, out, max_steps=1)
+    done.train()
+    done.save_history()
+    with pytest.raises(OutputDirNotEmpty, match="already holds a run's output"):
+        _trainer(tok, examples, out, max_steps=1).train()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder") as err:
+        _trainer(tok, examples, tmp_path / "file", max_steps=1).train()
+    assert not isinstance(err.value, OutputDirNotEmpty)

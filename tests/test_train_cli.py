@@ -232,6 +232,30 @@ def test_cli_help_documents_every_option(capsys):
             assert action.help, f"{action.option_strings} has no help"
 
 
+def test_cli_options_are_the_config_fields_through_hf_argument_parser(tmp_path):
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from iapt_fast.train import parse_args
+
+    parser = build_parser()
+    assert isinstance(parser, HfArgumentParser)
+    helps = {a.dest: a.help for a in parser._actions}
+    for cls in (IAPTConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.init:
+                assert helps[f.name] == f.metadata["help"], f.name
+    model_dir = save_tiny_model(tmp_path / "m")
+    args = parse_args(["--model", model_dir, "--train-file", "x.jsonl", "--output-dir", str(tmp_path / "o"),
+                       "--rational-degrees", "4,3", "--target-layers", "0,-1", "--adam-betas", "0.8,0.9",
+                       "--epochs", "2", "--no-anchor-scale", "--no-progress", "--bilevel", "--max-grad-norm", "0"])
+    assert args.adapter_config == IAPTConfig(rational_degrees=(4, 3), target_layers=[0, -1], anchor_scaled=False,
+                                             base_model_name_or_path=os.path.abspath(model_dir))
+    assert args.train_config == TrainConfig(output_dir=str(tmp_path / "o"), adam_betas=(0.8, 0.9), num_epochs=2.0,
+                                            progress=False, bilevel=True, max_grad_norm=None)
+
+
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--train-file", "x.jsonl", "--output-dir", str(tmp_path)])
@@ -261,3 +285,58 @@ def test_iapt_learns_the_content_not_only_the_answer_format(tok, tmp_path, form,
     scores = score_choices(model, tok, [f"Review: {r['text']}\nSentiment:" for r in test], choices)
     gold = torch.tensor([choices.index(" " + r["label"]) for r in test])
     assert (scores.argmax(1) == gold).float().mean() > 0.9
+
+
+# ------------------------------------------------------------------------------ clear CLI errors
+def _no_model_load(monkeypatch):
+    import transformers
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+
+
+@pytest.mark.parametrize("where", ["is_file", "under_a_file"])
+def test_cli_output_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, where):
+    model_dir, train, _ = _cli_files(tmp_path)
+    (tmp_path / "taken").write_text("not a folder")
+    out = tmp_path / "taken" if where == "is_file" else tmp_path / "taken" / "run"
+    _no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", model_dir, "--train-file", train, "--prompt-template", PROMPT, "--response-template",
+              " {label}", "--output-dir", str(out), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    words = "is a file, not a folder" if where == "is_file" else f"cannot be created: '{tmp_path / 'taken'}' is a file"
+    assert f"--output-dir '{out}'" in err and words in err and "Traceback" not in err, err
+
+
+def test_cli_resume_auto_on_a_finished_run_without_checkpoints_says_what_is_there(tmp_path, monkeypatch, capsys):
+    model_dir, train, _ = _cli_files(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--model", model_dir, "--train-file", train, "--prompt-template", PROMPT, "--response-template",
+            " {label}", "--max-steps", "2", "--batch-size", "4", "--bottleneck-dim", "8", "--num-soft-tokens", "2",
+            "--output-dir", str(out), "--no-progress", "--max-length", "32"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    _no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--resume", "auto"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "found nothing to continue" in err and "metrics.json: the run finished" in err
+    assert "adapter_config.json" in err and "--overwrite-output-dir" in err
+    assert "resume it" not in err and "Traceback" not in err  # the user already asked to resume
+
+
+def test_cli_names_the_file_and_line_of_a_byte_that_is_not_utf8(tmp_path, capsys):
+    model_dir, _, _ = _cli_files(tmp_path)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "good movie", "label": "positive"}\n{"text": "bad caf\xe9", "label": "negative"}\n')
+    argv = ["--model", model_dir, "--train-file", str(bad), "--prompt-template", PROMPT, "--response-template",
+            " {label}", "--output-dir", str(tmp_path / "out"), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"data file '{bad}', line 2: byte b'\\xe9'" in err and "not UTF-8" in err, err
+    assert "Traceback" not in err

@@ -234,7 +234,7 @@ def run(rec: Recorder, device: str, quick: bool) -> dict[str, Any]:
         "timer": "triton.testing.do_bench (median, p10, p90 of CUDA-event times)" if device == "cuda"
                  else "perf_counter per call, repeated for >= 0.8 s (0.3 s in --quick): median, p10, p90",
         "notes": [
-            "eager = iapt_fast.reference.prompt_generator; compile = torch.compile of it, B and N marked "
+            "eager = iapt_fast.generator.reference.prompt_generator; compile = torch.compile of it, B and N marked "
             "dynamic (one graph per d, m, A and grad mode; its compile time is in first_call_s)",
             "triton = iapt_fast.kernels.triton_prompt_generator, called without the functional API's validation"
             if device == "cuda" else "CPU: no Triton rows (the interpreter is a correctness tool, not a backend)",

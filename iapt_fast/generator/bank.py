@@ -13,7 +13,7 @@ Initialisation (every parameter gets a non-zero gradient on the first backward):
                                   gradients through RMSNorm
     anchor B  (anchored form)     the backbone's own input hidden states of this layer for an
                                   init sequence of T tokens (computed by the caller, see
-                                  iapt_fast.anchor); anchor_scale s = RMS(B), a fixed buffer
+                                  iapt_fast.model.anchor); anchor_scale s = RMS(B), a fixed buffer
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from iapt_fast.generator.rational import fit_rational
 from iapt_fast.generator.weights import ANCHOR_NAMES, WEIGHT_NAMES  # the names and their order, defined once
 
 __all__ = ["LayerGenerator", "AdapterGenerators", "GeneratorBank", "WEIGHT_NAMES", "ANCHOR_NAMES", "tensor_names",
-           "anchor_scale_of"]
+           "anchor_scale_of", "stack_layers"]
 
 # The anchored form's extra tensors: a trainable Parameter and a fixed buffer.
 
@@ -69,7 +69,9 @@ class LayerGenerator(nn.Module):
                 raise ValueError(f"an anchored generator needs its anchor [T={t}, d={d}] (the backbone's hidden "
                                  f"states of the init sequence), got {None if anchor is None else tuple(anchor.shape)}")
             self.anchor = nn.Parameter(anchor.detach().float().clone())
-            self.register_buffer("anchor_scale", anchor_scale_of(anchor, config.anchor_scaled))
+            # Anchors only: s = 0 switches the generator term off exactly (P = B), whatever W_up holds.
+            scale = anchor_scale_of(anchor, config.anchor_scaled)
+            self.register_buffer("anchor_scale", torch.zeros_like(scale) if config.anchors_only else scale)
 
     def weights(self) -> dict[str, Tensor]:
         """This layer's tensors with a leading adapter axis of size 1 (views, no copies):
@@ -87,10 +89,11 @@ class AdapterGenerators(nn.Module):
     """All target layers of one adapter: ``layers[str(layer_index)]`` is a LayerGenerator."""
 
     def __init__(self, config: IAPTConfig, hidden_size: int, num_layers: int, seed: int | None = None,
-                 anchors: dict[int, Tensor] | None = None) -> None:
+                 anchors: dict[int, Tensor] | None = None, backbone: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
+        self.backbone = backbone  # what the adapter is made on, saved with it (iapt_fast.model.adapter_io)
         self.layer_indices = config.resolved_layers(num_layers)
         init = "identity" if config.rational_init == CUSTOM_INIT else config.rational_init
         num, den, err = fit_rational(init, config.rational_degrees, config.rational_version,
@@ -107,7 +110,8 @@ class AdapterGenerators(nn.Module):
 
     @classmethod
     def from_weights(cls, config: IAPTConfig, hidden_size: int, num_layers: int,
-                     weights: dict[int, dict[str, Tensor]]) -> "AdapterGenerators":
+                     weights: dict[int, dict[str, Tensor]],
+                     backbone: dict[str, Any] | None = None) -> "AdapterGenerators":
         """An adapter holding exactly ``weights`` (layer → tensor_names → per-adapter tensor),
         without paying for a random initialisation or a rational fit (adapter loading).
 
@@ -117,6 +121,7 @@ class AdapterGenerators(nn.Module):
         nn.Module.__init__(adapter)
         adapter.config = config
         adapter.hidden_size = hidden_size
+        adapter.backbone = backbone
         adapter.layer_indices = config.resolved_layers(num_layers)
         adapter.rational_fit_error = float("nan")  # not fitted: the coefficients were loaded
         layers = {}
@@ -132,6 +137,12 @@ class AdapterGenerators(nn.Module):
             layers[str(i)] = gen
         adapter.layers = nn.ModuleDict(layers)
         return adapter
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Let this adapter's parameters train, or freeze them. An anchors-only adapter trains
+        its anchors alone: its generator weights are multiplied by s = 0 and stay as built."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(trainable and (not self.config.anchors_only or name.endswith(".anchor")))
 
     def __getitem__(self, layer: int) -> LayerGenerator:
         return self.layers[str(layer)]
@@ -155,11 +166,14 @@ class GeneratorBank(nn.Module):
     Args:
         hidden_size: d of the backbone.
         num_layers: number of decoder layers of the backbone.
+        backbone: its record (``iapt_fast.model.adapter_io.backbone_record``), given to the
+            adapters created here.
     """
 
-    def __init__(self, hidden_size: int, num_layers: int) -> None:
+    def __init__(self, hidden_size: int, num_layers: int, backbone: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.backbone = backbone
         self.num_layers = num_layers
         self.adapters = nn.ModuleDict()
 
@@ -174,7 +188,8 @@ class GeneratorBank(nn.Module):
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
-        adapter = AdapterGenerators(config, self.hidden_size, self.num_layers, seed=seed, anchors=anchors)
+        adapter = AdapterGenerators(config, self.hidden_size, self.num_layers, seed=seed, anchors=anchors,
+                                    backbone=self.backbone)
         self.adapters[name] = adapter
         return adapter
 
@@ -217,9 +232,21 @@ class GeneratorBank(nn.Module):
             if layer not in adapter:
                 raise ValueError(f"adapter {name!r} has no generator at layer {layer}")
             gens.append(adapter[layer])
-        if len(gens) == 1:
-            return gens[0].weights()
         keys = {g.shape_key for g in gens}
         if len(keys) != 1:
             raise ValueError(f"adapters {names} have different generator shapes at layer {layer}: {sorted(keys)}")
-        return {w: torch.stack([getattr(g, w) for g in gens]) for w in gens[0].names}
+        return stack_layers(gens)
+
+    def snapshot(self) -> dict[str, AdapterGenerators]:
+        """The loaded adapters by name, as of now. One copy of the underlying dict (atomic under
+        the GIL), so adding or deleting adapters in another thread meanwhile can neither make
+        it fail nor mix two states of the bank."""
+        return dict(self.adapters._modules)
+
+
+def stack_layers(gens: list[LayerGenerator]) -> dict[str, Tensor]:
+    """The weights of same-shape layer generators stacked as [A, ...] in that order (design.md
+    §3); gradients reach every generator's own parameters. One generator gives views."""
+    if len(gens) == 1:
+        return gens[0].weights()
+    return {w: torch.stack([getattr(g, w) for g in gens]) for w in gens[0].names}

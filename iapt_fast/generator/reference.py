@@ -1,6 +1,6 @@
 """Pure-PyTorch math of the IAPT prompt generator (design.md §1): the oracle and the CPU path.
 
-Never imports the kernels. No argument validation here: ``iapt_fast.functional`` validates.
+Never imports the kernels. No argument validation here: ``iapt_fast.generator.functional`` validates.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@
     prefix_hooks.py    the hooks that put the soft tokens into the KV cache
     architectures/     one class per model family
     packing.py         serving packs: same-shape adapters stacked once
+    compile_gate.py    a generate() that compiles its decode step runs alone among threads
     adapter_io.py      adapter_config.json + adapter_model.safetensors
     anchor.py          the anchored form's start: hidden states of an init sequence
 """

@@ -9,7 +9,8 @@ Where each part lives (design.md §7):
 * ``prefix_hooks.py``: the three hooks that put the soft tokens into the KV cache;
 * ``prefix_cache.py``: how the prefix lives in a dynamic or static cache;
 * ``architectures/``: what differs between model families;
-* ``packing.py``: the serving packs (same-shape adapters stacked once).
+* ``packing.py``: the serving packs (same-shape adapters stacked once);
+* ``compile_gate.py``: a generate() that may compile runs alone among concurrent calls.
 """
 from __future__ import annotations
 
@@ -18,18 +19,22 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from iapt_fast.generator import functional as _functional
-from iapt_fast.model.adapter_io import build_adapter, read_adapter, save_adapter
+from iapt_fast.model.adapter_io import (backbone_record, build_adapter, read_adapter, save_adapter,
+                                        saved_backbone_record)
 from iapt_fast.model.anchor import anchor_states, anchor_token_ids
 from iapt_fast.model.architectures import get_architecture
 from iapt_fast.config import IAPTConfig
 from iapt_fast.generator.bank import GeneratorBank, check_adapter_name
 from iapt_fast.model.packing import ServingPacks
+from iapt_fast.model.compile_gate import gate
 from iapt_fast.model.prefill_state import PENDING
 from iapt_fast.model.prefix_hooks import PrefixHooks
 from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, cache_implementation, check_checkpointing,
-                                      check_generate_kwargs, check_inputs, check_labels, check_mask, make_request,
+                                      check_generate_kwargs, check_inputs, check_labels, check_mask,
+                                      decode_step_may_compile, make_request,
                                       max_new_tokens, positions, prompt_before_labels, require_active,
                                       static_cache_length)
 
@@ -67,7 +72,8 @@ class IAPTModel(nn.Module):
         self.backend = backend
         for param in model.parameters():
             param.requires_grad_(False)
-        self.generators = GeneratorBank(arch.hidden_size, arch.num_layers)
+        self.generators = GeneratorBank(arch.hidden_size, arch.num_layers,
+                                        backbone=backbone_record(model.config, arch.num_layers))
         self._active_adapter: str | None = None
         self._packs = ServingPacks(self.generators)
         self._hooks = PrefixHooks(self, arch, self.generators, self._packs, backend=lambda: self.backend)
@@ -139,25 +145,32 @@ class IAPTModel(nn.Module):
         self._check_supported(config, "config")
         anchors = None
         if config.anchored:
-            anchors = anchor_states(self.base_model, anchor_token_ids(config, self.base_model, tokenizer), layers)
+            with gate():  # a backbone call like any other (compile_gate.py)
+                anchors = anchor_states(self.base_model, anchor_token_ids(config, self.base_model, tokenizer), layers)
         adapter = self.generators.add_adapter(adapter_name, config, seed=seed, anchors=anchors)
         for layer in adapter.layer_indices:  # each generator lives with its layer (device_map="auto")
             adapter[layer].to(self._arch.layer_device(layer))
-        for param in adapter.parameters():
-            param.requires_grad_(adapter_name == self._active_adapter)
+        adapter.set_trainable(adapter_name == self._active_adapter)
         self._adapters_changed()
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str) -> None:
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str, allow_other_backbone: bool = False) -> None:
         """Load a saved adapter under ``adapter_name``; the backbone is not touched or copied.
 
         Everything is read and validated before the bank changes, so a failure leaves the
-        loaded adapters as they were.
+        loaded adapters as they were. An adapter whose file records another backbone family,
+        hidden size or depth is refused (its anchors are another model's hidden states)
+        unless ``allow_other_backbone=True``; one saved without that record loads with a warning.
         """
+        if not isinstance(allow_other_backbone, bool):
+            raise TypeError(f"allow_other_backbone must be a bool, got {allow_other_backbone!r}")
         self._check_new_name(adapter_name)
-        config, tensors = read_adapter(path, self._arch.hidden_size, self._arch.num_layers)
+        config, tensors = read_adapter(path, self._arch.hidden_size, self._arch.num_layers,
+                                       backbone=self.generators.backbone, allow_other_backbone=allow_other_backbone)
         self._check_supported(config, f"adapter {os.fspath(path)!r}")
+        # The record names the backbone the weights were made on; unrecorded ones are now this one's.
         adapter = build_adapter(config, tensors, self._arch.hidden_size, self._arch.num_layers,
-                                self._arch.layer_device)
+                                self._arch.layer_device,
+                                backbone=saved_backbone_record(path) or self.generators.backbone)
         for param in adapter.parameters():
             param.requires_grad_(False)
         self.generators.adapters[adapter_name] = adapter
@@ -179,8 +192,7 @@ class IAPTModel(nn.Module):
         self.generators[adapter_name]  # raises ValueError for an unknown name
         self._active_adapter = adapter_name
         for name in self.adapter_names:
-            for param in self.generators[name].parameters():
-                param.requires_grad_(name == adapter_name)
+            self.generators[name].set_trainable(name == adapter_name)
 
     def generator_weights(self, layer: int, adapter_name: str | None = None) -> dict[str, Tensor]:
         """Detached copies of one layer's weights in the [A, ...] layout, A = 1 (see
@@ -233,11 +245,12 @@ class IAPTModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                        backend: str = "auto") -> "IAPTModel":
-        """Wrap ``model`` and load the adapter saved in ``path`` (bit for bit)."""
+                        backend: str = "auto", allow_other_backbone: bool = False) -> "IAPTModel":
+        """Wrap ``model`` and load the adapter saved in ``path`` (bit for bit); see
+        :meth:`load_adapter` for ``allow_other_backbone``."""
         wrapped = cls(model, None, backend=backend)
         try:
-            wrapped.load_adapter(path, adapter_name)
+            wrapped.load_adapter(path, adapter_name, allow_other_backbone=allow_other_backbone)
         except Exception:
             wrapped.remove_hooks()  # the caller's model must stay wrappable
             raise
@@ -274,7 +287,8 @@ class IAPTModel(nn.Module):
         check_labels(labels, batch, length)
         if cache is not None and cache.get_seq_length() > 0:
             kwargs = self._hooks.decode_kwargs(input_ids, attention_mask, cache, kwargs)
-            return self.base_model(input_ids=input_ids, labels=labels, **kwargs)
+            with gate():
+                return self.base_model(input_ids=input_ids, labels=labels, **kwargs)
         if self.training and torch.is_grad_enabled():
             check_checkpointing(self._arch)
         mask = check_mask(attention_mask, "attention_mask", batch, length, inputs.device)
@@ -286,8 +300,36 @@ class IAPTModel(nn.Module):
         ext_mask = request.attention_mask
         if cache is not None:
             kwargs[self._hooks.model_cache_kw] = cache
-        with PENDING.submit(self, request):
+        with gate(), PENDING.submit(self, request):
             return self.base_model(input_ids=input_ids, attention_mask=ext_mask, labels=labels, **kwargs)
+
+    def forward_body(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                     instruction_mask: Tensor | None = None, adapter_names: Sequence[str | None] | None = None,
+                     **kwargs: Any) -> BaseModelOutputWithPast:
+        """The backbone's final hidden states under the IAPT prefix, for a head of the caller's own
+        (TRL's fused LM head projects them itself, without building [B, N, V] logits).
+
+        It is a :meth:`forward` call (same validation, request and prefix), whose LM head runs
+        on the last position only; the wrapped model's last hidden state (after its final norm)
+        is taken from the call, so the body runs exactly as under :meth:`forward`.
+
+        Args as in :meth:`forward`, without ``labels``: with no labels to derive it from,
+        ``instruction_mask`` defaults to every non-padding token, so pass it when training.
+        Returns:
+            BaseModelOutputWithPast: ``last_hidden_state`` [B, N, d]; ``hidden_states`` (L + 1
+            tensors [B, N, d]) only with ``output_hidden_states=True``; ``past_key_values``.
+        """
+        for key in ("labels", "logits_to_keep"):
+            if kwargs.get(key) is not None:
+                raise TypeError(f"forward_body() takes no {key}= (it returns hidden states, not logits)")
+        kwargs.pop("logits_to_keep", None)
+        want_all = bool(kwargs.pop("output_hidden_states", False))
+        out = self.forward(input_ids=input_ids, attention_mask=attention_mask, instruction_mask=instruction_mask,
+                           adapter_names=adapter_names, output_hidden_states=True, logits_to_keep=1, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=out.hidden_states[-1],
+                                       past_key_values=getattr(out, "past_key_values", None),
+                                       hidden_states=out.hidden_states if want_all else None,
+                                       attentions=getattr(out, "attentions", None))
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -315,7 +357,8 @@ class IAPTModel(nn.Module):
         if position_ids is None:
             position_ids = positions(mask)
         ext_mask = request.attention_mask
-        with PENDING.submit(self, request):
+        # A decode step that may compile runs alone (compile_gate.py: torch's compile flag is process-wide).
+        with gate(exclusive=decode_step_may_compile(self.base_model, generate_kwargs)), PENDING.submit(self, request):
             return self.base_model.generate(input_ids=input_ids, attention_mask=ext_mask,
                                             position_ids=position_ids, **generate_kwargs)
 

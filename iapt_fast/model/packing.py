@@ -8,9 +8,11 @@ adapters with identical generator shapes, built once.
 The stack is the only copy: after packing, every adapter's Parameters are re-pointed to be
 views of their slot (``param.data = stack[slot]``). Training an adapter in place (any
 torch optimiser) therefore updates what serving reads, with no invalidation, and 1,000
-adapters cost their own size once. Adding or deleting an adapter, or moving the model
-(``.to()``), invalidates the packs; the next no-grad forward rebuilds them (O(total size),
-once).
+adapters cost their own size once. Whatever else changes an adapter's storage (a dtype or
+device move of the model, the bank, one adapter or one layer; ``param.data = ...``; a replaced
+Parameter or buffer) breaks the aliasing, which every serving call checks for the adapters it
+uses (O(their tensor count), no copy); the packs are then rebuilt (O(total size), once), so
+no call is ever served a stale stack or a stale group key.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from iapt_fast.generator.bank import GeneratorBank
+from iapt_fast.generator.bank import AdapterGenerators, GeneratorBank
 
 __all__ = ["AdapterPack", "GroupKey", "ServingPacks", "group_key", "build_packs"]
 
@@ -42,9 +44,8 @@ class GroupKey(NamedTuple):
     device: torch.device
 
 
-def group_key(bank: GeneratorBank, name: str) -> GroupKey:
-    """The shape group of adapter ``name``."""
-    adapter = bank[name]
+def group_key(adapter: AdapterGenerators) -> GroupKey:
+    """The shape group of ``adapter``, from its tensors as they are now."""
     cfg = adapter.config
     first = adapter[adapter.layer_indices[0]]
     return GroupKey(
@@ -68,34 +69,45 @@ class AdapterPack:
     Attributes:
         names: adapter names; ``index[name]`` is the adapter's slot (its id in launches).
         weights: ``weights[layer][w]`` is the [A, ...] stack of weight ``w`` (design.md §3 layout).
+        members: the adapter objects, in slot order.
+        aliases: per slot, (module, tensor name, tensor, data_ptr) of every tensor re-pointed
+            into the stack: what :meth:`holds` checks.
     """
 
     key: GroupKey
     names: list[str]
     index: dict[str, int] = field(default_factory=dict)
     weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    probe: tuple[Tensor, int] | None = None
+    members: list[AdapterGenerators] = field(default_factory=list)
+    aliases: list[tuple[tuple[nn.Module, str, Tensor, int], ...]] = field(default_factory=list)
 
-    def is_live(self) -> bool:
-        """False once the Parameters no longer alias the stack (e.g. after ``.to()``)."""
-        if self.probe is None:
+    def holds(self, slot: int, adapter: AdapterGenerators) -> bool:
+        """True while ``adapter`` is the one in ``slot`` and every tensor of it still is the
+        view of its slot that packing made. Any ``.to()`` / ``.half()`` of any module holding it
+        (the bank, the adapter, one layer), ``param.data = ...``, a replaced Parameter or buffer
+        breaks that; in-place updates (optimisers, ``copy_``) keep it, and write into the stack."""
+        if self.members[slot] is not adapter:
             return False
-        param, ptr = self.probe
-        return param.data_ptr() == ptr
+        for module, name, tensor, ptr in self.aliases[slot]:
+            if getattr(module, name) is not tensor or tensor.data_ptr() != ptr:
+                return False
+        return True
 
 
 @torch.inference_mode(False)  # a pack built under inference_mode would poison later training
 @torch.no_grad()
-def build_packs(bank: GeneratorBank) -> dict[GroupKey, AdapterPack]:
-    """Stack every adapter of ``bank`` into per-group packs and alias its Parameters to them."""
+def build_packs(adapters: dict[str, AdapterGenerators]) -> dict[GroupKey, AdapterPack]:
+    """Stack ``adapters`` (name → adapter) into per-group packs and alias their tensors to them."""
     groups: dict[GroupKey, list[str]] = {}
-    for name in bank.adapter_names:
-        groups.setdefault(group_key(bank, name), []).append(name)
+    for name, adapter in adapters.items():
+        groups.setdefault(group_key(adapter), []).append(name)
     packs: dict[GroupKey, AdapterPack] = {}
     for key, names in groups.items():
-        pack = AdapterPack(key=key, names=names, index={n: i for i, n in enumerate(names)})
+        members = [adapters[n] for n in names]
+        pack = AdapterPack(key=key, names=names, index={n: i for i, n in enumerate(names)}, members=members)
+        aliases: list[list[tuple[nn.Module, str, Tensor, int]]] = [[] for _ in names]
         for layer in key.layers:
-            gens = [bank[n][layer] for n in names]
+            gens = [a[layer] for a in members]
             names_here = gens[0].names
             stacked = {w: torch.stack([getattr(g, w).data for g in gens]) for w in names_here}
             for w, stack in stacked.items():  # the invariant the key guarantees; never re-point on a change
@@ -103,10 +115,11 @@ def build_packs(bank: GeneratorBank) -> dict[GroupKey, AdapterPack]:
                     raise RuntimeError(f"packing would change the dtype of {w} at layer {layer} of {names}")
             for slot, gen in enumerate(gens):
                 for w in names_here:
-                    getattr(gen, w).data = stacked[w][slot]
+                    tensor = getattr(gen, w)
+                    tensor.data = stacked[w][slot]
+                    aliases[slot].append((gen, w, tensor, tensor.data_ptr()))
             pack.weights[layer] = stacked
-        first = bank[names[0]][key.layers[0]].w_down
-        pack.probe = (first, first.data_ptr())
+        pack.aliases = [tuple(a) for a in aliases]
         packs[key] = pack
     return packs
 
@@ -114,16 +127,17 @@ def build_packs(bank: GeneratorBank) -> dict[GroupKey, AdapterPack]:
 class ServingPacks:
     """The packs of one GeneratorBank, owned by the model that serves it.
 
-    The one place where parameter storage changes: :meth:`current` (re)builds the packs, which
-    re-points every adapter's Parameters into the stacks (see the module docstring), when none
-    exist or they no longer alias the parameters. :meth:`invalidate` is called whenever the
-    set of adapters changes or the model moves (``.to()``); the group keys are cached here too.
+    The one place where parameter storage changes: :meth:`locate` (re)builds the packs, which
+    re-points every adapter's tensors into the stacks (see the module docstring), when an
+    adapter a call uses is in none of them or no longer aliases its slot (:meth:`AdapterPack.holds`).
+    What a call is served therefore never depends on anyone having called :meth:`invalidate`
+    (called when the set of adapters changes, to free the old stacks early): a dtype or device
+    move or a replaced tensor of any adapter a call uses is seen by that call.
     """
 
     def __init__(self, bank: GeneratorBank) -> None:
         self.bank = bank
-        self._packs: dict[GroupKey, AdapterPack] | None = None
-        self._keys: dict[str, GroupKey] = {}
+        self._where: dict[str, tuple[AdapterPack, int]] = {}  # name → (pack, slot); replaced whole
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # deepcopy / pickle: the lock stays behind, packs rebuild
@@ -133,22 +147,34 @@ class ServingPacks:
         self.__init__(state["bank"])
 
     def invalidate(self) -> None:
-        self._packs = None
-        self._keys = {}
+        self._where = {}
 
-    def key(self, name: str) -> GroupKey:
-        """``group_key`` of adapter ``name``, computed once per change of the adapters."""
-        key = self._keys.get(name)
-        if key is None:
-            key = self._keys[name] = group_key(self.bank, name)
-        return key
+    def locate(self, adapters: dict[str, AdapterGenerators]) -> dict[str, tuple[AdapterPack, int]]:
+        """(pack, slot) of each of ``adapters`` (name → the adapter object a call validated),
+        building the packs first if one of them is not held by its slot.
 
-    def current(self) -> dict[GroupKey, AdapterPack]:
-        packs = self._packs
-        if packs is None or not all(p.is_live() for p in packs.values()):
-            with self._lock:  # concurrent first calls must not re-point the parameters twice
-                packs = self._packs
-                if packs is None or not all(p.is_live() for p in packs.values()):
-                    packs = self._packs = build_packs(self.bank)
-        return packs
+        An adapter that is no longer the bank's (deleted, or replaced under its name, while
+        the call ran) is left out: the caller serves it from its own tensors.
+        """
+        found = self._find(self._where, adapters)
+        if len(found) == len(adapters):
+            return found
+        with self._lock:  # concurrent calls must not re-point the parameters twice
+            found = self._find(self._where, adapters)
+            if len(found) == len(adapters):
+                return found
+            where = {}
+            for pack in build_packs(self.bank.snapshot()).values():
+                where.update((n, (pack, slot)) for slot, n in enumerate(pack.names))
+            self._where = where
+            return self._find(where, adapters)
 
+    @staticmethod
+    def _find(where: dict[str, tuple[AdapterPack, int]],
+              adapters: dict[str, AdapterGenerators]) -> dict[str, tuple[AdapterPack, int]]:
+        found = {}
+        for name, adapter in adapters.items():
+            place = where.get(name)
+            if place is not None and place[0].holds(place[1], adapter):
+                found[name] = place
+        return found

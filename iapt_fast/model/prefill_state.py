@@ -16,11 +16,12 @@ import contextlib
 import contextvars
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from torch import Tensor
 
+from iapt_fast.generator.bank import AdapterGenerators
 from iapt_fast.model.packing import AdapterPack, GroupKey
 
 __all__ = ["Request", "Launch", "PrefillState", "CacheState", "cache_state", "register_cache", "PendingRequests",
@@ -40,6 +41,8 @@ class Request:
         target_layers: the layers whose slots hold the prefix (the batch's adapters share them;
             empty for a batch of base rows only).
         num_layers: of the backbone.
+        adapters: name → the adapter object each name meant when the call was validated: the
+            call runs those, whatever other threads add or delete meanwhile.
     """
 
     instruction_mask: Tensor
@@ -48,6 +51,7 @@ class Request:
     num_tokens: int
     target_layers: frozenset[int]
     num_layers: int
+    adapters: dict[str, AdapterGenerators] = field(default_factory=dict)
 
     @property
     def hides_prefix(self) -> bool:
@@ -64,8 +68,10 @@ class Launch:
         key: the adapters' shape group.
         rows: [rows] indices into the batch; None = every row.
         ids: [rows] adapter id of each row into the stacked weights.
-        names: training path: the adapters stacked, in id order.
+        names: the adapters ``ids`` index, in id order (the pack's, or those stacked per call).
         pack: serving path: the pre-stacked weights (ids index the pack).
+        members: without a pack (training, or an adapter deleted while the call ran): the
+            adapter objects to stack per call, in id order.
     """
 
     key: GroupKey  # also says what the launch pools over and which rational it applies
@@ -73,6 +79,7 @@ class Launch:
     ids: Tensor
     names: list[str]
     pack: AdapterPack | None
+    members: tuple[AdapterGenerators, ...] = ()
 
 
 @dataclass
@@ -84,6 +91,13 @@ class PrefillState:
     launches: list[Launch]
     num_tokens: int
     rotary: tuple[Tensor, Tensor] | None = None  # cos/sin at −T…−1, computed by the first target layer
+    row_adapters: list[str | None] = field(default_factory=list)  # per row of the expanded batch
+    finite: Tensor | None = None  # [B] bool: the row's soft tokens were finite at every target layer so far
+
+    @property
+    def last_layer(self) -> int:
+        """The last layer where a generator runs (-1: none)."""
+        return max((layer for launch in self.launches for layer in launch.key.layers), default=-1)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from iapt_fast.generator import functional
 from iapt_fast.model.architectures import Architecture
 from iapt_fast.compat import cache_kwarg_name
-from iapt_fast.generator.bank import GeneratorBank
+from iapt_fast.generator.bank import GeneratorBank, stack_layers
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
 from iapt_fast.model.prefix_cache import (HiddenPrefixLayer, PrefixOnlyCache, cache_in_use, cache_layer, check_cache_room,
@@ -108,7 +108,7 @@ class PrefixHooks:
         # torch.compile cannot trace a ContextVar, so a compiled call whose cache holds entries
         # is taken for the decode step it is (one graph, no break; compiling an IAPT prefill
         # needs a fresh cache or none).
-        if torch.compiler.is_compiling() and cache_in_use(kwargs.get(self.model_cache_kw,
+        if torch.compiler.is_dynamo_compiling() and cache_in_use(kwargs.get(self.model_cache_kw,
                                                                      kwargs.get("past_key_values"))):
             return None
         request = PENDING.take(self.owner)
@@ -130,7 +130,7 @@ class PrefixHooks:
             prompt_mask = prompt_mask.repeat_interleave(expand, dim=0)
             rows = [n for n in rows for _ in range(expand)]
         prefix_mask = prompt_mask[:, :request.num_tokens]
-        launches = plan_launches(self.bank, self.packs, rows, inst.device)
+        launches = plan_launches(self.packs, rows, request.adapters, inst.device)
         check_cache_room(cache, prompt_mask.shape[1], request.num_tokens)
         seed_cache(cache, self.arch, batch, request.num_tokens, hidden_layers=(
             i for i in range(self.arch.num_layers) if i not in request.target_layers))
@@ -146,7 +146,8 @@ class PrefixHooks:
         # Riding along with them, the prefill state reaches the layer hooks even when a
         # checkpointed layer is replayed during backward (transformers 5.17 runs the hooks
         # inside the checkpoint, 5.24 outside; both keep the call's keyword arguments).
-        kwargs[PREFILL_KW] = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens)
+        kwargs[PREFILL_KW] = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens,
+                                          row_adapters=rows)
         return args, kwargs
 
     def _empty_cache(self, kwargs: dict):
@@ -179,6 +180,8 @@ class PrefixHooks:
                 kwargs[_SKIP_KW] = state.num_tokens
                 return args, kwargs
             soft = self.soft_tokens(index, layer, hidden, state, launches)
+            if not torch.compiler.is_dynamo_compiling():  # a traced step would break its graph at the host read
+                check_finite(index, soft, state)
             if state.rotary is None:
                 state.rotary = arch.rotary(hidden, state.num_tokens)
             kwargs[_PREFIX_KW] = arch.prefix_kv(layer, soft, state.rotary)
@@ -204,7 +207,7 @@ class PrefixHooks:
             if rows is not None:
                 source, mask = source.index_select(0, rows), mask.index_select(0, rows)
             weights = launch.pack.weights[index] if launch.pack is not None else \
-                self.bank.stacked_weights(index, launch.names)
+                stack_layers([adapter[index] for adapter in launch.members])
             soft = functional.prompt_generator(
                 source, mask, **weights, adapter_ids=ids if len(weights["w_down"]) > 1 else None,
                 backend=self.backend(), rational_version=launch.key.rational_version,
@@ -246,3 +249,23 @@ class PrefixHooks:
             return args, kwargs
 
         return hook
+
+
+def check_finite(index: int, soft: Tensor, state: PrefillState) -> None:
+    """Refuse soft tokens that are not finite: finite weights can still overflow (a weight of
+    1e38 in a file passes every load check), and NaN keys would turn the rows' logits into NaN
+    without an error. A flag per row accumulates on the device over the target layers and is
+    read once, at the last one: one host sync per prefill, none per decode step.
+
+    Args:
+        soft: [B, T, d] the soft tokens of layer ``index`` (rows without an adapter hold zeros).
+    """
+    finite = torch.isfinite(soft).flatten(1).all(dim=1)
+    state.finite = finite if state.finite is None else state.finite & finite.to(state.finite.device)
+    if index != state.last_layer or bool(state.finite.all()):
+        return
+    rows = torch.nonzero(~state.finite).flatten().tolist()
+    names = list(dict.fromkeys(state.row_adapters[r] for r in rows))
+    raise ValueError(f"adapter{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)} produced "
+                     f"non-finite soft tokens (NaN or Inf) for rows {rows}: its weights are finite but overflow "
+                     "on this input (e.g. a weight of 1e38); the call is refused instead of returning NaN logits")

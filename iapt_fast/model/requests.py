@@ -5,18 +5,19 @@ argument, and nothing has been computed yet.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from iapt_fast.model.architectures import Architecture
-from iapt_fast.generator.bank import GeneratorBank
-from iapt_fast.model.packing import ServingPacks
+from iapt_fast.generator.bank import AdapterGenerators, GeneratorBank
+from iapt_fast.model.packing import AdapterPack, GroupKey, ServingPacks, group_key
 from iapt_fast.model.prefill_state import Launch, Request
 
 __all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "SUPPORTED_CACHES", "check_inputs", "check_labels",
            "check_checkpointing", "check_generate_kwargs", "cache_implementation", "static_cache_length", "check_mask",
+           "decode_step_may_compile",
            "make_request", "plan_launches", "prompt_before_labels", "positions", "max_new_tokens"]
 
 # Name a row of a mixed batch can use to run the bare backbone (its prefix slots are masked).
@@ -95,6 +96,25 @@ def cache_implementation(model: Any, generate_kwargs: dict) -> str | None:
         return generate_kwargs["cache_implementation"]
     config = generation_config(model, generate_kwargs)
     return getattr(config, "cache_implementation", None)
+
+
+def decode_step_may_compile(model: Any, generate_kwargs: dict) -> bool:
+    """Whether ``generate(**generate_kwargs)`` may ``torch.compile`` its decode step.
+
+    transformers compiles it for a compileable cache (here: static) unless ``disable_compile``,
+    on an accelerator, or on any device when ``compile_config._compile_all_devices`` (see
+    ``iapt_fast.compat.decode_compile_config``). Over-approximated (every device but the CPU
+    counts as an accelerator): a wrong True costs only concurrency (compile_gate.py).
+    """
+    if cache_implementation(model, generate_kwargs) != "static":
+        return False
+    config = generation_config(model, generate_kwargs)
+    if generate_kwargs.get("disable_compile", getattr(config, "disable_compile", False)):
+        return False
+    compile_config = generate_kwargs.get("compile_config", getattr(config, "compile_config", None))
+    device = getattr(model, "device", None)
+    on_accelerator = device is not None and torch.device(device).type != "cpu"
+    return on_accelerator or bool(getattr(compile_config, "_compile_all_devices", False))
 
 
 def static_cache_length(model: Any, generate_kwargs: dict, num_tokens: int, length: int, new_tokens: int) -> int:
@@ -181,10 +201,14 @@ def make_request(bank: GeneratorBank, arch: Architecture, active: str | None, ma
         if (inst & ~mask.bool()).any():
             rows = torch.nonzero((inst & ~mask.bool()).any(dim=1)).flatten().tolist()
             raise ValueError(f"instruction_mask marks padding tokens (attention_mask = 0) in rows {rows}")
-    rows = row_adapters(bank, active, adapter_names, batch)
-    used = [n for n in rows if n is not None]
-    num_tokens = check_compatible(bank, used) if used else bank[require_active(bank, active)].config.num_soft_tokens
-    target_layers = frozenset(bank[used[0]].layer_indices) if used else frozenset()
+    loaded = bank.snapshot()  # one state of the bank for the whole call, whatever other threads do
+    rows = row_adapters(loaded, active, adapter_names, batch)
+    used = {n: loaded[n] for n in rows if n is not None}
+    if used:
+        num_tokens = check_compatible(used)
+    else:
+        num_tokens = loaded[loaded_active(loaded, active)].config.num_soft_tokens  # base rows only
+    target_layers = frozenset(next(iter(used.values())).layer_indices) if used else frozenset()
     hides = len(target_layers) != arch.num_layers
     arch.check_prefix_support(num_tokens, hides, length + new_tokens)
     empty = ~inst.any(dim=1)
@@ -195,45 +219,57 @@ def make_request(bank: GeneratorBank, arch: Architecture, active: str | None, ma
                          "every row needs at least one instruction token")
     prefix_mask = has_prefix[:, None].expand(batch, num_tokens).long()
     return Request(instruction_mask=inst, row_adapters=rows, attention_mask=torch.cat([prefix_mask, mask.long()], dim=1),
-                   num_tokens=num_tokens, target_layers=target_layers, num_layers=arch.num_layers)
+                   num_tokens=num_tokens, target_layers=target_layers, num_layers=arch.num_layers, adapters=used)
 
 
 def require_active(bank: GeneratorBank, active: str | None) -> str:
+    return require_active_names(bank.adapter_names, active)
+
+
+def require_active_names(names: list[str], active: str | None) -> str:
     if active is None:
-        if bank.adapter_names:
-            raise ValueError(f"no active adapter; call set_adapter(name) or pass adapter_names= "
-                             f"(loaded: {bank.adapter_names})")
+        if names:
+            raise ValueError(f"no active adapter; call set_adapter(name) or pass adapter_names= (loaded: {names})")
         raise ValueError("no adapter is loaded; add_adapter or load_adapter first")
     return active
 
 
-def row_adapters(bank: GeneratorBank, active: str | None, adapter_names, batch: int) -> list[str | None]:
-    """One adapter name per row (None = the bare backbone), every name checked."""
+def loaded_active(loaded: dict[str, AdapterGenerators], active: str | None) -> str:
+    """The active adapter's name, checked against ``loaded`` (a :meth:`GeneratorBank.snapshot`)."""
+    if active is not None and active not in loaded:  # deleted by another thread as this call began
+        raise ValueError(f"the active adapter {active!r} is not loaded; loaded adapters: {list(loaded)}")
+    return require_active_names(list(loaded), active)
+
+
+def row_adapters(loaded: dict[str, AdapterGenerators], active: str | None, adapter_names,
+                 batch: int) -> list[str | None]:
+    """One adapter name per row (None = the bare backbone), every name checked against
+    ``loaded`` (a :meth:`GeneratorBank.snapshot`)."""
     if adapter_names is None:
-        return [require_active(bank, active)] * batch
+        return [loaded_active(loaded, active)] * batch
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise TypeError(f"adapter_names must be a list of adapter names (one per row), got {adapter_names!r}")
     if len(adapter_names) != batch:
         raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
     rows: list[str | None] = []
-    loaded = bank.adapters
     for name in adapter_names:
         if name is None or name == BASE_ADAPTER:
             rows.append(None)
         elif not isinstance(name, str):
             raise TypeError(f"adapter_names entries must be strings, got {name!r}")
         elif name not in loaded:
-            raise ValueError(f"unknown adapter {name!r} in adapter_names; loaded adapters: {bank.adapter_names}")
+            raise ValueError(f"unknown adapter {name!r} in adapter_names; loaded adapters: {list(loaded)}")
         else:
             rows.append(name)
     return rows
 
 
-def check_compatible(bank: GeneratorBank, names: Iterable[str]) -> int:
-    """T of adapters that may share a batch (their soft tokens share the KV cache slots)."""
+def check_compatible(adapters: dict[str, AdapterGenerators]) -> int:
+    """T of adapters (name → adapter) that may share a batch (their soft tokens share the KV
+    cache slots)."""
     seen: dict[tuple, str] = {}
-    for name in dict.fromkeys(names):
-        key = (tuple(bank[name].layer_indices), bank[name].config.num_soft_tokens)
+    for name, adapter in adapters.items():
+        key = (tuple(adapter.layer_indices), adapter.config.num_soft_tokens)
         seen.setdefault(key, name)
     if len(seen) > 1:
         desc = "; ".join(f"{n!r}: layers {k[0]}, T={k[1]}" for k, n in seen.items())
@@ -242,31 +278,42 @@ def check_compatible(bank: GeneratorBank, names: Iterable[str]) -> int:
     return next(iter(seen))[1]
 
 
-def plan_launches(bank: GeneratorBank, packs: ServingPacks, rows: list[str | None], device) -> list[Launch]:
+def plan_launches(packs: ServingPacks, rows: list[str | None], adapters: dict[str, AdapterGenerators],
+                  device) -> list[Launch]:
     """Split the rows of a batch into generator launches, one per shape group.
 
+    Args:
+        rows: adapter name per row (None = the bare backbone).
+        adapters: name → the adapter object the call validated (``Request.adapters``).
+
     Serving (no gradient needed) gathers from the pre-stacked packs; training stacks the
-    batch's adapters per call, so gradients reach their own parameters.
+    batch's adapters per call, so gradients reach their own parameters. So does serving an
+    adapter that another thread deleted after the call was validated: the call still runs
+    the adapter it named.
     """
+    used = {n: adapters[n] for n in dict.fromkeys(r for r in rows if r is not None)}
     serving = not torch.is_grad_enabled() or not any(
-        p.requires_grad for n in set(r for r in rows if r is not None) for p in bank[n].parameters())
-    by_key: dict[Any, list[int]] = {}
+        p.requires_grad for adapter in used.values() for p in adapter.parameters())
+    placed = packs.locate(used) if serving else {}
+    group: dict[str, tuple[GroupKey, AdapterPack | None]] = {
+        n: (placed[n][0].key, placed[n][0]) if n in placed else (group_key(a), None) for n, a in used.items()}
+    by_group: dict[tuple[GroupKey, int], list[int]] = {}
     for row, name in enumerate(rows):
         if name is not None:
-            by_key.setdefault(packs.key(name), []).append(row)
-    current = packs.current() if serving else None
+            key, pack = group[name]
+            by_group.setdefault((key, id(pack)), []).append(row)
     launches = []
-    for key, members in by_key.items():
+    for members in by_group.values():
         names = [rows[r] for r in members]
+        key, pack = group[names[0]]
         row_index = None if len(members) == len(rows) else torch.tensor(members, device=device)
-        if current is not None:
-            pack = current[key]
-            ids = torch.tensor([pack.index[n] for n in names], device=device)
-            distinct = pack.names
+        if pack is not None:
+            ids = torch.tensor([placed[n][1] for n in names], device=device)
+            launches.append(Launch(key=key, rows=row_index, ids=ids, names=pack.names, pack=pack))
         else:
-            pack = None
             distinct = list(dict.fromkeys(names))
             position = {n: i for i, n in enumerate(distinct)}
             ids = torch.tensor([position[n] for n in names], device=device)
-        launches.append(Launch(key=key, rows=row_index, ids=ids, names=distinct, pack=pack))
+            launches.append(Launch(key=key, rows=row_index, ids=ids, names=distinct, pack=None,
+                                   members=tuple(used[n] for n in distinct)))
     return launches

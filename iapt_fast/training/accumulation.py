@@ -7,6 +7,7 @@ gradient of the whole batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Any, Iterator
 
@@ -18,7 +19,33 @@ from iapt_fast.training.data import IGNORE_INDEX
 from iapt_fast.training.dist_context import DistContext
 from iapt_fast.training.evaluation import model_inputs, response_loss_sum
 
-__all__ = ["GradientAccumulator"]
+__all__ = ["GradientAccumulator", "accepts_logits_to_keep"]
+
+# Where a wrapper's ``forward(**kwargs)`` sends its keywords: DDP's ``module``, PEFT's and
+# IAPTModel's ``base_model``, a PEFT tuner's ``model``.
+_INNER = ("module", "base_model", "model")
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs do).
+
+    A forward that only has ``**kwargs`` counts when the module it forwards them to (followed
+    through DDP, PEFT and IAPTModel wrappers) names the argument; any other forward does not.
+    """
+    seen: set[int] = set()
+    module: nn.Module | None = model
+    while isinstance(module, nn.Module) and id(module) not in seen:
+        seen.add(id(module))
+        try:
+            params = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        if "logits_to_keep" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+        module = next((m for m in (module._modules.get(name) for name in _INNER) if m is not None), None)
+    return False
 
 
 class GradientAccumulator:
@@ -29,7 +56,9 @@ class GradientAccumulator:
             through (the model, or its DDP wrapper).
         params: the trainable parameters (gradients of the frozen side of a bi-level step are
             dropped).
-        trim_logits: compute LM-head logits only from the first labelled position on.
+        trim_logits: compute LM-head logits only from the first labelled position on, when
+            the model's forward takes ``logits_to_keep`` (decided here, once; the attribute
+            says whether it does).
     """
 
     def __init__(self, model: nn.Module, forward_module: nn.Module, ctx: DistContext, *, grad_accum: int,
@@ -37,7 +66,7 @@ class GradientAccumulator:
                  params: list[nn.Parameter]) -> None:
         self.model, self._forward_module, self.ctx = model, forward_module, ctx
         self.grad_accum, self.with_instruction_mask, self.device = grad_accum, with_instruction_mask, device
-        self.trim_logits = trim_logits
+        self.trim_logits = trim_logits and accepts_logits_to_keep(model)
         self.params = params
 
     @contextlib.contextmanager
@@ -92,21 +121,14 @@ class GradientAccumulator:
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """One micro-batch forward (through the DDP wrapper if any) → (output, aligned labels).
 
-        Logits are computed only from the first labelled position on (``trim_logits``); a
-        forward that rejects ``logits_to_keep`` falls back to full logits.
+        Logits are computed only from the first labelled position on (``trim_logits``).
         """
         inputs = model_inputs(batch, self.with_instruction_mask, self.device)
         labels = batch["labels"].to(self.device)
         keep = self.logits_to_keep(labels)
         if keep is None:
             return self._forward_module(**inputs), labels
-        try:
-            return self._forward_module(**inputs, logits_to_keep=keep), labels[:, -keep:]
-        except TypeError as err:
-            if "logits_to_keep" not in str(err):
-                raise
-            self.trim_logits = False  # this model's forward does not take it: full logits from now on
-            return self._forward_module(**inputs), labels
+        return self._forward_module(**inputs, logits_to_keep=keep), labels[:, -keep:]
 
     def logits_to_keep(self, labels: torch.Tensor) -> int | None:
         """How many trailing positions need logits: from the one before the first label on.

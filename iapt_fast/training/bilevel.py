@@ -6,7 +6,7 @@ held-out dev split, with their own tiny learning rate, alternating with the ordi
 the dev loss at the current weights (ξ = 0 in DARTS), no unrolled second-order term.
 
 This module only decides which parameter is which and isolates one side's gradients; the
-loop lives in iapt_fast/trainer.py.
+loop lives in iapt_fast/training/trainer.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["RATIONAL_PARAMETER_KEYS", "is_rational_parameter", "split_parameters", "grad_only_for"]
 
-# Parameter-name fragments of the rational coefficients (see iapt_fast/generator.py).
+# Parameter-name fragments of the rational coefficients (see iapt_fast/generator/bank.py).
 RATIONAL_PARAMETER_KEYS = ("rat_num", "rat_den")
 
 

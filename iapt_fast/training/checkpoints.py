@@ -23,11 +23,12 @@ from typing import Any, Mapping
 
 import torch
 
-from iapt_fast.atomic import atomic_write_text
+from iapt_fast.atomic import atomic_write_text, committed_file
+from iapt_fast.training.fingerprint import fingerprint_diffs
 
-__all__ = ["STATE_NAME", "RUN_NAME", "TRAJECTORY_FIELDS", "TrainingInterrupted", "OutputDirNotEmpty",
-           "read_state", "find_resumable", "latest_checkpoint", "check_output_dir", "start_run", "run_id_of",
-           "check_resume_config", "checkpoint_steps"]
+__all__ = ["STATE_NAME", "RUN_NAME", "TRAJECTORY_FIELDS", "TrainingInterrupted", "OutputDirNotEmpty", "ResumeRefused",
+           "read_state", "find_resumable", "latest_checkpoint", "check_output_dir", "check_output_path", "start_run",
+           "run_id_of", "check_resume_config", "checkpoint_steps"]
 
 STATE_NAME = "trainer_state.pt"
 RUN_NAME = "iapt_run.json"
@@ -60,6 +61,11 @@ class OutputDirNotEmpty(ValueError):
     """A fresh run was pointed at a folder holding another run's output."""
 
 
+class ResumeRefused(ValueError):
+    """A checkpoint cannot be continued exactly by this run (unreadable, or written with other
+    hyper-parameters, adapter settings or data); the message names every difference."""
+
+
 def checkpoint_steps(output_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every ``checkpoint-N`` folder in ``output_dir``, oldest first."""
     if not os.path.isdir(output_dir):
@@ -76,7 +82,7 @@ def read_state(path: str) -> dict[str, Any]:
         FileNotFoundError: no ``trainer_state.pt`` in ``path``.
         ValueError: the file is empty, truncated, corrupt or not a trainer state.
     """
-    file = os.path.join(path, STATE_NAME)
+    file = committed_file(path, STATE_NAME)  # a save interrupted after its commit point: the new state
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {STATE_NAME} in {path!r}")
     if os.path.getsize(file) == 0:
@@ -113,7 +119,7 @@ def find_resumable(output_dir: str) -> tuple[str, dict[str, Any]] | None:
     owner = run_id_of(output_dir)
     skipped = []
     for _, path in reversed(checkpoint_steps(output_dir)):
-        if not os.path.isfile(os.path.join(path, STATE_NAME)):
+        if not os.path.isfile(committed_file(path, STATE_NAME)):
             continue
         try:
             state = read_state(path)
@@ -137,15 +143,36 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[0] if found else None
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
+def check_output_path(output_dir: str) -> None:
+    """Raise ValueError unless ``output_dir`` is a folder or can be created as one."""
+    path = os.path.abspath(output_dir)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"output_dir {output_dir!r} is a file, not a folder: give a folder for the adapter, "
+                         "checkpoints and metrics (a missing one is created)")
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"output_dir {output_dir!r} cannot be created: {path!r} is a file, not a folder")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume_auto: bool = False) -> None:
     """Refuse a fresh run in a folder holding another run's output, unless ``overwrite``.
 
     A folder is free when it is missing, empty, or holds only the marker of a run that never
-    wrote anything (killed before its first checkpoint).
+    wrote anything (killed before its first checkpoint). ``resume_auto``: the run asked to
+    resume and found no checkpoint to continue (the message says so).
     """
+    check_output_path(output_dir)
     if overwrite or not os.path.isdir(output_dir):
         return
     held = sorted(e for e in os.listdir(output_dir) if e != RUN_NAME and not e.startswith("."))
+    if held and resume_auto:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        finished = " (metrics.json: the run finished)" if "metrics.json" in held else ""
+        raise OutputDirNotEmpty(
+            f"resume_from='auto' (--resume auto) found nothing to continue in output_dir {output_dir!r}: it holds "
+            f"{shown}{finished} but no readable checkpoint of its run. To train again, pick another folder for the "
+            "new run, or start over in this one with overwrite_output_dir=True (--overwrite-output-dir)")
     if held:
         shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
         raise OutputDirNotEmpty(
@@ -162,8 +189,10 @@ def start_run(output_dir: str) -> str:
 
 
 def check_resume_config(path: str, state: Mapping[str, Any], config: Mapping[str, Any], max_steps: int,
-                        warmup_steps: int) -> None:
-    """Raise ValueError naming every hyper-parameter in which this run differs from the checkpoint's."""
+                        warmup_steps: int, fingerprint: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`ResumeRefused` naming every hyper-parameter, and every entry of the data
+    ``fingerprint`` (see :mod:`iapt_fast.training.fingerprint`), in which this run differs
+    from the checkpoint's."""
     saved = state["config"]
     diffs = []
     for name in TRAJECTORY_FIELDS:
@@ -174,10 +203,12 @@ def check_resume_config(path: str, state: Mapping[str, Any], config: Mapping[str
                      "schedule would differ)")
     if "warmup_steps_resolved" in state and state["warmup_steps_resolved"] != warmup_steps:
         diffs.append(f"warm-up steps: checkpoint {state['warmup_steps_resolved']}, this run {warmup_steps}")
-    if diffs:
-        raise ValueError(f"cannot resume {path!r} with other training hyper-parameters (they are not applied "
-                         "silently): " + "; ".join(diffs) + ". Resume with the original values, or start a new "
-                         "run in another output folder")
+    data = fingerprint_diffs(state.get("fingerprint"), fingerprint or {})
+    if diffs or data:
+        what = " and ".join(w for w, d in (("training hyper-parameters", diffs), ("data or data preparation", data)) if d)
+        raise ResumeRefused(f"cannot resume {path!r} with other {what} (a resumed run would mix two set-ups; "
+                            "nothing is applied silently): " + "; ".join(diffs + data) + ". Resume with the "
+                            "original values, or start a new run in another output folder")
 
 
 def _plain(value: Any) -> Any:

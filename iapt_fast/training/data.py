@@ -198,13 +198,53 @@ def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike],
     except Exception as err:  # datasets wraps parser errors in many types; name the file instead
         if "corresponds to no data" in str(err):  # a header or blank lines only
             raise ValueError(f"data files {paths} contain no rows") from err
+        _check_utf8(paths, builder)
         raise ValueError(f"could not read {builder.upper()} data from {paths}: {type(err).__name__}: {err}") from err
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
     if len(ds) == 0:
         raise ValueError(f"data files {paths} contain no rows")
-    return ds.to_list()
+    try:
+        return ds.to_list()
+    except UnicodeDecodeError as err:  # the JSON and Parquet readers keep invalid text until it is read
+        _check_utf8(paths, builder)
+        row = next((i for i in range(len(ds)) if not _row_decodes(ds, i)), None)
+        where = f"row {row}" if row is not None else "a row"
+        raise ValueError(f"data files {paths}: {where} holds text that is not valid UTF-8 ({err})") from err
+
+
+def _check_utf8(paths: Sequence[str], builder: str) -> None:
+    """Raise ValueError naming the file and line of the first byte that is not UTF-8 text."""
+    if builder == "parquet":
+        return
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    for path in paths:
+        opener = openers.get(os.path.splitext(path.lower())[1], open)
+        try:
+            with opener(path, "rb") as fh:
+                for line_no, line in enumerate(fh, start=1):
+                    try:
+                        line.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise ValueError(
+                            f"data file {path!r}, line {line_no}: byte {line[err.start:err.start + 1]!r} at column "
+                            f"{err.start + 1} is not UTF-8 text (data files must be UTF-8; re-encode the file, "
+                            "e.g. with iconv)") from None
+        except (OSError, EOFError, lzma.LZMAError):
+            return  # unreadable for other reasons: the reader's own error says why
+
+
+def _row_decodes(ds: Any, index: int) -> bool:
+    try:
+        ds[index]
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def format_records(records: Sequence[Mapping[str, Any]], fmt: PromptFormat,

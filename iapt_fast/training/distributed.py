@@ -3,7 +3,7 @@
 Nothing here launches processes. ``torchrun`` and ``accelerate launch`` start one process per
 device and describe the job in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT); :func:`init_distributed` reads it and joins the process group, and the one
-:class:`~iapt_fast.trainer.Trainer`, given the resulting ``ctx``, trains exactly as it does in
+:class:`~iapt_fast.training.trainer.Trainer`, given the resulting ``ctx``, trains exactly as it does in
 one process, only spread over the ranks:
 
 * ``--batch-size`` stays the GLOBAL micro-batch: every rank takes its contiguous share of each
@@ -57,7 +57,6 @@ __all__ = [
     "save_adapter",
     "shard_rows",
     "sharded_choice_eval_fn",
-    "add_distributed_arguments",
 ]
 
 
@@ -65,14 +64,3 @@ def make_trainer(model: nn.Module, config: TrainConfig, train_examples: Sequence
                  ctx: DistContext | None = None, **kwargs: Any) -> Trainer:
     """``Trainer(..., ctx=ctx)``: the same trainer for one process and for every rank of a job."""
     return Trainer(model, config, train_examples, collator, ctx=ctx, **kwargs)
-
-
-def add_distributed_arguments(parser: Any) -> None:
-    """The CLI's ``--distributed`` and ``--dist-timeout`` options."""
-    g = parser.add_argument_group("distributed (launch with torchrun or accelerate launch)")
-    g.add_argument("--distributed", choices=STRATEGIES, default="auto",
-                   help="auto: DDP when launched with several processes (FSDP under an accelerate FSDP config), "
-                        "else one process; fsdp: FSDP2, frozen backbone and generators sharded. "
-                        "--batch-size is the global batch, split over the processes")
-    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds the rendezvous or any collective may wait (a dead or stuck rank) before failing")

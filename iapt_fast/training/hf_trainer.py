@@ -24,7 +24,7 @@ from transformers import Trainer
 from iapt_fast.model.adapter_io import WEIGHTS_NAME, read_adapter
 from iapt_fast.model.iapt_model import IAPTModel
 
-__all__ = ["IAPTHFTrainer", "load_adapter_weights_"]
+__all__ = ["IAPTAdapterSaving", "IAPTHFTrainer", "load_adapter_weights_"]
 
 
 def load_adapter_weights_(model: IAPTModel, path: str | os.PathLike, adapter_name: str | None = None) -> None:
@@ -45,13 +45,18 @@ def load_adapter_weights_(model: IAPTModel, path: str | os.PathLike, adapter_nam
             param.copy_(tensors[key])
 
 
-class IAPTHFTrainer(Trainer):
-    """``transformers.Trainer`` that saves/loads the IAPT adapter instead of the whole model."""
+class IAPTAdapterSaving:
+    """Mixin for ``transformers.Trainer`` subclasses (this one, TRL's): checkpoints and
+    ``save_model`` write the IAPT adapter in the project's format, and resume reads it back.
+
+    ``_iapt_model()`` finds the IAPTModel; a trainer that hands its Trainer another module
+    around it (iapt_fast/training/trl.py) overrides it.
+    """
 
     def _iapt_model(self) -> IAPTModel:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not isinstance(model, IAPTModel):
-            raise TypeError(f"IAPTHFTrainer trains an IAPTModel, got {type(model).__name__}")
+            raise TypeError(f"{type(self).__name__} trains an IAPTModel, got {type(model).__name__}")
         return model
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -67,9 +72,14 @@ class IAPTHFTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
             raise ValueError(f"no IAPT adapter ({WEIGHTS_NAME}) in {resume_from_checkpoint!r}")
-        load_adapter_weights_(self._iapt_model() if model is None else model, resume_from_checkpoint)
+        # The Trainer may pass its own (wrapped) model; the adapter lives in the IAPTModel either way.
+        load_adapter_weights_(model if isinstance(model, IAPTModel) else self._iapt_model(), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if best and os.path.isfile(os.path.join(best, WEIGHTS_NAME)):
             load_adapter_weights_(self._iapt_model(), best)
+
+
+class IAPTHFTrainer(IAPTAdapterSaving, Trainer):
+    """``transformers.Trainer`` that saves/loads the IAPT adapter instead of the whole model."""

@@ -134,15 +134,16 @@ def gathered_adapter(model: nn.Module, adapter_name: str | None = None):
     adapter = model.generators[name]
     weights = {layer: {w: full_tensor(getattr(adapter[layer], w).detach()).cpu() for w in adapter[layer].names}
                for layer in adapter.layer_indices}
-    return AdapterGenerators.from_weights(adapter.config, adapter.hidden_size, model.generators.num_layers, weights)
+    return AdapterGenerators.from_weights(adapter.config, adapter.hidden_size, model.generators.num_layers, weights,
+                                          backbone=adapter.backbone)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, ctx: DistContext | None = None,
                  adapter_name: str | None = None) -> None:
     """``model.save_pretrained(directory)`` for any strategy: gathered, rank 0 writes, atomically.
 
-    Every rank must call it (FSDP gathers the shards). Each file lands by rename, so a reader
-    never sees a half-written adapter. The result loads on one process with
+    Every rank must call it (FSDP gathers the shards). The files are committed together (see
+    :mod:`iapt_fast.atomic`), so a reader never sees a half-written or mixed adapter. The result loads on one process with
     ``IAPTModel.from_pretrained(base, directory)``.
     """
     from iapt_fast.model.adapter_io import save_adapter as _save

@@ -32,7 +32,7 @@ def _mask_labels(batch: dict[str, Tensor], rows: slice | None = None) -> dict[st
 
 
 class ShardedBatchStream(BatchStream):
-    """The single-process :class:`~iapt_fast.trainer.BatchStream`, each batch split over the ranks.
+    """The single-process :class:`~iapt_fast.training.trainer.BatchStream`, each batch split over the ranks.
 
     All ranks draw the same global batch (same permutation, same position) and keep their
     contiguous share, so the state is the global stream's and resumes under any world size.

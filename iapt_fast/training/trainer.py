@@ -20,19 +20,17 @@ every method with the same code.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from iapt_fast.atomic import atomic_write_text
-from iapt_fast.cli_fields import cli
 from iapt_fast.training.bilevel import grad_only_for, split_parameters
 from iapt_fast.training.accumulation import GradientAccumulator
 from iapt_fast.training.batches import BatchStream
@@ -40,99 +38,15 @@ from iapt_fast.training.checkpoints import STATE_NAME, TrainingInterrupted, late
 from iapt_fast.training.data import IAPTCollator
 from iapt_fast.training.dist_context import SINGLE_PROCESS, DistContext
 from iapt_fast.training.evaluation import accepts_instruction_mask
+from iapt_fast.training.fingerprint import examples_digest
 from iapt_fast.training.parallel import ddp_wrap, full_tensor, is_dtensor, save_adapter
 from iapt_fast.training.preemption import StopSignals
 from iapt_fast.training.sharded import ShardedBatchStream, sharded_eval_loss
-from iapt_fast.training.trainer_checkpoints import TrainerCheckpoints
+from iapt_fast.training.train_config import TrainConfig
+from iapt_fast.training.trainer_checkpoints import (RunSetup, RunState, Trainables, adopt_output_dir, load_checkpoint,
+                                                    resolve_resume, save_checkpoint, start_fresh)
 
 __all__ = ["TrainConfig", "BatchStream", "Trainer", "TrainingInterrupted", "latest_checkpoint", "STATE_NAME"]
-
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run.
-
-    Steps are optimizer steps; each consumes ``batch_size × grad_accum`` training examples
-    (and, in bi-level mode, as many dev examples for the rational step).
-    """
-
-    output_dir: str = field(default="iapt-output", metadata=cli(
-        "where the adapter, checkpoints and metrics go", group="output", required=True))
-    max_steps: int | None = field(default=None, metadata=cli("optimizer steps (default: from --epochs)"))
-    num_epochs: float = field(default=1.0, metadata=cli(
-        "passes over the train data when --max-steps is unset", flag="--epochs"))
-    batch_size: int = field(default=8, metadata=cli("examples per micro-batch (the global one under DDP/FSDP)"))
-    grad_accum: int = field(default=1, metadata=cli("micro-batches per optimizer step"))
-    eval_batch_size: int = field(default=32, metadata=cli("examples per evaluation forward"))
-    lr: float = field(default=1e-3, metadata=cli("AdamW learning rate of the generator weights"))
-    rational_lr: float | None = field(default=None, metadata=cli(
-        "learning rate of the rational coefficients (default: 1e-6 with --bilevel, else --lr)"))
-    weight_decay: float = field(default=0.0, metadata=cli("AdamW weight decay (never on rational coefficients)"))
-    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=cli("AdamW betas, b1,b2"))
-    warmup_steps: int | None = field(default=None, metadata=cli("linear warm-up steps (default: --warmup-ratio)"))
-    warmup_ratio: float = field(default=0.1, metadata=cli("warm-up share of the steps, then linear decay to 0"))
-    max_grad_norm: float | None = field(default=1.0, metadata=cli("gradient clipping (0 disables)"))
-    precision: str = field(default="fp32", metadata=cli(
-        "backbone dtype; trainable generator weights always stay float32", choices=("fp32", "bf16"), group="model"))
-    gradient_checkpointing: bool = field(default=False, metadata=cli("non-reentrant activation checkpointing"))
-    bilevel: bool = field(default=False, metadata=cli(
-        "the paper's bi-level mode: rational coefficients on the dev split (own LR), other generator weights on "
-        "train, alternating steps; default is joint training"))
-    eval_every: int | None = field(default=None, metadata=cli(
-        "evaluate every N steps (and at the end)", group="output"))
-    save_every: int | None = field(default=None, metadata=cli("checkpoint every N steps", group="output"))
-    save_total_limit: int | None = field(default=2, metadata=cli("checkpoints of this run kept", group="output"))
-    log_every: int = field(default=1, metadata=cli("record the training loss every N steps", group="output"))
-    trim_logits: bool = field(default=True, metadata=cli(
-        "compute the LM head at every position (default: only where labels are; same loss, less work)"))
-    seed: int = field(default=0, metadata=cli("seeds initialisation, data order and splits"))
-    progress: bool = field(default=True, metadata=cli("no progress bar", group="output"))
-    overwrite_output_dir: bool = field(default=False, metadata=cli(
-        "start a new run in an --output-dir that holds another run's output (its checkpoints are then never "
-        "resumed or pruned); without it such a folder is refused", group="output"))
-
-    def __post_init__(self) -> None:
-        for name in ("num_epochs", "lr", "rational_lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if (not isinstance(self.adam_betas, (tuple, list)) or len(self.adam_betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas)):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        positive_ints = ("batch_size", "grad_accum", "eval_batch_size", "log_every")
-        for name in positive_ints:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("max_steps", "eval_every", "save_every", "save_total_limit", "warmup_steps"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "warmup_steps" else 1)):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-        if not self.num_epochs > 0:
-            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.rational_lr is not None and not self.rational_lr >= 0:
-            raise ValueError(f"rational_lr must be >= 0, got {self.rational_lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
-
-    @property
-    def resolved_rational_lr(self) -> float:
-        if self.rational_lr is not None:
-            return self.rational_lr
-        return 1e-6 if self.bilevel else self.lr
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -150,10 +64,10 @@ class Trainer:
     Args:
         model: IAPTModel (or any module whose forward returns ``.logits`` and whose only
             trainable parameters are the ones to train). Under DDP / FSDP it must have gone
-            through :func:`iapt_fast.parallel.prepare_model` with the same ``ctx``.
+            through :func:`iapt_fast.training.parallel.prepare_model` with the same ``ctx``.
         config: TrainConfig. ``batch_size`` is the global micro-batch: a multiple of the world
             size, split over the ranks.
-        train_examples: tokenized examples (``iapt_fast.data.tokenize_records``) with labels.
+        train_examples: tokenized examples (``iapt_fast.training.data.tokenize_records``) with labels.
         collator: pads examples into batches (right padding is the usual choice).
         eval_examples: optional; evaluated every ``eval_every`` steps and at the end.
         dev_examples: the held-out split of the rational coefficients; required with
@@ -162,18 +76,24 @@ class Trainer:
             run with every evaluation (on every rank: see ``sharded_choice_eval_fn``).
         ctx: the job (default: one process). With several ranks every method that touches
             the model (train, evaluate, save_checkpoint, load_checkpoint) is collective.
+        data_fingerprint: what produced the examples (e.g. the data files' digest, templates,
+            max length, tokenizer digest; JSON-like values), recorded in every checkpoint with
+            digests of the examples themselves: a resume whose fingerprint differs is refused,
+            naming each difference (:mod:`iapt_fast.training.fingerprint`).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[Any], collator: IAPTCollator,
                  eval_examples: Sequence[Any] | None = None, dev_examples: Sequence[Any] | None = None,
                  eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
-                 ctx: DistContext | None = None) -> None:
+                 ctx: DistContext | None = None, data_fingerprint: Mapping[str, Any] | None = None) -> None:
         self.ctx = SINGLE_PROCESS if ctx is None else ctx
         if not isinstance(self.ctx, DistContext):
             raise TypeError(f"ctx must be a DistContext, got {type(self.ctx).__name__}")
         self.model, self.config, self.collator = model, config, collator
         self.train_examples, self.eval_examples, self.dev_examples = train_examples, eval_examples, dev_examples
         self.eval_fn = eval_fn
+        self.data_fingerprint = dict(data_fingerprint or {})
+        self._fingerprint: dict[str, Any] | None = None
         self.device = next(model.parameters()).device
         self.with_instruction_mask = accepts_instruction_mask(model)
         if not train_examples:
@@ -193,9 +113,10 @@ class Trainer:
         if self.ctx.strategy == "ddp":
             # Bi-level steps leave one side's parameters out of the graph: DDP must look for them.
             self._forward_module = ddp_wrap(model, self.ctx, find_unused_parameters=config.bilevel)
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
-        self.checkpoints = TrainerCheckpoints(self)
+        # The run's own bookkeeping; checkpoints take it and hand back the updated one.
+        self.run = RunState()
+        self.trainables = Trainables(model, self.param_names, self.optimizers, self.schedulers, self.train_stream,
+                                     self.dev_stream)
         self.accumulator = GradientAccumulator(
             model, self._forward_module, self.ctx, grad_accum=config.grad_accum,
             with_instruction_mask=self.with_instruction_mask, device=self.device, trim_logits=config.trim_logits,
@@ -210,10 +131,10 @@ class Trainer:
                 f"batch_size {batch} (the global micro-batch) is not divisible by the world size "
                 f"{ctx.world_size}; use a multiple of {ctx.world_size} (e.g. "
                 f"{max(ctx.world_size, batch // ctx.world_size * ctx.world_size)})")
-        self._sharded = any(is_dtensor(p) for p in self.model.parameters())
-        if ctx.strategy == "fsdp" and not self._sharded:
+        sharded = any(is_dtensor(p) for p in self.model.parameters())
+        if ctx.strategy == "fsdp" and not sharded:
             raise ValueError("distributed='fsdp' but the model is not sharded: call prepare_model(model, ctx) first")
-        if ctx.strategy != "fsdp" and self._sharded:
+        if ctx.strategy != "fsdp" and sharded:
             raise ValueError(f"the model is FSDP-sharded but ctx.strategy is {ctx.strategy!r}")
 
     def _split_parameters(self) -> None:
@@ -260,10 +181,23 @@ class Trainer:
         return ShardedBatchStream(examples, self.config.batch_size, self.collator, seed, self.ctx.rank,
                                   self.ctx.world_size)
 
-    # ------------------------------------------------------------------ one optimizer step
-    def _accumulate(self, stream: BatchStream) -> tuple[float, int, int]:
-        return self.accumulator.run(stream, self.step)
+    # ------------------------------------------------------------------ the run's state
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.run.step
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The logged records (losses, evaluations), oldest first."""
+        return self.run.history
+
+    @property
+    def run_id(self) -> str | None:
+        """The id of the run this trainer continues (its output folder's owner)."""
+        return self.run.run_id
+
+    # ------------------------------------------------------------------ one optimizer step
     def _optimizer_step(self, name: str, params: list[nn.Parameter]) -> float | None:
         """Clip, step, schedule and zero one optimizer; returns the gradient norm before clipping."""
         norm = None
@@ -281,7 +215,7 @@ class Trainer:
             raise RuntimeError("dev_step is only defined in bi-level mode")
         self.model.train()
         with grad_only_for(self.rational_params, self.weight_params):
-            loss, tokens, _ = self._accumulate(self.dev_stream)
+            loss, tokens, _ = self.accumulator.run(self.dev_stream, self.step)
             self._optimizer_step("rationals", self.rational_params)
         return loss, tokens
 
@@ -290,10 +224,10 @@ class Trainer:
         self.model.train()
         if self.config.bilevel:
             with grad_only_for(self.weight_params, self.rational_params):
-                loss, tokens, _ = self._accumulate(self.train_stream)
+                loss, tokens, _ = self.accumulator.run(self.train_stream, self.step)
                 norm = self._optimizer_step("weights", self.weight_params)
         else:
-            loss, tokens, _ = self._accumulate(self.train_stream)
+            loss, tokens, _ = self.accumulator.run(self.train_stream, self.step)
             norm = self._optimizer_step("joint", self.weight_params + self.rational_params)
         return loss, tokens, norm
 
@@ -304,7 +238,7 @@ class Trainer:
         if self.config.bilevel:
             record["dev_loss"], tokens = self.dev_step()
         loss, n, norm = self.weight_step()
-        self.step += 1
+        self.run.step += 1
         record.update(loss=loss, tokens=tokens + n,
                       lr=self.schedulers["weights" if self.config.bilevel else "joint"].get_last_lr()[0])
         if norm is not None:
@@ -326,17 +260,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     @property
-    def run_id(self) -> str | None:
-        """The id of the run this trainer continues (its output folder's owner)."""
-        return self.checkpoints.run_id
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that decides this run's batches (``data_fingerprint`` + digests of the
+        examples and the collator); a resume must match it. Computed once, on first use."""
+        if self._fingerprint is None:
+            c = self.collator
+            collator = {k: getattr(c, k) for k in ("pad_token_id", "padding_side", "pad_to_multiple_of") if hasattr(c, k)}
+            self._fingerprint = {
+                **self.data_fingerprint,
+                "train examples (tokenized)": examples_digest(self.train_examples),
+                **({"dev examples (tokenized)": examples_digest(self.dev_examples)} if self.config.bilevel else {}),
+                "collator": {"class": type(c).__name__, **collator},
+            }
+        return self._fingerprint
+
+    def run_setup(self) -> RunSetup:
+        """What decides this run's trajectory: a resumed checkpoint must match it."""
+        return RunSetup(self.config, self.max_steps, self.warmup_steps, self.fingerprint)
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Adapter + trainer state into ``checkpoint-<step>`` (or ``path``), atomically; collective."""
-        return self.checkpoints.save(path)
+        """Adapter + trainer state into ``checkpoint-<step>`` (or ``path``), atomically, pruning this
+        run's old checkpoints; collective. Returns the folder."""
+        path, self.run = save_checkpoint(self.run, self.trainables, self.run_setup(), self.ctx, path)
+        return path
 
     def load_checkpoint(self, path: str, state: Mapping[str, Any] | None = None) -> None:
         """Restore a checkpoint (written by any world size) so the next step continues exactly; collective."""
-        self.checkpoints.load(path, state)
+        self.run = load_checkpoint(path, self.trainables, self.run_setup(), self.ctx, state)
 
     def _stop_requested(self, signals: StopSignals) -> int | None:
         """The signal that asked this run to stop, if any; a signal on any rank stops every
@@ -361,17 +311,17 @@ class Trainer:
         SIGTERM / SIGINT finish the current step, write a checkpoint and raise
         :class:`~iapt_fast.training.checkpoints.TrainingInterrupted`.
         """
-        resume_from, state = self.checkpoints.resolve_resume(resume_from)
+        asked_auto = resume_from == "auto"
+        resume_from, state = resolve_resume(resume_from, self.config.output_dir, self.ctx)
         if resume_from:
             self.load_checkpoint(resume_from, state)
-            self.checkpoints.adopt_output_dir()
+            adopt_output_dir(self.config.output_dir, self.run_id, self.ctx)
         elif self.step == 0:
-            self.checkpoints.start_fresh()
+            self.run = start_fresh(self.config, self.ctx, resume_auto=asked_auto)
         self._enable_gradient_checkpointing()
         end = self.max_steps if stop_after is None else min(self.max_steps, stop_after)
         bar = None
         if self.progress and self.step < end:
-            from tqdm.auto import tqdm
             bar = tqdm(total=self.max_steps, initial=self.step, dynamic_ncols=True,
                        desc="train" + (" (bi-level)" if self.config.bilevel else ""))
         try:
@@ -419,7 +369,7 @@ class Trainer:
         return path
 
     def save_adapter(self, directory: str | os.PathLike) -> None:
-        """The trained adapter, gathered, written by rank 0 (see :func:`iapt_fast.parallel.save_adapter`)."""
+        """The trained adapter, gathered, written by rank 0 (see :func:`iapt_fast.training.parallel.save_adapter`)."""
         save_adapter(self.model, directory, self.ctx)
 
 

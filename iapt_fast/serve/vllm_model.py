@@ -1,0 +1,118 @@
+"""IAPT causal LMs for vLLM: vLLM's own models whose decoder loop injects the soft tokens.
+
+One class per served family (llama, mistral, qwen2, qwen3), each vLLM's ``*ForCausalLM`` with
+the loop of :func:`iapt_decoder_loop` as its forward. Registered with ``vllm.ModelRegistry`` by
+the plugin (plugin.py); a served model selects its class through ``hf_overrides`` (options.py),
+which also names the adapter folders (``iapt_adapters``, JSON). Imported only inside vLLM.
+"""
+from __future__ import annotations
+
+import json
+from itertools import islice
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from iapt_fast.serve.adapters import AdapterSpec, ServedAdapters
+from iapt_fast.serve.injection import LayerInjector, find_fresh_prefills
+from iapt_fast.serve.options import ADAPTERS_KEY, check_engine_config, codec_for
+from iapt_fast.serve.placeholders import PlaceholderCodec
+
+__all__ = ["IAPTLlamaForCausalLM", "IAPTMistralForCausalLM", "IAPTQwen2ForCausalLM", "IAPTQwen3ForCausalLM",
+           "iapt_decoder_loop"]
+
+
+class ServingState:
+    """The adapters one engine serves and the codec of their placeholder headers."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device) -> None:
+        check_engine_config(vllm_config)
+        config = vllm_config.model_config.hf_config
+        if getattr(config, "ada_rms_norm_t_cond", False):
+            raise ValueError("IAPT serving does not support time-conditioned norms (ada_rms_norm_t_cond)")
+        specs = [AdapterSpec(name, path) for name, path in json.loads(getattr(config, ADAPTERS_KEY, "[]"))]
+        self.adapters = ServedAdapters(specs, config.model_type, config.hidden_size, config.num_hidden_layers,
+                                       device=device)
+        self.codec: PlaceholderCodec = codec_for(config.vocab_size, len(specs), vllm_config.model_config.max_model_len)
+        block_size = vllm_config.cache_config.block_size
+        for slot in self.adapters.slots:
+            self.codec.encode(0, slot.num_tokens, 1)  # raises when T cannot carry the header
+            if block_size is not None and slot.num_tokens > block_size:
+                # A prefix-cache hit is whole blocks: a hit ending inside the placeholders would
+                # leave rows that need P_l without the header that names their adapter.
+                raise ValueError(f"adapter {slot.name!r}: num_soft_tokens={slot.num_tokens} exceeds the KV "
+                                 f"cache block size {block_size}")
+
+    def injector(self, input_ids: torch.Tensor | None, positions: torch.Tensor) -> LayerInjector | None:
+        """The step's injector, or None when no request of the step is a fresh IAPT prefill."""
+        if not len(self.adapters) or input_ids is None or not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if not isinstance(metadata, dict) or not metadata:  # profiling and dummy runs carry none
+            return None
+        bounds = getattr(next(iter(metadata.values())), "query_start_loc", None)
+        if bounds is None:
+            return None
+        fresh = find_fresh_prefills(input_ids, positions, bounds.cpu(), self.codec, self.adapters)
+        return LayerInjector(self.adapters, fresh, positions.device) if fresh else None
+
+
+def iapt_decoder_loop(decoder: nn.Module, state: ServingState, input_ids: torch.Tensor | None,
+                      positions: torch.Tensor, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """The pre-norm decoder loop of vLLM's llama-like models (embed, layers with a fused
+    residual, final norm), with P_l written into fresh prefills' placeholder rows before each layer.
+
+    Args:
+        decoder: the family's vLLM decoder (``embed_input_ids``, ``layers``, ``norm``).
+        input_ids, positions: [R] the step's rows.
+    Returns:
+        [R, d] final hidden states.
+    """
+    if inputs_embeds is not None and len(state.adapters):
+        raise ValueError("IAPT serving reads each request's adapter from its token ids; prompt embeddings "
+                         "are not supported")
+    injector = state.injector(input_ids, positions)
+    hidden = decoder.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+    residual = None
+    for index, layer in enumerate(islice(decoder.layers, decoder.start_layer, decoder.end_layer),
+                                  start=decoder.start_layer):
+        if injector is not None:
+            hidden, residual = injector(index, hidden, residual, layer.input_layernorm.forward_native)
+        hidden, residual = layer(positions, hidden, residual)
+    hidden, _ = decoder.norm(hidden, residual)
+    return hidden
+
+
+class _IAPTServing:
+    """Mixin for a vLLM ``*ForCausalLM``: loads the adapters, runs the IAPT decoder loop."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.iapt = ServingState(vllm_config, self.model.embed_tokens.weight.device)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return iapt_decoder_loop(self.model, self.iapt, input_ids, positions, inputs_embeds)
+
+
+class IAPTLlamaForCausalLM(_IAPTServing, LlamaForCausalLM):
+    """vLLM's LlamaForCausalLM serving IAPT adapters."""
+
+
+class IAPTMistralForCausalLM(_IAPTServing, MistralForCausalLM):
+    """vLLM's MistralForCausalLM serving IAPT adapters."""
+
+
+class IAPTQwen2ForCausalLM(_IAPTServing, Qwen2ForCausalLM):
+    """vLLM's Qwen2ForCausalLM serving IAPT adapters."""
+
+
+class IAPTQwen3ForCausalLM(_IAPTServing, Qwen3ForCausalLM):
+    """vLLM's Qwen3ForCausalLM serving IAPT adapters."""
