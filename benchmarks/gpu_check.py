@@ -9,6 +9,7 @@ naming the card and the date, and prints a short table last.
 
     python benchmarks/gpu_check.py                 # on a CUDA machine (benchmarks/gpu_check.sh)
     TRITON_INTERPRET=1 python benchmarks/gpu_check.py --dry-run   # CPU: tiny shapes, interpreter
+    python benchmarks/gpu_check.py --fused-sweep   # one-launch vs multi-launch inference forward only
 """
 from __future__ import annotations
 
@@ -119,6 +120,68 @@ def run_case(batch, seq, adapters, args, cuda, compiled_fn, copy_gbs):
     return row
 
 
+# B×N of the inference-forward sweep (one-launch vs multi-launch): 1×32 to 64×1024.
+SWEEP_BATCHES = (1, 4, 16, 64)
+SWEEP_SEQS = (32, 128, 512, 1024)
+DRY_SWEEP = ((1, 32), (3, 40))
+
+
+def fused_sweep(args, cuda, copy_gbs) -> list[dict]:
+    """Latency of the one-launch and the multi-launch inference forward side by side (no grad,
+    W_down·W_pool cached as serving caches it), with the fraction of the copy bandwidth that
+    reading H once, the used weights once and writing P would need at that latency."""
+    from iapt_fast.kernels import triton_prompt_generator
+    from iapt_fast.kernels.autograd import generator_weight_products
+    from iapt_fast.kernels.launch import fused_forward_pays
+
+    device = "cuda" if cuda else "cpu"
+    shapes = DRY_SWEEP if args.dry_run else [(b, n) for b in SWEEP_BATCHES for n in SWEEP_SEQS]
+    rows = []
+    for adapters in args.adapters:
+        for batch, seq in shapes:
+            hidden, mask, weights, ids = make_inputs(batch, seq, args.dim, args.bottleneck, args.tokens, adapters,
+                                                     device, torch.bfloat16)
+            gw = GeneratorWeights(*weights)
+            with torch.no_grad():
+                products = generator_weight_products(gw.w_down, gw.w_pool)
+                ref32 = reference.prompt_generator(hidden.float(), mask, GeneratorWeights(*[w.float() for w in weights]),
+                                                   ids)
+                row = {"batch": batch, "seq": seq, "tokens": batch * seq, "adapters": adapters,
+                       "policy_picks_fused": fused_forward_pays(batch, args.dim, args.bottleneck, hidden.dtype,
+                                                                gw.w_down.element_size(), hidden.device)}
+                used = int(ids.unique().numel()) if ids is not None else 1
+                nbytes = (hidden.numel() * hidden.element_size() + batch * args.tokens * args.dim * 2
+                          + used * 2 * args.dim * args.bottleneck * gw.w_down.element_size())
+                for name, fused in (("one_launch", True), ("multi_launch", False)):
+                    def fn(fused=fused):
+                        return triton_prompt_generator(hidden, mask, gw, ids, "B", weight_products=products, fused=fused)
+                    row[f"max_err_{name}"] = float((fn().float() - ref32).abs().max())
+                    row[f"{name}_ms"] = bench(fn, cuda)
+                    row[f"{name}_frac_copy"] = bandwidth_gbs(nbytes, row[f"{name}_ms"]) / copy_gbs
+            row["multi_over_one"] = row["multi_launch_ms"] / row["one_launch_ms"]
+            rows.append(row)
+            print(f"  {batch}x{seq} A={adapters}: one-launch {fmt(row['one_launch_ms'])} ms, multi-launch "
+                  f"{fmt(row['multi_launch_ms'])} ms (policy: {'one' if row['policy_picks_fused'] else 'multi'})",
+                  flush=True)
+    return rows
+
+
+def sweep_markdown(meta, rows) -> str:
+    lines = [f"# Inference forward: one launch vs multi-launch on {meta['device']} ({meta['date']})", "",
+             f"bf16, d={meta['dim']}, m={meta['bottleneck']}, T={meta['tokens']}, no grad, W_down·W_pool cached; "
+             f"do_bench medians (ms); % of copy = (H + used weights + P bytes) / time over the measured copy "
+             f"bandwidth ({meta['copy_GBps']:.0f} GB/s). Policy = what launch.fused_forward_pays picks.", "",
+             "| B×N | adapters | one-launch ms | multi-launch ms | multi ÷ one | one % copy | multi % copy | policy | "
+             "max err one / multi |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']}×{r['seq']} | {r['adapters']} | {fmt(r['one_launch_ms'])} | "
+                     f"{fmt(r['multi_launch_ms'])} | {fmt(r['multi_over_one'], '.2f')} | "
+                     f"{fmt(100 * r['one_launch_frac_copy'], '.1f')} | {fmt(100 * r['multi_launch_frac_copy'], '.1f')} | "
+                     f"{'one' if r['policy_picks_fused'] else 'multi'} | {fmt(r['max_err_one_launch'], '.2e')} / "
+                     f"{fmt(r['max_err_multi_launch'], '.2e')} |")
+    return "\n".join(lines) + "\n"
+
+
 def fmt(v, spec=".3g"):
     return "—" if v is None else format(v, spec)
 
@@ -161,6 +224,8 @@ def main(argv=None) -> int:
                         help="B·N values at which torch.compile of the reference is also timed (each shape and "
                              "adapter count compiles forward and backward, ~30 s each; default 16384, none in --dry-run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--fused-sweep", action="store_true",
+                        help="only time the one-launch vs the multi-launch inference forward over B·N 1×32..64×1024")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
@@ -187,6 +252,17 @@ def main(argv=None) -> int:
     }
     meta["copy_GBps"] = copy_bandwidth_gbs("cuda" if cuda else "cpu", (1 << 30) if cuda else (1 << 24))["copy_gbs"]
     print(f"{meta['device']}: copy bandwidth {meta['copy_GBps']:.0f} GB/s", flush=True)
+    card = "".join(c if c.isalnum() else "_" for c in meta["device"]).strip("_")[:40]
+    if args.fused_sweep:
+        rows = fused_sweep(args, cuda, meta["copy_GBps"])
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"gpu_check_fused_{card}_{_dt.date.today().isoformat()}" + ("_dryrun" if args.dry_run else "")
+        md = sweep_markdown(meta, rows)
+        (args.out / f"{stem}.md").write_text(md)
+        (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"\nwrote {args.out / stem}.md/.json\n")
+        print(md)
+        return 0
     compiled = torch.compile(reference.prompt_generator) if args.compile_tokens else None
 
     # torch.compile only at the first shape of each listed size: every new shape recompiles.
@@ -205,7 +281,6 @@ def main(argv=None) -> int:
                   f"({time.time() - start:.0f} s)", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    card = "".join(c if c.isalnum() else "_" for c in meta["device"]).strip("_")[:40]
     stem = f"gpu_check_{card}_{_dt.date.today().isoformat()}" + ("_dryrun" if args.dry_run else "")
     md = markdown(meta, rows)
     (args.out / f"{stem}.md").write_text(md)

@@ -14,6 +14,10 @@ pool_bwd (dH, dW_dp), seg_outer (dW_up; dW_down incl. dW_dp·W_poolᵀ), adapter
 rows) with the generator's incoming gradient scaled by s[a]. H is read once by the forward and
 twice by the backward.
 
+Inference (no gradient needed) takes the one-launch forward instead where launch.fused_forward_pays
+says so (design.md §4): generator_fwd_fused_kernel, with W_dp passed in by the caller (cached per
+weights version) — launches 2–5 above in one.
+
 Saved between passes: W_dp [A, d, 16], Ph [B, T, d], p [B, T, m] and two [B, T] statistics,
 all float32: O(B·T·(d+m)), never O(B·N·T). Weights may have another dtype than hidden: every
 kernel loads and converts in registers, so there is no host-side cast (no copy of the weights).
@@ -30,10 +34,11 @@ from iapt_fast.generator.weights import GeneratorWeights
 from . import launch as policy
 from .generator_bwd import pool_bwd_kernel, pool_bwd_scores_kernel
 from .generator_fwd import combine_kernel, pool_fwd_kernel
+from .generator_fwd_fused import generator_fwd_fused_kernel
 from .lines import (MODE_GEMM, MODE_OUT, adapter_mm_kernel, lines_mm_kernel, rat_bwd_kernel, seg_outer_kernel,
                     seg_sum_kernel)
 
-__all__ = ["triton_prompt_generator", "PromptGeneratorFunction"]
+__all__ = ["triton_prompt_generator", "PromptGeneratorFunction", "generator_weight_products", "fused_generator_forward"]
 
 
 @dataclass(frozen=True)
@@ -299,18 +304,123 @@ class PromptGeneratorFunction(torch.autograd.Function):
         return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None, grad_anchor, None
 
 
+def generator_weight_products(w_down: Tensor, w_pool: Tensor) -> Tensor:
+    """W_dp [A, d, 16] float32 = W_down[a]·W_pool[a] (columns >= T zero), the per-adapter product
+    the forwards stream H against. One launch; inference callers compute it once per weights
+    version and pass it to :func:`fused_generator_forward` (iapt_fast/model/packing.py caches it).
+
+    Args:
+        w_down [A, d, m], w_pool [A, m, T] of one float dtype, T <= 16.
+    """
+    n_adapters, dim, bottleneck = w_down.shape
+    wdp = policy.empty(n_adapters, dim, policy.TP_DOT, dtype=torch.float32, device=w_down.device)
+    used = torch.ones(n_adapters, dtype=torch.int32, device=w_down.device)
+    prec = "ieee" if policy.interpreting() or w_down.dtype == torch.float32 else "tf32x3"
+    _adapter_mm(_strided(w_down), _strided(w_pool), wdp, used=used, ni=dim, k=bottleneck, nj=w_pool.shape[2],
+                nj_store=policy.TP_DOT, prec=prec)
+    return wdp
+
+
+def _check_products(weight_products: Tensor, w_down: Tensor) -> None:
+    want = (w_down.shape[0], w_down.shape[1], policy.TP_DOT)
+    if (not isinstance(weight_products, Tensor) or tuple(weight_products.shape) != want
+            or weight_products.dtype != torch.float32 or weight_products.device != w_down.device
+            or not weight_products.is_contiguous()):
+        got = (f"{tuple(weight_products.shape)} {weight_products.dtype} on {weight_products.device}"
+               if isinstance(weight_products, Tensor) else type(weight_products).__name__)
+        raise ValueError(f"weight_products must be a contiguous float32 tensor of shape {want} on "
+                         f"{w_down.device} (generator_weight_products(w_down, w_pool)); got {got}")
+
+
+@torch.no_grad()
+def fused_generator_forward(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, weight_products: Tensor,
+                            adapter_ids: Tensor | None = None, rational_version: str = "B",
+                            num_splits: int | None = None, arrivals: Tensor | None = None) -> Tensor:
+    """The one-launch inference forward (kernels/generator_fwd_fused.py) on validated inputs.
+
+    Args:
+        hidden [B, N, d]; mask [B, N]; weights: the [A, ...] weights; weight_products: [A, d, 16]
+        float32 from :func:`generator_weight_products` of these weights; adapter_ids [B] or None
+        (A == 1); rational_version "A" | "B"; num_splits: force the number of N-splits;
+        arrivals: int32 [>= B] zeros on hidden's device, the per-row arrival counters, which
+        the kernel leaves zero again (a caller may keep one and skip the memset; one stream
+        at a time); None: a fresh one.
+    Returns:
+        [B, T, d] in hidden.dtype, no gradient (inference only).
+    """
+    w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
+    _check_products(weight_products, w_down)
+    batch, seq, dim = hidden.shape
+    n_adapters, _, bottleneck = w_down.shape
+    tokens = w_pool.shape[2]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    cfg = policy.precision(hidden.dtype)
+    has_ids = adapter_ids is not None and n_adapters > 1
+    ids = adapter_ids.contiguous() if has_ids else hidden  # never read without HAS_IDS
+    # A bool mask is read as bytes in place: no cast kernel before the one launch.
+    mask_u8 = mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
+    rat_num, rat_den = rat_num.contiguous(), rat_den.contiguous()
+    out = policy.empty(batch, tokens, dim, dtype=hidden.dtype, device=dev)
+    if batch == 0:
+        return out
+    # N = 0 still needs one program per row: it writes anchor + scale·R(0)·W_up.
+    splits, per_split = policy.choose_splits(batch, seq, dev, num_splits)
+    splits = max(splits, 1)
+    part = policy.empty(batch, splits, tokens, dim, **f32)
+    stat_m = policy.empty(batch, splits, policy.TP_DOT, **f32)
+    stat_l = policy.empty(batch, splits, policy.TP_DOT, **f32)
+    rp = policy.empty(batch, policy.TP_DOT, bottleneck, **f32)
+    if arrivals is None:
+        count = torch.zeros(batch, dtype=torch.int32, device=dev)
+    elif arrivals.dtype != torch.int32 or arrivals.device != dev or arrivals.dim() != 1 or arrivals.numel() < batch \
+            or not arrivals.is_contiguous():
+        raise ValueError(f"arrivals must be a contiguous int32 vector of >= {batch} zeros on {dev}; got "
+                         f"{tuple(arrivals.shape)} {arrivals.dtype} on {arrivals.device}")
+    else:
+        count = arrivals
+    a_arg = anchor if anchor is not None else w_down
+    s_arg = anchor_scale.detach() if anchor_scale is not None else w_down
+    a_strides = (anchor.stride(0), anchor.stride(1), anchor.stride(2)) if anchor is not None else (0, 0, 0)
+    policy.launch(generator_fwd_fused_kernel, (batch, splits),
+                  [hidden, mask_u8, ids, weight_products, part, stat_m, stat_l, count, rp,
+                   w_down, w_up, rat_num, rat_den, a_arg, s_arg, out,
+                   seq, dim, tokens, bottleneck, splits, per_split,
+                   hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
+                   weight_products.stride(0), part.stride(0), part.stride(1), stat_m.stride(0),
+                   w_down.stride(0), w_down.stride(1), w_down.stride(2), w_up.stride(0), w_up.stride(1),
+                   w_up.stride(2), rat_num.stride(0), rat_den.stride(0), *a_strides,
+                   anchor_scale.stride(0) if anchor_scale is not None else 0,
+                   out.stride(0), out.stride(1), out.stride(2)],
+                  dict(HAS_IDS=has_ids, ANCHOR=anchor is not None, SCALE=anchor_scale is not None,
+                       BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=policy.block_d(dim),
+                       BLOCK_M=min(policy.FUSED_BLOCK_M, max(16, policy.triton.next_power_of_2(bottleneck))),
+                       TP=policy.TP_DOT, SPLIT=cfg["fwd_split"], PREC=cfg["prec"], P1=rat_num.shape[1],
+                       Q=rat_den.shape[1], VERSION_B=rational_version == "B"))
+    return out
+
+
+def _needs_graph(hidden: Tensor, weights: GeneratorWeights) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, *weights))
+
+
 def triton_prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None = None,
-                            rational_version: str = "B", num_splits: int | None = None) -> Tensor:
+                            rational_version: str = "B", num_splits: int | None = None,
+                            weight_products: Tensor | None = None, fused: bool | None = None) -> Tensor:
     """Fused generator on validated inputs (use ``iapt_fast.generator.functional.prompt_generator``).
 
     Args:
         hidden [B, N, d] f32/f16/bf16; mask [B, N] bool; weights: the [A, ...] weights of one
         float dtype (T <= 16; anchor_scale is a constant: no gradient); adapter_ids [B] int64 or
         None (A == 1); rational_version "A" | "B"; num_splits: force the number of N-splits of
-        the forward (None: heuristic).
+        the forward (None: heuristic); weight_products: [A, d, 16] float32 W_down·W_pool of these
+        weights (generator_weight_products), cached by the caller: with it the one-launch
+        forward is one launch, without it the product costs one more; fused: force (True) or
+        forbid (False) the one-launch forward; None: when no gradient is needed and
+        launch.fused_forward_pays says so (design.md §4).
     Returns:
         [B, T, d] = anchor[a] + anchor_scale[a]·R(p)·W_up[a] in hidden.dtype; differentiable
-        w.r.t. hidden, every weight and the anchor.
+        w.r.t. hidden, every weight and the anchor (through the multi-launch forward).
     """
     w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
     if hidden.shape[0] == 0:
@@ -319,5 +429,20 @@ def triton_prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeig
         return keep.to(hidden.dtype).expand(0, w_pool.shape[2], hidden.shape[2])
     if anchor_scale is not None:
         anchor_scale = anchor_scale.detach()
+    if weight_products is not None:  # checked whichever forward runs: a wrong product is a caller bug
+        _check_products(weight_products, w_down)
+    inference = not _needs_graph(hidden, weights)
+    if fused and not inference:
+        raise ValueError("fused=True is the inference forward: call it under torch.no_grad() or with inputs "
+                         "that do not require grad")
+    if fused is None:
+        fused = inference and policy.fused_forward_pays(hidden.shape[0], hidden.shape[2], w_down.shape[2],
+                                                        hidden.dtype, w_down.element_size(), hidden.device)
+    if fused:
+        if weight_products is None:
+            weight_products = generator_weight_products(w_down, w_pool)
+        weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
+        return fused_generator_forward(hidden, mask, weights, weight_products, adapter_ids, rational_version,
+                                       num_splits)
     return PromptGeneratorFunction.apply(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids,
                                          rational_version, num_splits, anchor, anchor_scale)

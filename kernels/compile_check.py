@@ -7,7 +7,7 @@ covering every dtype, block configuration and switch, deduplicated, and handed t
 triton.compile for sm_90 (and sm_80). Run it without TRITON_INTERPRET (the interpreter
 replaces kernels by Python functions that cannot be compiled):
 
-    python -m iapt_fast.kernels.compile_check [--arch 90 80] [--level quick|ci|full] [--json]
+    python -m iapt_fast.kernels.compile_check [--arch 90 80] [--level quick|ci|full] [--only NAME ...] [--json]
 
 Prints one line per compiled kernel variant (or a JSON list) with its shared memory.
 """
@@ -74,17 +74,23 @@ def problems(level: str = "ci"):
 
 
 def record_all(level: str = "ci"):
-    """Deduplicated LaunchSpecs of forward + backward over ``problems``."""
+    """Deduplicated LaunchSpecs of forward + backward (training) and of the one-launch inference
+    forward over ``problems``."""
     import torch
 
     from iapt_fast.kernels import record_launches, triton_prompt_generator
+    from iapt_fast.kernels.launch import TP_DOT
     from iapt_fast.generator.weights import GeneratorWeights
 
     seen = {}
     for label, (hidden, mask, weights, ids, version, anchor) in problems(level):
+        gen_weights = GeneratorWeights(*weights, **anchor)
         with record_launches() as specs:
-            out = triton_prompt_generator(hidden, mask, GeneratorWeights(*weights, **anchor), ids, version)
+            out = triton_prompt_generator(hidden, mask, gen_weights, ids, version)
             out.backward(torch.ones_like(out))
+            with torch.no_grad():
+                products = torch.zeros(weights[0].shape[0], weights[0].shape[1], TP_DOT)
+                triton_prompt_generator(hidden, mask, gen_weights, ids, version, weight_products=products, fused=True)
         for spec in specs:
             key = (spec.name, tuple(sorted(spec.signature.items())), tuple(sorted(spec.constexprs.items())), spec.num_warps)
             seen.setdefault(key, (spec, label))
@@ -102,13 +108,16 @@ def make_source(spec):
         return ASTSource(fn=spec.kernel, signature=sig, constants=spec.constexprs)
 
 
-def compile_all(archs=(90,), level: str = "ci", log=None):
-    """Compile every recorded launch for each arch. Returns a list of result dicts."""
+def compile_all(archs=(90,), level: str = "ci", log=None, only=None):
+    """Compile every recorded launch (of the kernels named in ``only``, when given) for each
+    arch. Returns a list of result dicts."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     results = []
     for spec, label in record_all(level):
+        if only and spec.name not in only:
+            continue
         for arch in archs:
             start = time.time()
             compiled = triton.compile(make_source(spec), target=GPUTarget("cuda", arch, 32),
@@ -120,6 +129,7 @@ def compile_all(archs=(90,), level: str = "ci", log=None):
                 "signature": {k: v for k, v in spec.signature.items() if v != "constexpr"},
                 "shared": int(compiled.metadata.shared), "num_warps": spec.num_warps,
                 "has_cubin": bool(compiled.asm.get("cubin")), "tensor_cores": ("mma" in ptx),
+                "acq_rel_atomic": ".acq_rel." in ptx,
                 "seconds": round(time.time() - start, 2),
             }
             results.append(res)
@@ -133,12 +143,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90])
     parser.add_argument("--level", choices=LEVELS, default="ci", help="which problems' launches to compile")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="compile only these kernels")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)", file=sys.stderr)
         return 2
-    results = compile_all(tuple(args.arch), args.level, log=None if args.json else lambda line: print(line, flush=True))
+    results = compile_all(tuple(args.arch), args.level, log=None if args.json else lambda line: print(line, flush=True),
+                          only=args.only)
     limits = {90: HOPPER_SHARED_LIMIT, 80: AMPERE_SHARED_LIMIT}
     over = [r for r in results if r["shared"] > limits.get(r["arch"], HOPPER_SHARED_LIMIT)]
     if args.json:

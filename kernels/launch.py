@@ -93,6 +93,44 @@ def choose_splits(batch: int, seq: int, device: torch.device, num_splits: int | 
     return triton.cdiv(n_tiles, per_split), per_split
 
 
+# One-launch forward (kernels/generator_fwd_fused.py): bottleneck columns per epilogue step.
+FUSED_BLOCK_M = 64
+# Cost model of the one-launch forward vs the multi-launch one (design.md §4): the launches it
+# saves (GPU-side gap and launch latency each), and what one SM sustains in its per-row
+# epilogue: float32 FLOP/s of its dots (tensor cores in "tf32x3" for half-precision hidden
+# states, CUDA-core FMAs for float32) and the L2 bandwidth that streams W_down and W_up.
+SAVED_LAUNCHES = 4
+LAUNCH_GAP_S = 5e-6
+SM_FLOPS_HALF = 1.2e12
+SM_FLOPS_FP32 = 0.5e12
+SM_BYTES_PER_S = 1.0e11
+
+
+def fused_epilogue_seconds(dim: int, bottleneck: int, hidden_dtype: torch.dtype, weight_bytes: int) -> float:
+    """Estimated time of one row's epilogue in one program: two [TP, d]×[d, m] products (TP = 16
+    padded soft tokens) and one read of W_down and W_up, whichever bounds it."""
+    flops = 4 * TP_DOT * dim * bottleneck
+    rate = SM_FLOPS_HALF if hidden_dtype in (torch.float16, torch.bfloat16) else SM_FLOPS_FP32
+    return max(flops / rate, 2 * dim * bottleneck * weight_bytes / SM_BYTES_PER_S)
+
+
+def fused_forward_pays(batch: int, dim: int, bottleneck: int, hidden_dtype: torch.dtype, weight_bytes: int,
+                       device: torch.device) -> bool:
+    """True when the one-launch forward is expected to beat the multi-launch one.
+
+    Streaming H costs the same in both (same splits, same partials). The difference is the
+    epilogue: one program per row runs it in ceil(B / SMs) waves of E each, where the
+    multi-launch line GEMMs spread the same work over every SM (B·E / SMs), but pay
+    SAVED_LAUNCHES more launches. N does not enter: the crossover is a batch size, for a
+    given d·m."""
+    if batch <= 0:
+        return True
+    sms = sm_count(device)
+    e = fused_epilogue_seconds(dim, bottleneck, hidden_dtype, weight_bytes)
+    fused_extra = e * (triton.cdiv(batch, sms) - batch / sms)
+    return fused_extra <= SAVED_LAUNCHES * LAUNCH_GAP_S
+
+
 def choose_k_splits(tiles: int, k: int, device: torch.device) -> tuple[int, int]:
     """(splits, K per split) so that tiles × splits approaches the programs target, each
     split keeping at least LINES_MIN_K_PER_SPLIT of K."""

@@ -20,7 +20,8 @@ from iapt_fast.generator import functional
 pytestmark = pytest.mark.skipif(not functional.triton_available(), reason="triton not importable")
 
 EXPECTED_KERNELS = {"adapter_mm_kernel", "pool_fwd_kernel", "combine_kernel", "lines_mm_kernel", "rat_bwd_kernel",
-                    "pool_bwd_scores_kernel", "pool_bwd_kernel", "seg_outer_kernel", "seg_sum_kernel"}
+                    "pool_bwd_scores_kernel", "pool_bwd_kernel", "seg_outer_kernel", "seg_sum_kernel",
+                    "generator_fwd_fused_kernel"}
 
 
 def compile_check(arch: int, level: str):

@@ -168,9 +168,15 @@ def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..
         torch._dynamo.maybe_mark_dynamic(hidden, 1)
     start = time.perf_counter()
     if mode == "fwd":
+        extra = {}
+        if impl == "triton":  # inference: W_down·W_pool cached per weights version, as serving does
+            from iapt_fast.kernels.autograd import generator_weight_products
+
+            extra["weight_products"] = generator_weight_products(weights[0], weights[1])
+
         def run() -> Any:
             with torch.no_grad():
-                return fn(hidden, mask, GeneratorWeights(*weights), ids)
+                return fn(hidden, mask, GeneratorWeights(*weights), ids, **extra)
     else:
         leaves = [hidden.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
         grad_out = torch.randn(case.batch, case.t, case.d, device=device, dtype=hidden.dtype)
@@ -183,6 +189,13 @@ def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..
             def run() -> Any:
                 return torch.autograd.grad(fn(hidden, mask, GeneratorWeights(*weights), ids), leaves, grad_out)
     result = run()  # first call: compiles (torch.compile / Triton JIT); timed separately
+    launches = None
+    if impl == "triton":  # kernel launches of one call, recorded (not run) after the real call
+        from iapt_fast.kernels import record_launches
+
+        with record_launches() as specs:
+            run()
+        launches = float(len(specs))
     if device == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - start
@@ -193,7 +206,8 @@ def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..
     nbytes = bytes_moved(case, mode, inp["used_adapters"])
     gbs = bandwidth_gbs(nbytes, timing.median_ms)
     return {**timing.as_metrics(), **checked, "first_call_s": first_s, "bytes": float(nbytes), "gbs": gbs,
-            "frac_copy_bw": gbs / copy_gbs if copy_gbs else None, "tokens": float(case.tokens)}
+            "frac_copy_bw": gbs / copy_gbs if copy_gbs else None, "tokens": float(case.tokens),
+            "launches_per_call": launches}
 
 
 def run(rec: Recorder, device: str, quick: bool) -> dict[str, Any]:
@@ -241,5 +255,7 @@ def run(rec: Recorder, device: str, quick: bool) -> dict[str, Any]:
             "bytes = minimal DRAM traffic of the mode; frac_copy_bw = achieved GB/s over a measured "
             "device-to-device copy (2 bytes moved per byte copied)",
             "fwd runs under no_grad; bwd times autograd.grad of a retained graph; fwdbwd both",
+            "launches_per_call: Triton kernel launches of one call (record_launches); fwd passes the cached "
+            "W_down·W_pool, so the one-launch forward is 1 where kernels/launch.py picks it",
         ],
     }

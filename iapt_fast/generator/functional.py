@@ -1,6 +1,7 @@
 """``prompt_generator``: THE single entry point to the generator math (design.md §3).
 
-Validates every argument, then dispatches to the PyTorch reference or the Triton kernels.
+Validates every argument, then dispatches: the Triton kernels, the fast PyTorch path for CPU
+tensors (generator/cpu_fast.py), or the literal PyTorch reference (float64, other devices).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from iapt_fast.config import RATIONAL_VERSIONS
-from iapt_fast.generator import reference
+from iapt_fast.generator import cpu_fast, reference
 from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 # Imported here so that `import iapt_fast` registers torch.ops.iapt_fast.prompt_generator.
 from iapt_fast.generator.op import prompt_generator_op
@@ -69,6 +70,7 @@ def prompt_generator(
     check_ids: bool = True,
     anchor: Tensor | None = None,
     anchor_scale: Tensor | None = None,
+    weight_products: Tensor | None = None,
 ) -> Tensor:
     """Generate the soft tokens of every row of a (mixed-adapter) batch.
 
@@ -80,7 +82,8 @@ def prompt_generator(
             which may differ from ``hidden.dtype`` (e.g. float32 master weights).
         adapter_ids: [B] integer ids in [0, A): row b uses adapter adapter_ids[b].
             None means A == 1.
-        backend: "auto" (Triton for CUDA tensors, the reference otherwise), "torch" or "triton".
+        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "torch" or "triton". PyTorch on
+            CPU tensors runs generator/cpu_fast.py (float64: the literal reference).
         rational_version: "B" (safe PAU, default) or "A".
         check_ids: verify that every adapter id lies in [0, A). On CUDA that reads the ids
             back to the host (a device sync per call); callers that built the ids on the host
@@ -90,6 +93,9 @@ def prompt_generator(
             output (None: zero, the paper's form). Same dtype and device as the weights.
         anchor_scale: [A] or None: the fixed scale s of the generator term (None: one).
             Treated as a constant by the Triton backend (it must not require grad there).
+        weight_products: [A, d, 16] float32 W_down·W_pool of these weights, or None: a cached
+            product (AdapterPack.weight_products) that lets the Triton backend's inference
+            forward run in one launch (design.md §4); the reference backend ignores it.
     Returns:
         [B, T, d] = anchor[a] + anchor_scale[a] · R(p)·W_up[a] in ``hidden.dtype``; float32
         accumulation. Tokens whose mask is zero have no influence at all, whatever they hold
@@ -108,6 +114,9 @@ def prompt_generator(
         # One opaque node for torch.compile: no graph break inside the generator.
         return prompt_generator_op(hidden, mask, *weights[:5], adapter_ids, anchor, anchor_scale, rational_version)
     if chosen == "torch":
+        if hidden.device.type == "cpu" and hidden.dtype != torch.float64:
+            return cpu_fast.prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
+        # float64 is the tests' oracle: it stays the literal math.
         return reference.prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
     if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -115,7 +124,8 @@ def prompt_generator(
             f"imported to run the kernels in the interpreter; got hidden on {hidden.device}"
         )
     triton_prompt_generator = _load_kernels()
-    return triton_prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
+    return triton_prompt_generator(hidden, mask, weights, adapter_ids, rational_version,
+                                   weight_products=weight_products)
 
 
 def _compiling() -> bool:

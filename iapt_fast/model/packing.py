@@ -13,6 +13,12 @@ device move of the model, the bank, one adapter or one layer; ``param.data = ...
 Parameter or buffer) breaks the aliasing, which every serving call checks for the adapters it
 uses (O(their tensor count), no copy); the packs are then rebuilt (O(total size), once), so
 no call is ever served a stale stack or a stale group key.
+
+Each pack also caches the per-adapter products W_down·W_pool the one-launch inference forward
+streams against (:meth:`AdapterPack.weight_products`), keyed by the version counters of the
+stacks and of every slot's w_down / w_pool: an in-place update through an adapter's parameter
+or through the stack bumps one of them and the product is recomputed on the next call; a dtype
+or device move rebuilds the pack, and with it the cache.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from iapt_fast.generator.bank import AdapterGenerators, GeneratorBank
+from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 
 __all__ = ["AdapterPack", "GroupKey", "ServingPacks", "group_key", "build_packs"]
 
@@ -72,6 +79,8 @@ class AdapterPack:
         members: the adapter objects, in slot order.
         aliases: per slot, (module, tensor name, tensor, data_ptr) of every tensor re-pointed
             into the stack: what :meth:`holds` checks.
+        product_sources: per layer, the stacks and slot tensors of w_down and w_pool, whose
+            version counters key the cached products.
     """
 
     key: GroupKey
@@ -80,6 +89,29 @@ class AdapterPack:
     weights: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     members: list[AdapterGenerators] = field(default_factory=list)
     aliases: list[tuple[tuple[nn.Module, str, Tensor, int], ...]] = field(default_factory=list)
+    product_sources: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
+    _products: dict[int, tuple[tuple[int, ...], Tensor]] = field(default_factory=dict, repr=False)
+
+    def weight_products(self, layer: int) -> Tensor:
+        """W_dp [A, d, 16] float32 = W_down[a]·W_pool[a] of ``layer`` (columns >= T zero), computed
+        once per weights version (see the module docstring): never stale, never recomputed for
+        an unchanged pack. Needs T <= 16 (the Triton backend's limit)."""
+        sources = self.product_sources[layer]
+        version = tuple(t._version for t in sources)
+        cached = self._products.get(layer)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        w_down, w_pool = self.weights[layer]["w_down"], self.weights[layer]["w_pool"]
+        tokens = w_pool.shape[2]
+        if tokens > MAX_SOFT_TOKENS:
+            raise ValueError(f"weight_products needs at most {MAX_SOFT_TOKENS} soft tokens; got {tokens}")
+        with torch.no_grad():
+            product = torch.zeros(w_down.shape[0], w_down.shape[1], MAX_SOFT_TOKENS, dtype=torch.float32,
+                                  device=w_down.device)
+            # float64: no TF32 rounding whatever the matmul flags; once per weights version.
+            product[..., :tokens] = torch.bmm(w_down.double(), w_pool.double()).float()
+        self._products[layer] = (version, product)  # one dict store: atomic for concurrent callers
+        return product
 
     def holds(self, slot: int, adapter: AdapterGenerators) -> bool:
         """True while ``adapter`` is the one in ``slot`` and every tensor of it still is the
@@ -107,6 +139,7 @@ def build_packs(adapters: dict[str, AdapterGenerators]) -> dict[GroupKey, Adapte
         pack = AdapterPack(key=key, names=names, index={n: i for i, n in enumerate(names)}, members=members)
         aliases: list[list[tuple[nn.Module, str, Tensor, int]]] = [[] for _ in names]
         for layer in key.layers:
+            sources: list[Tensor] = []
             gens = [a[layer] for a in members]
             names_here = gens[0].names
             stacked = {w: torch.stack([getattr(g, w).data for g in gens]) for w in names_here}
@@ -118,7 +151,10 @@ def build_packs(adapters: dict[str, AdapterGenerators]) -> dict[GroupKey, Adapte
                     tensor = getattr(gen, w)
                     tensor.data = stacked[w][slot]
                     aliases[slot].append((gen, w, tensor, tensor.data_ptr()))
+                    if w in ("w_down", "w_pool"):
+                        sources.append(tensor)
             pack.weights[layer] = stacked
+            pack.product_sources[layer] = (stacked["w_down"], stacked["w_pool"], *sources)
         pack.aliases = [tuple(a) for a in aliases]
         packs[key] = pack
     return packs
