@@ -2,10 +2,11 @@
 
 The literal reference (generator/reference.py) stays the oracle. This path computes the same
 function in the order of the kernels (design.md §4): U = H·W_dp with W_dp = W_down·W_pool [d, T],
-the masked softmax on the scores only, Ph = Aᵀ·H [T, d] and p = Ph·W_down. H is read twice
-and never copied (float32 input); per-row weights are gathered only where a batch mixes
-adapters, and the weight products then touch [B, T, ·] tensors, not [B, N, ·] ones. Plain
-autograd ops, so it is differentiable w.r.t. hidden, every weight and the anchor.
+the masked softmax on the scores only, Ph = Aᵀ·H [T, d] and p = Ph·W_down. The forward reads H
+twice and never copies it (float32 input); per-row weights are gathered only where a batch
+mixes adapters, and the weight products then touch [B, T, ·] tensors, not [B, N, ·] ones.
+Differentiable w.r.t. hidden, every weight and the anchor: autograd, except the pooling over H,
+whose backward is written out (_PooledHidden).
 
 No argument validation here: ``iapt_fast.generator.functional`` validates.
 """
@@ -102,8 +103,14 @@ class _PooledHidden(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: Tensor):
+        # float32 here too, also when backward runs inside an autocast region: dU = A·(dA − δ)
+        # cancels, and bfloat16 products would leave little of it.
+        with torch.autocast("cpu", enabled=False):
+            return _PooledHidden._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
         h, rows, attn = ctx.saved_tensors
         grad = grad.to(h.dtype).contiguous()
         grad_attn = torch.bmm(grad, h.transpose(1, 2))  # [B, T, N]
