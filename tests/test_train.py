@@ -85,6 +85,34 @@ def test_joint_step_updates_everything(tok, examples, tmp_path):
     assert tr.optimizers["joint"].param_groups[1]["lr"] != tr.optimizers["joint"].param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("bilevel", [False, True])
+def test_anchor_lr_moves_only_the_anchors_at_their_own_rate(tok, examples, tmp_path, bilevel):
+    # lr 0 for the generator weights: only the anchors (anchor_lr) and, joint, the rationals move.
+    tr = _trainer(tok, examples, tmp_path, bilevel=bilevel, lr=1e-12, rational_lr=0.0, anchor_lr=0.1,
+                  warmup_ratio=0.0, max_steps=10)
+    before = _snapshot(tr.model)
+    tr.train_step()
+    moved = {n: (before[n] - p.detach()).abs().max().item() for n, p in tr.model.named_parameters() if p.requires_grad}
+    anchors = [n for n in moved if n.endswith(".anchor")]
+    assert anchors and all(moved[n] > 1e-2 for n in anchors)  # Adam's first step: ~anchor_lr per entry
+    assert all(moved[n] < 1e-9 for n in moved if n not in anchors)
+    groups = tr.optimizers["weights" if bilevel else "joint"].param_groups
+    assert sorted(g["initial_lr"] for g in groups)[-1] == 0.1  # the schedule scales every group alike
+
+
+def test_anchor_lr_without_anchors_is_refused(tok, examples, tmp_path):
+    from iapt_fast import IAPTConfig, get_iapt_model
+
+    from train_fixtures import make_llama
+
+    model = get_iapt_model(make_llama(len(tok)), IAPTConfig.paper(num_soft_tokens=2, bottleneck_dim=8))
+    with pytest.raises(ValueError, match="anchor_lr"):
+        Trainer(model, TrainConfig(output_dir=str(tmp_path), anchor_lr=1e-2, progress=False), examples,
+                IAPTCollator.from_tokenizer(tok))
+    with pytest.raises(ValueError, match="anchor_lr"):
+        TrainConfig(anchor_lr=-1.0)
+
+
 def test_rational_lr_defaults():
     assert TrainConfig(bilevel=True).resolved_rational_lr == 1e-6
     assert TrainConfig(lr=3e-4).resolved_rational_lr == 3e-4

@@ -170,3 +170,38 @@ def test_quick_synthetic_generative_report(tmp_path):
     diffs = [a - b for s in (0, 1) for a, b in zip(f1[("iapt", s)], f1[("lora", s)])]
     row = next(line for line in summary(str(root)).splitlines() if line.startswith("| IAPT, library defaults"))
     assert f"| {sum(diffs) / len(diffs):+.3f} [" in row
+
+
+def test_recipe_ablations_change_what_they_name(tmp_path, monkeypatch):
+    """The report's ablations reach the adapter (T, target layers) and the trainer (bi-level on
+    a held-out tenth of train, the anchors' own LR) — not just their labels."""
+    from benchmarks import quality
+    from iapt_fast.training import trainer as trainer_module
+
+    seen = {}
+    real_init = trainer_module.Trainer.__init__
+
+    def spy(self, model, config, train_examples, collator, *a, dev_examples=None, **kw):
+        seen[config.output_dir.rsplit(os.sep, 1)[-1]] = (config, len(train_examples), dev_examples)
+        real_init(self, model, config, train_examples, collator, *a, dev_examples=dev_examples, **kw)
+
+    methods = ["iapt", "iapt_t8", "iapt_top_half", "iapt_bilevel", "iapt_anchor_lr"]
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
+    before = torch.get_num_threads()
+    try:
+        quality.run(quality.parse_args(["--quick", "--synthetic", "--task", "caps", "--steps", "2", "--n-test", "8",
+                                        "--no-progress", "--seeds", "0", "--methods", ",".join(methods),
+                                        "--out", str(tmp_path)]))
+    finally:
+        torch.set_num_threads(before)
+    runs = {m: json.loads((tmp_path / "runs" / f"{m}-lr0.001-s0.json").read_text()) for m in methods}
+    trained = {m: torch.load(tmp_path / "runs" / "work" / f"{m}-lr0.001-s0" / "trained.pt") for m in methods}
+    # T = 8 doubles the anchors (T·d per layer) and W_pool (m·T); the tiny model has 2 layers, d 64, m 8.
+    assert trained["iapt_t8"]["generators.adapters.default.layers.0.anchor"].shape[0] == 8
+    assert runs["iapt_t8"]["trainable_parameters"] - runs["iapt"]["trainable_parameters"] == 2 * 4 * (64 + 8)
+    assert {k.split(".layers.")[1].split(".")[0] for k in trained["iapt_top_half"]} == {"1"}
+    default_cfg, n_train, _ = seen["iapt-lr0.001-s0"]
+    bilevel_cfg, n_bilevel, dev = seen["iapt_bilevel-lr0.001-s0"]
+    assert bilevel_cfg.bilevel and not default_cfg.bilevel
+    assert len(dev) == n_train // 10 and n_bilevel + len(dev) == n_train
+    assert seen["iapt_anchor_lr-lr0.001-s0"][0].anchor_lr == 0.03 and default_cfg.anchor_lr is None

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iapt_fast.atomic import atomic_write_text
-from iapt_fast.training.bilevel import grad_only_for, split_parameters
+from iapt_fast.training.bilevel import grad_only_for, is_anchor_parameter, split_parameters
 from iapt_fast.training.accumulation import GradientAccumulator
 from iapt_fast.training.batches import BatchStream
 from iapt_fast.training.checkpoints import STATE_NAME, TrainingInterrupted, latest_checkpoint
@@ -157,18 +157,32 @@ class Trainer:
             if not self.dev_examples:
                 raise ValueError("bilevel=True needs dev_examples (the held-out split for the rational coefficients)")
 
+    def _weight_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups of the non-rational weights: the anchors get their own group only when
+        ``anchor_lr`` is set (so the optimizer state of a run without it keeps its layout)."""
+        config = self.config
+        if config.anchor_lr is None:
+            return [{"params": self.weight_params, "lr": config.lr, "weight_decay": config.weight_decay}]
+        names = dict(zip(map(id, self.weight_params), self.param_names))
+        anchors = [p for p in self.weight_params if is_anchor_parameter(names[id(p)])]
+        if not anchors:
+            raise ValueError("anchor_lr is set but the model has no trainable anchors (parameters named 'anchor': "
+                             "the anchored generator form)")
+        others = [p for p in self.weight_params if not is_anchor_parameter(names[id(p)])]
+        groups = [{"params": others, "lr": config.lr, "weight_decay": config.weight_decay}] if others else []
+        return groups + [{"params": anchors, "lr": config.anchor_lr, "weight_decay": config.weight_decay}]
+
     def _build_optimizers(self) -> None:
         config, betas = self.config, self.config.adam_betas
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         if config.bilevel:
-            self.optimizers["weights"] = torch.optim.AdamW(self.weight_params, lr=config.lr, betas=betas,
-                                                          weight_decay=config.weight_decay)
+            self.optimizers["weights"] = torch.optim.AdamW(self._weight_groups(), betas=betas)
             self.optimizers["rationals"] = torch.optim.AdamW(self.rational_params, lr=config.resolved_rational_lr,
                                                             betas=betas, weight_decay=0.0)
         else:
             groups = []
             if self.weight_params:
-                groups.append({"params": self.weight_params, "lr": config.lr, "weight_decay": config.weight_decay})
+                groups += self._weight_groups()
             if self.rational_params:
                 groups.append({"params": self.rational_params, "lr": config.resolved_rational_lr, "weight_decay": 0.0})
             self.optimizers["joint"] = torch.optim.AdamW(groups, betas=betas)
