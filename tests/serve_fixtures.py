@@ -102,3 +102,22 @@ def reference_tokens(model, paths: dict[str, str], prompts: list[list[int]], nam
     finally:
         wrapped.remove_hooks()
     return out
+
+
+def reference_prompt_logprobs(model, paths: dict[str, str], prompt: list[int], name: str | None) -> list[float]:
+    """log p(prompt[i] | prompt[:i]) for i = 1.. under ``IAPTModel`` with adapter ``name`` (the
+    whole prompt is the instruction), or the bare backbone for None."""
+    from iapt_fast import IAPTModel
+
+    wrapped = IAPTModel(model, None, backend="torch")
+    for adapter, path in paths.items():
+        wrapped.load_adapter(path, adapter)
+    try:
+        x = torch.tensor([prompt])
+        with torch.no_grad():
+            logits = (model(x) if name is None else wrapped(x, attention_mask=torch.ones_like(x),
+                                                            adapter_names=[name])).logits[0].double()
+    finally:
+        wrapped.remove_hooks()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return logprobs.gather(1, x[0, 1:, None]).flatten().tolist()

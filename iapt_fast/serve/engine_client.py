@@ -9,11 +9,17 @@ and a cache salt — so the engine itself never sees a LoRA request.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, AsyncGenerator
 
 from iapt_fast.serve.options import RequestPreparer
+from iapt_fast.serve.outputs import strip_placeholders
 
 __all__ = ["IAPTEngineClient"]
+
+# The server's beam search resubmits each beam as a new prompt (the prompt plus the beam's tokens),
+# under the request id "<id>-<uuid>-beam-<i>": the generators would pool the beam's tokens too.
+_BEAM_REQUEST = re.compile(r"-beam-\d+$")
 
 
 class IAPTEngineClient:
@@ -51,6 +57,10 @@ class IAPTEngineClient:
 
     async def _generate(self, adapter: str, prompt: Any, sampling_params: Any, request_id: str,
                         kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
+        if _BEAM_REQUEST.search(request_id):
+            raise ValueError(f"adapter {adapter!r}: beam search is not supported for IAPT adapters (each beam would "
+                             "be resubmitted as a longer instruction, so its soft tokens would differ from "
+                             "IAPTModel.generate's); use greedy decoding or sampling")
         if not isinstance(prompt, dict) or prompt.get("type", "token") != "token" or "prompt_token_ids" not in prompt:
             raise ValueError(f"adapter {adapter!r} takes text or token prompts only (no embeddings or multimodal "
                              "inputs)")
@@ -64,6 +74,4 @@ class IAPTEngineClient:
             # The server sized max_tokens without the T placeholder rows.
             params.max_tokens = max(room, 1)
         async for output in self._engine.generate(engine_prompt, params, request_id, lora_request=None, **kwargs):
-            if output.prompt_token_ids is not None and len(output.prompt_token_ids) >= skip:
-                output.prompt_token_ids = output.prompt_token_ids[skip:]
-            yield output
+            yield strip_placeholders(output, skip)

@@ -5,6 +5,7 @@ from typing import Any, Mapping, Sequence
 
 from iapt_fast.serve.adapters import AdapterSpec
 from iapt_fast.serve.options import RequestPreparer, codec_for, engine_kwargs, load_front_adapters
+from iapt_fast.serve.outputs import strip_placeholders
 
 __all__ = ["IAPTLLM"]
 
@@ -59,8 +60,8 @@ class IAPTLLM:
             sampling_params: one ``SamplingParams`` or one per prompt.
             adapter_names: one per prompt; default: all None.
         Returns:
-            vLLM's ``RequestOutput`` per prompt; ``prompt_token_ids`` are the prompt's own (the
-            placeholders are removed).
+            vLLM's ``RequestOutput`` per prompt; ``prompt_token_ids`` and ``prompt_logprobs``
+            are the prompt's own (the placeholders are removed).
         """
         if adapter_names is None:
             adapter_names = [None] * len(prompts)
@@ -69,11 +70,8 @@ class IAPTLLM:
                              f"{len(adapter_names)} names")
         engine_prompts = [self.engine_prompt(prompt, name) for prompt, name in zip(prompts, adapter_names)]
         outputs = self.llm.generate(engine_prompts, sampling_params, use_tqdm=use_tqdm)
-        for output, name in zip(outputs, adapter_names):
-            skip = self.preparer.num_tokens(name)
-            if skip and output.prompt_token_ids is not None:
-                output.prompt_token_ids = output.prompt_token_ids[skip:]
-        return outputs
+        return [strip_placeholders(output, self.preparer.num_tokens(name))
+                for output, name in zip(outputs, adapter_names)]
 
     def shutdown(self) -> None:
         """Stop the engine's processes now (otherwise they stop when the interpreter exits)."""

@@ -114,6 +114,16 @@ def test_chat_and_streaming_equal_iapt_generate(server):
     assert streamed == whole.token_ids == reference_tokens(model, paths, [[1, 50, 60, 70, 80]], ["wide"], 7)[0]
 
 
+def test_beam_search_is_refused_on_adapters_and_served_on_the_base(server):
+    import openai
+
+    _, _, client = server
+    beams = dict(max_tokens=3, temperature=0.0, n=2, extra_body={"use_beam_search": True})
+    assert len(client.completions.create(model="base", prompt=[1, 5, 6, 7], **beams).choices) == 2
+    with pytest.raises(openai.APIStatusError, match="beam search is not supported for IAPT adapters"):
+        client.completions.create(model="a", prompt=[1, 5, 6, 7], **beams)
+
+
 def test_unknown_adapter_gets_404(server):
     import openai
 

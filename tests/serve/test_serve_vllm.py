@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from serve_fixtures import make_adapters, make_backbone, reference_tokens
+from serve_fixtures import make_adapters, make_backbone, reference_prompt_logprobs, reference_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,6 +59,22 @@ def test_mixed_batch_of_adapters_and_base_rows_equals_iapt_generate(served):
     # The adapters matter: every adapter row's tokens differ from the bare backbone's.
     base = reference_tokens(model, paths, prompts, [None] * len(names), 12)
     assert all(g != b for g, b, n in zip(got, base, names) if n is not None)
+
+
+def test_prompt_logprobs_are_the_prompts_own_and_equal_iapt_forward(served):
+    from vllm import SamplingParams
+
+    model, paths, llm = served
+    names = ["wide", None, "c"]
+    prompts = random_prompts(len(names), seed=5, low=8, high=30)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0),
+                        adapter_names=names)
+    for out, prompt, name in zip(outs, prompts, names):
+        got = out.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None  # no placeholder rows, nothing before token 0
+        values = [got[i][tok].logprob for i, tok in enumerate(prompt) if i > 0]
+        want = reference_prompt_logprobs(model, paths, prompt, name)
+        assert max(abs(a - b) for a, b in zip(values, want)) < 1e-3, name
 
 
 def test_requests_arriving_while_others_decode(served):
