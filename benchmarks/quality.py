@@ -97,15 +97,18 @@ IAPT_ABLATIONS = {
     "iapt_anchors_only": dict(anchors_only=True),    # the generator term off: a static deep prompt
     "iapt_t8": dict(num_soft_tokens=8),              # 2× the soft tokens (more parameters: T·(d + m) per layer)
     "iapt_t16": dict(num_soft_tokens=16),            # 4× the soft tokens
+    "iapt_t16_m39": dict(num_soft_tokens=16, bottleneck_dim=39),  # T = 16 at the defaults' budget (m 45 → 39)
     "iapt_top_half": dict(target_layers="top_half"),  # soft tokens in the upper half of the layers only
     "iapt_lr3e-3": {},                               # the defaults at 3× the learning rate
     "iapt_bilevel": {},                              # the paper's bi-level training (TRAIN_OVERRIDES)
     "iapt_anchor_lr": {},                            # the anchors at anchors-only's LR (TRAIN_OVERRIDES)
+    "iapt_cosine": {},                               # cosine decay instead of linear (TRAIN_OVERRIDES)
 }
 # Ablations of the training recipe rather than the adapter: TrainConfig fields changed.
 TRAIN_OVERRIDES = {
     "iapt_bilevel": dict(bilevel=True),   # rationals on a held-out 10 % of the train split, lr 1e-6
     "iapt_anchor_lr": dict(anchor_lr=3e-2),
+    "iapt_cosine": dict(lr_schedule="cosine"),
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
@@ -125,10 +128,12 @@ METHOD_LABELS = {
     "iapt_anchors_only": "ablation: IAPT anchors only (no generator term)",
     "iapt_t8": "ablation: IAPT, T = 8",
     "iapt_t16": "ablation: IAPT, T = 16",
+    "iapt_t16_m39": "ablation: IAPT, T = 16, m = 39 (the defaults' parameter budget)",
     "iapt_top_half": "ablation: IAPT, upper half of the layers only",
     "iapt_lr3e-3": "ablation: IAPT defaults, lr 3e-3",
     "iapt_bilevel": "ablation: IAPT, bi-level training (the paper's)",
     "iapt_anchor_lr": "ablation: IAPT, anchors at lr 3e-2",
+    "iapt_cosine": "ablation: IAPT, cosine LR decay",
 }
 
 

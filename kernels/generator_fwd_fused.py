@@ -25,7 +25,8 @@ other threads of the same program.
 import triton
 import triton.language as tl
 
-from .common import cast_for, dot_ff, dot_fh, dot_hf
+from .common import cast_for, dot_ff
+from .generator_fwd import merge_splits, pool_split
 from .rational_tl import rat_forward
 
 
@@ -55,49 +56,11 @@ def generator_fwd_fused_kernel(
     offs_bd = tl.arange(0, BLOCK_D)
 
     # ---- stream this split of H once: online masked softmax and partial Aᵀ·H
-    m_run = tl.full([TP], float("-inf"), tl.float32)
-    l_run = tl.zeros([TP], tl.float32)
     n_start = s * TILES_PER_SPLIT * BLOCK_N
     n_end = tl.minimum(N, n_start + TILES_PER_SPLIT * BLOCK_N)
-    h_row = h_ptr + b * s_hb
-    w_base = wdp_ptr + a * s_wa
     p_row = part_ptr + b * s_pb
-    p_base = p_row + s * s_ps
-    for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < n_end
-        keep = tl.load(mask_ptr + b * s_mb + offs_n * s_mn, mask=n_ok, other=0) != 0
-        # Masked tokens are never read: whatever they hold (NaN included) has no influence.
-        live = n_ok & keep
-        u = tl.zeros([BLOCK_N, TP], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + offs_bd
-            d_ok = offs_d < D
-            h = tl.load(h_row + offs_n[:, None] * s_hn + offs_d[None, :] * s_hd,
-                        mask=live[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_base + offs_d[:, None] * TP + offs_t[None, :], mask=d_ok[:, None], other=0.0)
-            u += dot_hf(h, w, SPLIT, PREC)
-        u = tl.where(keep[:, None], u, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(u, axis=0))
-        # An all-masked prefix has max -inf: shift by 0 so exp gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_run - m_safe)
-        e = tl.where(keep[:, None], tl.exp(u - m_safe[None, :]), 0.0)
-        l_run = l_run * alpha + tl.sum(e, axis=0)
-        m_run = m_new
-        e_t = tl.trans(e)
-        t_have = tl.where(n0 != n_start, T, 0)  # rows of the partial that hold data
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + offs_bd
-            d_ok = offs_d < D
-            h = tl.load(h_row + offs_n[:, None] * s_hn + offs_d[None, :] * s_hd,
-                        mask=live[:, None] & d_ok[None, :], other=0.0)
-            contrib = dot_fh(e_t, h, SPLIT, PREC)
-            p_ptrs = p_base + offs_t[:, None] * D + offs_d[None, :]
-            prev = tl.load(p_ptrs, mask=(offs_t < t_have)[:, None] & d_ok[None, :], other=0.0)
-            tl.store(p_ptrs, prev * alpha[:, None] + contrib, mask=t_ok[:, None] & d_ok[None, :])
-        # The next tile reads back what other threads of this program stored.
-        tl.debug_barrier()
+    m_run, l_run = pool_split(h_ptr + b * s_hb, mask_ptr + b * s_mb, wdp_ptr + a * s_wa, p_row + s * s_ps,
+                              n_start, n_end, D, T, s_hn, s_hd, s_mn, BLOCK_N, BLOCK_D, TP, SPLIT, PREC)
     tl.store(stat_m_ptr + b * s_sb + s * TP + offs_t, m_run)
     tl.store(stat_l_ptr + b * s_sb + s * TP + offs_t, l_run)
 
@@ -109,33 +72,13 @@ def generator_fwd_fused_kernel(
         tl.atomic_xchg(count_ptr + b, 0, sem="relaxed")
         tl.debug_barrier()
         # Merge the S partials (flash-decoding combine); Ph -> split 0 of the partial buffer.
-        # Loads of other programs' data bypass L1 (.cg): L1 is not coherent across SMs.
-        l_inv = tl.zeros([TP], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + offs_bd
             d_ok = offs_d < D
-            big_m = tl.full([TP], float("-inf"), tl.float32)
-            big_l = tl.zeros([TP], tl.float32)
-            acc = tl.zeros([TP, BLOCK_D], tl.float32)
-            for j in range(0, S):
-                m_s = tl.load(stat_m_ptr + b * s_sb + j * TP + offs_t, cache_modifier=".cg")
-                l_s = tl.load(stat_l_ptr + b * s_sb + j * TP + offs_t, cache_modifier=".cg")
-                m_new = tl.maximum(big_m, m_s)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                c_old = tl.exp(big_m - m_safe)
-                c_s = tl.exp(m_s - m_safe)
-                # A split without tiles (N = 0) never wrote its partial: m_s = -inf, skip it.
-                has = t_ok & (m_s != float("-inf"))
-                part = tl.load(p_row + j * s_ps + offs_t[:, None] * D + offs_d[None, :],
-                               mask=has[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-                acc = acc * c_old[:, None] + part * c_s[:, None]
-                big_l = big_l * c_old + l_s * c_s
-                big_m = m_new
-            # An all-masked row has L = 0 and a zero accumulator: it pools to 0 (design.md §3).
-            l_inv = tl.where(big_l > 0, 1.0 / tl.where(big_l > 0, big_l, 1.0), 0.0)
+            ph, _, _ = merge_splits(p_row, stat_m_ptr + b * s_sb, stat_l_ptr + b * s_sb, S, D, T, s_ps, offs_d,
+                                    d_ok, BLOCK_D, TP, True)
             tl.debug_barrier()  # every thread has read split 0 of this chunk before it is overwritten
-            tl.store(p_row + offs_t[:, None] * D + offs_d[None, :], acc * l_inv[:, None],
-                     mask=t_ok[:, None] & d_ok[None, :])
+            tl.store(p_row + offs_t[:, None] * D + offs_d[None, :], ph, mask=t_ok[:, None] & d_ok[None, :])
         tl.debug_barrier()
         # p = Ph·W_down[a], R(p) -> rp, BLOCK_M columns at a time.
         offs_bm = tl.arange(0, BLOCK_M)

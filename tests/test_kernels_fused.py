@@ -17,6 +17,7 @@ import torch
 from iapt_fast.config import IAPTConfig
 from iapt_fast.generator import functional
 from iapt_fast.generator.bank import GeneratorBank
+from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 from iapt_fast.generator.weights import GeneratorWeights
 from iapt_fast.kernels import poison_buffers, record_launches, triton_prompt_generator
 from iapt_fast.kernels.autograd import fused_generator_forward, generator_weight_products
@@ -209,6 +210,19 @@ def test_serving_pack_products_follow_every_weight_update():
     with torch.no_grad():
         bank["a"][1].w_pool.mul_(-2.0)
     torch.testing.assert_close(moved.weight_products(1), _expected(bank, moved.names, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_inference_products_only_for_the_triton_forward():
+    # IAPTModel's hooks and the vLLM host ask the pack the same question (one definition).
+    bank = _bank()
+    pack, _ = ServingPacks(bank).locate(bank.snapshot())["a"]
+    cpu = torch.device("cpu")
+    assert pack.inference_products(1, "torch", cpu) is None
+    assert pack.inference_products(1, "triton", cpu) is pack.weight_products(1)
+    wide = GeneratorBank(hidden_size=16, num_layers=2)
+    wide.add_adapter("w", IAPTConfig.paper(num_soft_tokens=MAX_SOFT_TOKENS + 1, bottleneck_dim=8), seed=0)
+    wide_pack, _ = ServingPacks(wide).locate(wide.snapshot())["w"]
+    assert wide_pack.inference_products(0, "triton", cpu) is None  # beyond the kernels' T: the torch path
 
 
 def test_every_fused_variant_compiles_for_sm90():

@@ -7,6 +7,8 @@ properties are checked on IAPTModel in test_train_cli.py.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,6 +113,19 @@ def test_anchor_lr_without_anchors_is_refused(tok, examples, tmp_path):
                 IAPTCollator.from_tokenizer(tok))
     with pytest.raises(ValueError, match="anchor_lr"):
         TrainConfig(anchor_lr=-1.0)
+
+
+def test_lr_schedules():
+    from iapt_fast.training.trainer import lr_factor
+
+    for schedule in ("linear", "cosine", "constant"):
+        f = lr_factor(schedule, warmup=4, total=20)
+        assert [f(s) for s in range(4)] == [0.2, 0.4, 0.6, 0.8] and f(4) == 1.0
+        end = {"linear": 1 / 16, "cosine": 0.5 * (1 + math.cos(math.pi * 15 / 16)), "constant": 1.0}[schedule]
+        assert f(19) == pytest.approx(end)
+    assert lr_factor("cosine", 0, 10)(5) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
 
 
 def test_rational_lr_defaults():

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from iapt_fast.generator import functional
 from iapt_fast.generator.bank import AdapterGenerators, GeneratorBank
 from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 
@@ -112,6 +113,14 @@ class AdapterPack:
             product[..., :tokens] = torch.bmm(w_down.double(), w_pool.double()).float()
         self._products[layer] = (version, product)  # one dict store: atomic for concurrent callers
         return product
+
+    def inference_products(self, layer: int, backend: str, device: torch.device) -> Tensor | None:
+        """What ``prompt_generator(weight_products=...)`` takes for ``layer``: the cached W_dp when
+        the call runs the Triton kernels (their inference forward is then one launch, design.md
+        §4), else None (the torch paths form their own products)."""
+        if functional.resolve_backend(backend, device) != "triton" or self.key.num_soft_tokens > MAX_SOFT_TOKENS:
+            return None
+        return self.weight_products(layer)
 
     def holds(self, slot: int, adapter: AdapterGenerators) -> bool:
         """True while ``adapter`` is the one in ``slot`` and every tensor of it still is the

@@ -29,7 +29,6 @@ from iapt_fast.generator import functional
 from iapt_fast.model.architectures import Architecture
 from iapt_fast.compat import cache_kwarg_name
 from iapt_fast.generator.bank import GeneratorBank, stack_layers
-from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
 from iapt_fast.model.prefix_cache import (HiddenPrefixLayer, PrefixOnlyCache, cache_in_use, cache_layer, check_cache_room,
@@ -211,9 +210,7 @@ class PrefixHooks:
                 stack_layers([adapter[index] for adapter in launch.members])
             backend = self.backend()
             # Serving packs cache W_down·W_pool per weights version: the inference forward is one launch.
-            products = launch.pack.weight_products(index) if launch.pack is not None \
-                and functional.resolve_backend(backend, hidden.device) == "triton" \
-                and launch.key.num_soft_tokens <= MAX_SOFT_TOKENS else None
+            products = None if launch.pack is None else launch.pack.inference_products(index, backend, hidden.device)
             soft = functional.prompt_generator(
                 source, mask, **weights, adapter_ids=ids if len(weights["w_down"]) > 1 else None,
                 backend=backend, rational_version=launch.key.rational_version, weight_products=products,

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from iapt_fast.generator import functional
-from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 from iapt_fast.serve.adapters import ServedAdapters
 from iapt_fast.serve.placeholders import PlaceholderCodec
 
@@ -118,8 +117,7 @@ class LayerInjector:
             source = rows.view(batch, longest, -1)
             if pack.key.pool_input == "normed":
                 source = input_norm(source)
-            # The cached W_down·W_pool makes the Triton inference forward one launch (design.md §4).
-            products = pack.weight_products(layer) if source.is_cuda and pack.key.num_soft_tokens <= MAX_SOFT_TOKENS else None
+            products = pack.inference_products(layer, "auto", source.device)
             soft = functional.prompt_generator(source, mask, **pack.weights[layer], adapter_ids=ids,
                                                backend="auto", rational_version=pack.key.rational_version,
                                                check_ids=False, weight_products=products)

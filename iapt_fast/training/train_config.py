@@ -45,7 +45,10 @@ class TrainConfig:
     warmup_steps: int | None = field(default=None, metadata={
         "help": "linear warm-up steps (default: --warmup-ratio)"})
     warmup_ratio: float = field(default=0.1, metadata={
-        "help": "warm-up share of the steps, then linear decay to 0"})
+        "help": "warm-up share of the steps, then --lr-schedule"})
+    lr_schedule: str = field(default="linear", metadata={
+        "help": "after the warm-up: linear decay to 0, cosine decay to 0, or constant",
+        "choices": ("linear", "cosine", "constant")})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
     precision: str = field(default="fp32", metadata={
         "help": "backbone dtype; trainable generator weights always stay float32", "choices": ("fp32", "bf16")})
@@ -98,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.lr_schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))

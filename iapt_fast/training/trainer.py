@@ -49,11 +49,18 @@ from iapt_fast.training.trainer_checkpoints import (RunSetup, RunState, Trainabl
 __all__ = ["TrainConfig", "BatchStream", "Trainer", "TrainingInterrupted", "latest_checkpoint", "STATE_NAME"]
 
 
-def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning rate's multiplier at each step: linear warm-up over ``warmup`` steps, then
+    ``schedule``: "linear" decay to 0 at ``total``, "cosine" decay to 0, or "constant"."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
     return factor
 
 
@@ -186,7 +193,7 @@ class Trainer:
             if self.rational_params:
                 groups.append({"params": self.rational_params, "lr": config.resolved_rational_lr, "weight_decay": 0.0})
             self.optimizers["joint"] = torch.optim.AdamW(groups, betas=betas)
-        factor = _linear_schedule(self.warmup_steps, self.max_steps)
+        factor = lr_factor(self.config.lr_schedule, self.warmup_steps, self.max_steps)
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in self.optimizers.items()}
 
     def _stream(self, examples: Sequence[Any], seed: int) -> BatchStream:
