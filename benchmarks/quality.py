@@ -103,12 +103,14 @@ IAPT_ABLATIONS = {
     "iapt_bilevel": {},                              # the paper's bi-level training (TRAIN_OVERRIDES)
     "iapt_anchor_lr": {},                            # the anchors at anchors-only's LR (TRAIN_OVERRIDES)
     "iapt_cosine": {},                               # cosine decay instead of linear (TRAIN_OVERRIDES)
+    "iapt_pool_lr": {},                              # sharper pooling: W_pool at 10× the LR (TRAIN_OVERRIDES)
 }
 # Ablations of the training recipe rather than the adapter: TrainConfig fields changed.
 TRAIN_OVERRIDES = {
     "iapt_bilevel": dict(bilevel=True),   # rationals on a held-out 10 % of the train split, lr 1e-6
     "iapt_anchor_lr": dict(anchor_lr=3e-2),
     "iapt_cosine": dict(lr_schedule="cosine"),
+    "iapt_pool_lr": dict(pool_lr=1e-2),  # under Adam: scores × 10 (temperature 0.1) with the same start
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
@@ -134,6 +136,7 @@ METHOD_LABELS = {
     "iapt_bilevel": "ablation: IAPT, bi-level training (the paper's)",
     "iapt_anchor_lr": "ablation: IAPT, anchors at lr 3e-2",
     "iapt_cosine": "ablation: IAPT, cosine LR decay",
+    "iapt_pool_lr": "ablation: IAPT, W_pool at lr 1e-2 (pooling temperature 0.1)",
 }
 
 

@@ -102,6 +102,19 @@ def test_anchor_lr_moves_only_the_anchors_at_their_own_rate(tok, examples, tmp_p
     assert sorted(g["initial_lr"] for g in groups)[-1] == 0.1  # the schedule scales every group alike
 
 
+def test_pool_lr_scales_only_the_pooling_steps(tok, examples, tmp_path):
+    # Adam's first step moves every entry by ~its LR: W_pool at pool_lr, the rest at lr.
+    tr = _trainer(tok, examples, tmp_path, lr=1e-4, rational_lr=1e-4, pool_lr=1e-2, anchor_lr=1e-4,
+                  warmup_ratio=0.0, max_grad_norm=None, max_steps=10)
+    before = _snapshot(tr.model)
+    tr.train_step()
+    moved = {n: (before[n] - p.detach()).abs().max().item() for n, p in tr.model.named_parameters() if p.requires_grad}
+    pools = [n for n in moved if n.endswith(".w_pool")]
+    assert pools and all(5e-3 < moved[n] < 2e-2 for n in pools)
+    assert all(moved[n] < 2e-4 for n in moved if n not in pools)
+    assert sorted(g["initial_lr"] for g in tr.optimizers["joint"].param_groups) == [1e-4, 1e-4, 1e-4, 1e-2]
+
+
 def test_anchor_lr_without_anchors_is_refused(tok, examples, tmp_path):
     from iapt_fast import IAPTConfig, get_iapt_model
 

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from torch import nn
 
-__all__ = ["RATIONAL_PARAMETER_KEYS", "is_rational_parameter", "is_anchor_parameter", "split_parameters", "grad_only_for"]
+__all__ = ["RATIONAL_PARAMETER_KEYS", "is_rational_parameter", "is_anchor_parameter", "is_pool_parameter", "split_parameters", "grad_only_for"]
 
 # Parameter-name fragments of the rational coefficients (see iapt_fast/generator/bank.py).
 RATIONAL_PARAMETER_KEYS = ("rat_num", "rat_den")
@@ -30,6 +30,11 @@ def is_rational_parameter(name: str) -> bool:
 def is_anchor_parameter(name: str) -> bool:
     """True for an anchor B_l of the anchored form (trained with the weights, at ``anchor_lr``)."""
     return name.rsplit(".", 1)[-1] == "anchor"
+
+
+def is_pool_parameter(name: str) -> bool:
+    """True for a pooling matrix W_pool (trained with the weights, at ``pool_lr``)."""
+    return name.rsplit(".", 1)[-1] == "w_pool"
 
 
 def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:

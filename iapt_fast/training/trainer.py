@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from iapt_fast.atomic import atomic_write_text
-from iapt_fast.training.bilevel import grad_only_for, is_anchor_parameter, split_parameters
+from iapt_fast.training.bilevel import grad_only_for, is_anchor_parameter, is_pool_parameter, split_parameters
 from iapt_fast.training.accumulation import GradientAccumulator
 from iapt_fast.training.batches import BatchStream
 from iapt_fast.training.checkpoints import STATE_NAME, TrainingInterrupted, latest_checkpoint
@@ -165,19 +165,24 @@ class Trainer:
                 raise ValueError("bilevel=True needs dev_examples (the held-out split for the rational coefficients)")
 
     def _weight_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups of the non-rational weights: the anchors get their own group only when
-        ``anchor_lr`` is set (so the optimizer state of a run without it keeps its layout)."""
+        """AdamW groups of the non-rational weights: the anchors (``anchor_lr``) and W_pool
+        (``pool_lr``) get their own group only when their LR is set, so the optimizer state of a
+        run without them keeps its layout."""
         config = self.config
-        if config.anchor_lr is None:
-            return [{"params": self.weight_params, "lr": config.lr, "weight_decay": config.weight_decay}]
         names = dict(zip(map(id, self.weight_params), self.param_names))
-        anchors = [p for p in self.weight_params if is_anchor_parameter(names[id(p)])]
-        if not anchors:
-            raise ValueError("anchor_lr is set but the model has no trainable anchors (parameters named 'anchor': "
-                             "the anchored generator form)")
-        others = [p for p in self.weight_params if not is_anchor_parameter(names[id(p)])]
-        groups = [{"params": others, "lr": config.lr, "weight_decay": config.weight_decay}] if others else []
-        return groups + [{"params": anchors, "lr": config.anchor_lr, "weight_decay": config.weight_decay}]
+        own = [(name, lr, test) for name, lr, test in (("anchor_lr", config.anchor_lr, is_anchor_parameter),
+                                                      ("pool_lr", config.pool_lr, is_pool_parameter))
+               if lr is not None]
+        groups, rest = [], list(self.weight_params)
+        for name, lr, test in own:
+            mine = [p for p in rest if test(names[id(p)])]
+            if not mine:
+                raise ValueError(f"{name} is set but the model has no trainable parameters it applies to "
+                                 f"({'anchors: the anchored generator form' if name == 'anchor_lr' else 'w_pool'})")
+            rest = [p for p in rest if not test(names[id(p)])]
+            groups.append({"params": mine, "lr": lr, "weight_decay": config.weight_decay})
+        main = [{"params": rest, "lr": config.lr, "weight_decay": config.weight_decay}] if rest else []
+        return main + groups
 
     def _build_optimizers(self) -> None:
         config, betas = self.config, self.config.adam_betas

@@ -7,7 +7,7 @@ CORE=${CORE:-1}
 wait_for "${WAIT_PID:-}"
 LR=$(chosen_lr caps iapt); LORA=$(chosen_lr caps lora)
 echo "$(date -u +%FT%T) caps dev chose iapt lr $LR, lora lr $LORA" >> "$OUT/grid.log"
-for m in iapt_t8 iapt_anchor_lr iapt_top_half iapt_t16_m39 iapt_bilevel iapt_cosine iapt_t16 iapt_text_init; do
+for m in iapt_t8 iapt_anchor_lr iapt_pool_lr iapt_top_half iapt_t16_m39 iapt_bilevel iapt_cosine iapt_text_init; do
   run "$m-caps" caps 0,1 "$m" $GEN --lrs "$m=$LR"
 done
 run zero_shot-spell spell 0 zero_shot $GEN
