@@ -58,6 +58,8 @@ if REPO_ROOT not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.quality_generate import generative_score, mean_interval  # noqa: E402
+from benchmarks.report import save_figure  # noqa: E402
+from iapt_fast.atomic import atomic_directory, atomic_write_text  # noqa: E402
 from benchmarks.quality_tasks_generative import GEN_TASKS, GenTask, load_generative  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -166,10 +168,9 @@ def prepare_smollm2(cache_dir: str) -> str:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target + ".tmp"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:  # a crash leaves no half checkpoint to load later
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return target
 
 
@@ -445,10 +446,7 @@ def run_one(method: str, lr: float | None, seed: int, ctx: dict[str, Any], dev: 
         entry["test"] = evaluate(model, ctx["tokenizer"], ctx["splits"]["test"], args, task, f"test {key}")
         t = entry["test"]
         print(f"   {key} test {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]", flush=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(entry, fh, indent=2)
-    os.replace(path + ".tmp", path)  # a run is either complete on disk or absent
+    atomic_write_text(path, json.dumps(entry, indent=2))  # a run is either complete on disk or absent
     return entry
 
 
@@ -489,10 +487,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
                         "device": "cpu"},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    meta_path = os.path.join(args.out, "meta.json")  # the latest invocation's settings (atomic)
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    atomic_write_text(os.path.join(args.out, "meta.json"), json.dumps(meta, indent=2))  # the latest settings
     if not args.report_only:
         for method in args.methods:
             if method == "zero_shot":
@@ -579,11 +574,10 @@ def export_task(args: argparse.Namespace) -> None:
     task = TASKS[args.task] if args.task in TASKS else GEN_TASKS[args.task]
     tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2(args.cache_dir))
     splits = load_splits(task, args, tokenizer)
-    os.makedirs(args.export, exist_ok=True)
     for name, rows in splits.items():
-        with open(os.path.join(args.export, f"{task.name}-{name}.jsonl"), "w", encoding="utf-8") as fh:
-            for text, answer in rows:
-                fh.write(json.dumps({"instruction": task.prompt.format(text=text), "response": answer}) + "\n")
+        atomic_write_text(os.path.join(args.export, f"{task.name}-{name}.jsonl"), "".join(
+            json.dumps({"instruction": task.prompt.format(text=text), "response": answer}) + "\n"
+            for text, answer in rows))
     print(f"wrote {', '.join(f'{k}: {len(v)}' for k, v in splits.items())} to {args.export}")
 
 
@@ -603,9 +597,7 @@ def score_adapter(args: argparse.Namespace) -> dict[str, Any]:
     result = {"adapter": os.path.abspath(args.score_adapter), "task": task.name,
               "config": model.peft_config["default"].to_dict(),
               "test": evaluate(model, tokenizer, splits["test"], args, task, "test adapter")}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "scored_adapter.json"), "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
+    atomic_write_text(os.path.join(args.out, "scored_adapter.json"), json.dumps(result, indent=2))
     t = result["test"]
     print(f"{args.score_adapter}: test accuracy {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]")
     return result
@@ -688,9 +680,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         load_trained(model, state)
         out["pooling"][f"trained {run}"] = effective_pooled_tokens(model, base, hidden, batch["instruction_mask"].bool())
         print(f"pooling of trained {run}: {out['pooling'][f'trained {run}']}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "diagnostics.json"), "w", encoding="utf-8") as fh:
-        json.dump(out, fh, indent=2)
+    atomic_write_text(os.path.join(args.out, "diagnostics.json"), json.dumps(out, indent=2))
     return out
 
 
@@ -698,8 +688,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
 # Outputs
 # ---------------------------------------------------------------------------------------------
 def write_outputs(results: dict[str, Any], out: str) -> None:
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2)
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     lines = [
         f"# Quality report — {results['model']}",
         "",
@@ -728,8 +717,7 @@ def write_outputs(results: dict[str, Any], out: str) -> None:
         for name, t in results["tuning"].items():
             cells = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in zip(t["grid"], t["dev_accuracy"]))
             lines.append(f"- {name}: {cells} → {t['chosen']:g}")
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
     plot_curves(results, os.path.join(out, "curves.png"))
 
 
@@ -765,8 +753,7 @@ def summarize(folder: str) -> str:
                 verdict = "met" if iapt >= need else f"missed by {100 * (need - iapt):.1f} points"
                 lines.append(f"- {task}: IAPT {iapt:.3f} vs {word} = {need:.3f}: {verdict}")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(folder, "summary.md"), "w", encoding="utf-8") as fh:
-        fh.write(text)
+    atomic_write_text(os.path.join(folder, "summary.md"), text)
     _plot_summary(tasks, methods, os.path.join(folder, "summary.png"))
     return text
 
@@ -792,14 +779,14 @@ def _plot_summary(tasks: dict[str, Any], methods: list[str], path: str) -> None:
             ax.scatter([x] * len(e["test_accuracy"]), e["test_accuracy"], color="black", s=6, zorder=3)
     ax.set_xticks(range(len(methods)), [METHOD_LABELS[m].split(" (")[0] for m in methods], rotation=25,
                   ha="right", fontsize=7)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy / exact match")
     ax.set_title("bars: mean over seeds with the pooled 95 % Wilson interval; dots: each seed", fontsize=8)
-    ax.set_ylim(0.3, 1.0)
+    ax.set_ylim(0.0, 1.0)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -829,7 +816,7 @@ def plot_curves(results: dict[str, Any], path: str) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -17,6 +17,8 @@ import os
 import statistics
 import sys
 
+from iapt_fast.atomic import atomic_write_text
+
 
 def paired_f1_difference(folder: str, method: str, lrs: dict[str, float], lora: str = "lora"
                          ) -> tuple[float, float, float] | None:
@@ -74,8 +76,7 @@ def summary(folder: str) -> str:
                          f"{e['trainable_parameters']:,} |")
         lines.append("")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(folder, "generative_summary.md"), "w", encoding="utf-8") as fh:
-        fh.write(text)
+    atomic_write_text(os.path.join(folder, "generative_summary.md"), text)
     return text
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from iapt_fast.atomic import atomic_write_bytes, atomic_write_text
+
 LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "numpy", "matplotlib", "iapt_fast")
 STATUS_ORDER = ("ok", "failed", "skipped")
 
@@ -566,10 +568,19 @@ def write_plots(results: dict[str, Any], out_dir: str) -> list[str]:
         if fig is None:
             continue
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        save_figure(fig, os.path.join(out_dir, name))
         plt.close(fig)
         written.append(name)
     return written
+
+
+def save_figure(fig: Any, path: str, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG at ``path``, written atomically (old or new, never a part)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_all(results: dict[str, Any], out_dir: str) -> dict[str, str]:
@@ -582,9 +593,7 @@ def write_all(results: dict[str, Any], out_dir: str) -> dict[str, str]:
         results["plot_error"] = f"{type(err).__name__}: {err}"
     results["plots"] = plots
     json_path = os.path.join(out_dir, "results.json")
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=1, default=str)
+    atomic_write_text(json_path, json.dumps(results, indent=1, default=str))
     md_path = os.path.join(out_dir, "results.md")
-    with open(md_path, "w", encoding="utf-8") as fh:
-        fh.write(render_markdown(results, plots))
+    atomic_write_text(md_path, render_markdown(results, plots))
     return {"json": json_path, "markdown": md_path, **{p: os.path.join(out_dir, p) for p in plots}}

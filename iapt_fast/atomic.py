@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from typing import Any, Iterator, Sequence
 
-__all__ = ["atomic_directory", "atomic_files", "atomic_write_text", "committed_file", "fsync_tree",
+__all__ = ["atomic_directory", "atomic_files", "atomic_write_bytes", "atomic_write_text", "committed_file", "fsync_tree",
            "remove_tree", "remove_leftovers", "COMMIT_NAME"]
 
 COMMIT_NAME = ".iapt-commit.json"
@@ -204,16 +204,16 @@ def _check_written(tmp: str, names: Sequence[str]) -> None:
         raise RuntimeError(f"atomic save: {missing} were not written")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` (UTF-8) so that readers see the old or the new file, never a part."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part."""
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     remove_leftovers(directory, name)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -222,6 +222,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) so that readers see the old or the new file, never a part."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def remove_tree(path: str | os.PathLike) -> None:
