@@ -48,6 +48,21 @@ def test_opcheck(case):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+def test_opcheck_with_cached_weight_products():
+    # The serving packs' W_down·W_pool travel through the operator too (a compiled inference
+    # prefill on CUDA is then one launch); the result is the same as without them.
+    hidden, mask, weights, ids, anchor, scale = _inputs(3, 7, 12, 6, 3, 2, torch.float32, torch.float32, True,
+                                                        device=DEVICE)
+    with torch.no_grad():
+        products = torch.zeros(2, 12, 16, device=DEVICE)
+        products[..., :3] = torch.bmm(weights[0].double(), weights[1].double()).float()
+    args = (hidden, mask, *weights, ids, anchor, scale, "B")
+    result = torch.library.opcheck(prompt_generator_op, args + (products,))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_generator_op(*args, products), prompt_generator_op(*args))
+
+
 @pytest.mark.parametrize("anchored", [False, True])
 def test_compiled_generator_has_no_graph_break_and_matches_eager(anchored):
     hidden, mask, weights, ids, anchor, scale = _inputs(3, 6, 8, 4, 4, 2, torch.float32, torch.float32, anchored)

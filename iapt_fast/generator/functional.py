@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 
 from iapt_fast.config import RATIONAL_VERSIONS
-from iapt_fast.generator import cpu_fast, reference
 from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 # Imported here so that `import iapt_fast` registers torch.ops.iapt_fast.prompt_generator.
-from iapt_fast.generator.op import prompt_generator_op
+from iapt_fast.generator.op import prompt_generator_op, torch_prompt_generator
 from iapt_fast.generator.weights import GeneratorWeights
 
 __all__ = ["prompt_generator", "triton_available", "resolve_backend", "check_backend_limits", "MAX_SOFT_TOKENS"]
@@ -112,12 +111,10 @@ def prompt_generator(
     weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
     if _compiling():
         # One opaque node for torch.compile: no graph break inside the generator.
-        return prompt_generator_op(hidden, mask, *weights[:5], adapter_ids, anchor, anchor_scale, rational_version)
+        return prompt_generator_op(hidden, mask, *weights[:5], adapter_ids, anchor, anchor_scale, rational_version,
+                                   weight_products)
     if chosen == "torch":
-        if hidden.device.type == "cpu" and hidden.dtype != torch.float64:
-            return cpu_fast.prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
-        # float64 is the tests' oracle: it stays the literal math.
-        return reference.prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
+        return torch_prompt_generator(hidden, mask, weights, adapter_ids, rational_version)
     if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "

@@ -6,44 +6,59 @@ shapes and dtypes, and a registered backward, so a compiled forward + backward h
 break inside it. ``prompt_generator`` calls the operator while torch.compile traces, and the
 eager paths otherwise (where the Triton backward reuses its forward's saved statistics).
 
-Implementations: the PyTorch reference for CPU (and any device without another), the Triton
-kernels for CUDA. The backward recomputes the forward of the same implementation and
-differentiates it (the reference with autograd, the kernels with their own backward): one
-extra forward per training step inside compiled graphs, the price of a stateless operator.
+Implementations: the eager paths' own — :func:`torch_prompt_generator` (generator/cpu_fast.py
+on the CPU, the literal reference in float64 and on other devices) and the Triton kernels for
+CUDA, which take the serving packs' cached W_down·W_pool (``weight_products``) as the eager call
+does, so a compiled inference prefill is one launch as well. The backward recomputes the forward
+and differentiates it (off CUDA the reference with autograd — AOT autograd traces the backward,
+and the reference has no data-dependent branch; on CUDA the kernels with their own backward):
+one extra forward per training step inside compiled graphs, the price of a stateless operator.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from iapt_fast.generator import reference
+from iapt_fast.generator import cpu_fast, reference
 from iapt_fast.generator.weights import GeneratorWeights
 
-__all__ = ["prompt_generator_op"]
+__all__ = ["prompt_generator_op", "torch_prompt_generator"]
 
 # Inputs of the operator that can have a gradient (hidden, the five weights, the anchor).
 _DIFFERENTIABLE = (0, 2, 3, 4, 5, 6, 8)
 
 
-@torch.library.custom_op("iapt_fast::prompt_generator", mutates_args=())
-def prompt_generator_op(hidden: Tensor, mask: Tensor, w_down: Tensor, w_pool: Tensor, rat_num: Tensor, rat_den: Tensor,
-                        w_up: Tensor, adapter_ids: Tensor | None, anchor: Tensor | None, anchor_scale: Tensor | None,
-                        version: str) -> Tensor:
-    """[B, T, d] soft tokens; inputs validated by ``iapt_fast.generator.functional``."""
-    weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
+def torch_prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None,
+                           version: str) -> Tensor:
+    """The PyTorch path, eager or inside the operator: generator/cpu_fast.py for CPU tensors
+    below float64; the literal reference for float64 (the tests' oracle) and other devices."""
+    if hidden.device.type == "cpu" and hidden.dtype != torch.float64:
+        return cpu_fast.prompt_generator(hidden, mask, weights, adapter_ids, version)
     return reference.prompt_generator(hidden, mask, weights, adapter_ids, version)
 
 
+@torch.library.custom_op("iapt_fast::prompt_generator", mutates_args=())
+def prompt_generator_op(hidden: Tensor, mask: Tensor, w_down: Tensor, w_pool: Tensor, rat_num: Tensor, rat_den: Tensor,
+                        w_up: Tensor, adapter_ids: Tensor | None, anchor: Tensor | None, anchor_scale: Tensor | None,
+                        version: str, weight_products: Tensor | None = None) -> Tensor:
+    """[B, T, d] soft tokens; inputs validated by ``iapt_fast.generator.functional``.
+    ``weight_products``: see ``functional.prompt_generator`` (only the kernels read it)."""
+    weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
+    return torch_prompt_generator(hidden, mask, weights, adapter_ids, version)
+
+
 @prompt_generator_op.register_kernel("cuda")
-def _cuda(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, anchor, anchor_scale, version):
+def _cuda(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, anchor, anchor_scale, version,
+          weight_products=None):
     from iapt_fast.kernels import triton_prompt_generator
 
     weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
-    return triton_prompt_generator(hidden, mask, weights, adapter_ids, version)
+    return triton_prompt_generator(hidden, mask, weights, adapter_ids, version, weight_products=weight_products)
 
 
 @prompt_generator_op.register_fake
-def _fake(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, anchor, anchor_scale, version):
+def _fake(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, anchor, anchor_scale, version,
+          weight_products=None):
     return hidden.new_empty(hidden.shape[0], w_pool.shape[2], hidden.shape[2])
 
 
@@ -64,10 +79,10 @@ def _backward(ctx, grad: Tensor):
         if hidden.device.type == "cuda":
             from iapt_fast.kernels import triton_prompt_generator
             out = triton_prompt_generator(hidden, mask, weights, saved[7], ctx.version)
-        else:
+        else:  # traced by AOT autograd in compiled graphs: the reference, whose code has no data-dependent branch
             out = reference.prompt_generator(hidden, mask, weights, saved[7], ctx.version)
         grads = torch.autograd.grad(out, list(leaves.values()), grad, allow_unused=True) if leaves else ()
-    result: list[Tensor | None] = [None] * 11
+    result: list[Tensor | None] = [None] * 12
     for index, g in zip(leaves, grads):
         result[index] = g
     return tuple(result)
