@@ -112,7 +112,7 @@ TRAIN_OVERRIDES = {
     "iapt_bilevel": dict(bilevel=True),   # rationals on a held-out 10 % of the train split, lr 1e-6
     "iapt_anchor_lr": dict(anchor_lr=3e-2),
     "iapt_cosine": dict(lr_schedule="cosine"),
-    "iapt_pool_lr": dict(pool_lr=1e-2),  # under Adam: scores × 10 (temperature 0.1) with the same start
+    "iapt_pool_lr": dict(pool_lr=lambda lr: 10 * lr),  # under Adam: scores × 10 (temperature 0.1), same start
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
@@ -138,7 +138,7 @@ METHOD_LABELS = {
     "iapt_bilevel": "ablation: IAPT, bi-level training (the paper's)",
     "iapt_anchor_lr": "ablation: IAPT, anchors at lr 3e-2",
     "iapt_cosine": "ablation: IAPT, cosine LR decay",
-    "iapt_pool_lr": "ablation: IAPT, W_pool at lr 1e-2 (pooling temperature 0.1)",
+    "iapt_pool_lr": "ablation: IAPT, W_pool at 10× the LR (pooling temperature 0.1)",
 }
 
 
@@ -378,7 +378,7 @@ def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: in
     from iapt_fast.training.trainer import TrainConfig, Trainer
 
     pairs = [(task.prompt.format(text=t), lab) for t, lab in splits["train"]]
-    overrides = TRAIN_OVERRIDES.get(method, {})
+    overrides = {k: v(lr) if callable(v) else v for k, v in TRAIN_OVERRIDES.get(method, {}).items()}
     cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
                       warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None,
                       overwrite_output_dir=True, **overrides)  # runs/work/<key>: this report's own scratch folder
@@ -501,7 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 best = grid[0]
             for seed in args.seeds:
-                run_one(method, best, seed, ctx, dev=False, test=True)
+                run_one(method, best, seed, ctx, dev=args.dev_too and bool(splits["dev"]), test=True)
             write_outputs(collect(args, meta), args.out)  # partial results survive an interrupted run
     results = collect(args, meta)
     write_outputs(results, args.out)
@@ -878,6 +878,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-factors", default="1,3", help="LR multipliers of the sweep")
     p.add_argument("--tune-examples", type=int, default=200, help="dev examples scoring each run")
     p.add_argument("--lrs", type=_lr_map, default={}, help="method=lr,... fixed LRs (no sweep for those methods)")
+    p.add_argument("--dev-too", action="store_true",
+                   help="score the final runs on dev as well (a recipe search chooses on dev, never on test)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on a shared 2-core machine 1 thread ran 3x faster than 2 (spinning)")

@@ -185,13 +185,13 @@ def test_recipe_ablations_change_what_they_name(tmp_path, monkeypatch):
         seen[config.output_dir.rsplit(os.sep, 1)[-1]] = (config, len(train_examples), dev_examples)
         real_init(self, model, config, train_examples, collator, *a, dev_examples=dev_examples, **kw)
 
-    methods = ["iapt", "iapt_t8", "iapt_top_half", "iapt_bilevel", "iapt_anchor_lr"]
+    methods = ["iapt", "iapt_t8", "iapt_top_half", "iapt_bilevel", "iapt_anchor_lr", "iapt_pool_lr"]
     monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
     before = torch.get_num_threads()
     try:
         quality.run(quality.parse_args(["--quick", "--synthetic", "--task", "caps", "--steps", "2", "--n-test", "8",
-                                        "--no-progress", "--seeds", "0", "--methods", ",".join(methods),
-                                        "--out", str(tmp_path)]))
+                                        "--n-dev", "4", "--dev-too", "--no-progress", "--seeds", "0",
+                                        "--methods", ",".join(methods), "--out", str(tmp_path)]))
     finally:
         torch.set_num_threads(before)
     runs = {m: json.loads((tmp_path / "runs" / f"{m}-lr0.001-s0.json").read_text()) for m in methods}
@@ -205,3 +205,5 @@ def test_recipe_ablations_change_what_they_name(tmp_path, monkeypatch):
     assert bilevel_cfg.bilevel and not default_cfg.bilevel
     assert len(dev) == n_train // 10 and n_bilevel + len(dev) == n_train
     assert seen["iapt_anchor_lr-lr0.001-s0"][0].anchor_lr == 0.03 and default_cfg.anchor_lr is None
+    assert seen["iapt_pool_lr-lr0.001-s0"][0].pool_lr == pytest.approx(0.01) and default_cfg.pool_lr is None
+    assert all("dev" in run and "test" in run for run in runs.values())  # --dev-too: a recipe search picks on dev
