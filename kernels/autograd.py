@@ -100,10 +100,12 @@ def _lines_mm(mode: int, x: Tensor, w: StridedTensor, *, out_shape: tuple[int, i
     a_strides = (anchor.stride(0), anchor.stride(1), anchor.stride(2)) if anchor is not None else (0, 0, 0)
     num, den = coeffs.num, coeffs.den
     policy.launch(lines_mm_kernel, (row_blocks, col_blocks, k_splits),
-                  [x, w.tensor, out, rows.order, rows.sorted_ids, num, den, a_arg, s_arg, rows.batch, rows.tokens, k,
-                   nout, per_split, x.stride(0), x.stride(1), x.stride(2), *w.strides,
-                   out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
-                   *a_strides, scale.stride(0) if scale is not None else 0],
+                  dict(x_ptr=x, w_ptr=w.tensor, out_ptr=out, order_ptr=rows.order, sorted_ids_ptr=rows.sorted_ids,
+                       num_ptr=num, den_ptr=den, anchor_ptr=a_arg, scale_ptr=s_arg, B=rows.batch, T=rows.tokens, K=k,
+                       NOUT=nout, K_PER_SPLIT=per_split, **_named(("s_xb", "s_xt", "s_xk"), x.stride()),
+                       **_named(("s_wa", "s_wk", "s_wn"), w.strides), **_named(("s_ob", "s_ot", "s_on"), out.stride()),
+                       s_na=num.stride(0), s_da=den.stride(0), **_named(("s_aa", "s_at", "s_an"), a_strides),
+                       s_sa=scale.stride(0) if scale is not None else 0),
                   dict(MODE=mode, ATOMIC=atomic, LINES_PER_ROW=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_K=policy.LINES_BLOCK_K,
                        BLOCK_NO=policy.LINES_BLOCK_OUT, P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b,
                        PREC=prec, ANCHOR=anchor is not None, SCALE=scale is not None))
@@ -116,8 +118,9 @@ def _adapter_mm(x: StridedTensor, y: StridedTensor, out: Tensor, *, used: Tensor
     are (adapter, row, col); ``nj_store`` of the nj columns are stored."""
     grid = (out.shape[0], policy.triton.cdiv(ni, policy.LINES_BLOCK))
     policy.launch(adapter_mm_kernel, grid,
-                  [x.tensor, y.tensor, out, used, ni, k, nj, nj_store, *x.strides, *y.strides,
-                   out.stride(0), out.stride(1), out.stride(2)],
+                  dict(x_ptr=x.tensor, y_ptr=y.tensor, out_ptr=out, used_ptr=used, NI=ni, K=k, NJ=nj, NJ_STORE=nj_store,
+                       **_named(("s_xa", "s_xi", "s_xk"), x.strides), **_named(("s_ya", "s_yk", "s_yj"), y.strides),
+                       **_named(("s_oa", "s_oi", "s_oj"), out.stride())),
                   dict(BLOCK_I=policy.LINES_BLOCK, BLOCK_K=policy.LINES_BLOCK_K, BLOCK_J=policy.TP_DOT, PREC=prec))
 
 
@@ -134,13 +137,23 @@ def _seg_outer(x: Tensor, y: Tensor, out: Tensor, *, rows: RowLayout, segments: 
     grid = (out.shape[0], policy.triton.cdiv(out.shape[1], policy.LINES_BLOCK_OUT),
             policy.triton.cdiv(out.shape[2], policy.LINES_BLOCK_OUT))
     policy.launch(seg_outer_kernel, grid,
-                  [x, y, out, rows.order, segments, num, den, first.tensor, second.tensor, rows.tokens, out.shape[1],
-                   out.shape[2], x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                   out.stride(0), out.stride(1), out.stride(2), num.stride(0), den.stride(0),
-                   *first.strides, *second.strides],
+                  dict(x_ptr=x, y_ptr=y, out_ptr=out, order_ptr=rows.order, seg_ptr=segments, num_ptr=num, den_ptr=den,
+                       prod_a_ptr=first.tensor, prod_b_ptr=second.tensor, T=rows.tokens, K1=out.shape[1], K2=out.shape[2],
+                       **_named(("s_xb", "s_xt", "s_xk"), x.stride()), **_named(("s_yb", "s_yt", "s_yk"), y.stride()),
+                       **_named(("s_oa", "s_oi", "s_oj"), out.stride()), s_na=num.stride(0), s_da=den.stride(0),
+                       **_named(("s_pa_a", "s_pa_i", "s_pa_c"), first.strides),
+                       **_named(("s_pb_a", "s_pb_c", "s_pb_j"), second.strides)),
                   dict(APPLY_R=apply_r, ADD_PRODUCT=extra, LINES_PER_ROW=policy.lines_per_row(rows.tokens), TP=policy.TP_DOT,
                        BLOCK_L=policy.LINES_BLOCK, BLOCK_I=policy.LINES_BLOCK_OUT, BLOCK_J=policy.LINES_BLOCK_OUT,
                        P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b, PREC=prec))
+
+
+def _named(names: tuple[str, ...], values) -> dict[str, int]:
+    """Strides (or any per-axis values) as keyword arguments of a launch, one name per axis."""
+    values = tuple(values)
+    if len(values) != len(names):
+        raise ValueError(f"{len(values)} values for the launch arguments {names}")
+    return dict(zip(names, values))
 
 
 def _strided(t: Tensor, transpose: bool = False) -> StridedTensor:
@@ -193,9 +206,10 @@ class PromptGeneratorFunction(torch.autograd.Function):
         stat_l = policy.empty(batch, splits, policy.TP_DOT, **f32)
         bd = policy.block_d(dim)
         policy.launch(pool_fwd_kernel, (batch, splits),
-                 [hidden, mask_u8, ids, wdp, part, stat_m, stat_l, seq, dim, tokens, per_split,
-                  hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
-                  wdp.stride(0), part.stride(0), part.stride(1), stat_m.stride(0)],
+                 dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, part_ptr=part, stat_m_ptr=stat_m,
+                      stat_l_ptr=stat_l, N=seq, D=dim, T=tokens, TILES_PER_SPLIT=per_split,
+                      **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
+                      s_wa=wdp.stride(0), s_pb=part.stride(0), s_ps=part.stride(1), s_sb=stat_m.stride(0)),
                  dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=bd, TP=policy.TP_DOT,
                       SPLIT=cfg["fwd_split"], PREC=cfg["prec"]))
         pooled = policy.empty(batch, tokens, dim, **f32)
@@ -205,8 +219,9 @@ class PromptGeneratorFunction(torch.autograd.Function):
             pooled.zero_(), row_m.zero_(), row_linv.zero_()
         else:
             policy.launch(combine_kernel, (batch, policy.triton.cdiv(dim, bd)),
-                     [part, stat_m, stat_l, pooled, row_m, row_linv, splits, dim, tokens,
-                      part.stride(0), part.stride(1), stat_m.stride(0), pooled.stride(0)],
+                     dict(part_ptr=part, stat_m_ptr=stat_m, stat_l_ptr=stat_l, ph_ptr=pooled, m_out_ptr=row_m,
+                          linv_out_ptr=row_linv, S=splits, D=dim, T=tokens, s_pb=part.stride(0), s_ps=part.stride(1),
+                          s_sb=stat_m.stride(0), s_phb=pooled.stride(0)),
                      dict(BLOCK_D=bd, TP=policy.TP_DOT))
         del part, stat_m, stat_l
 
@@ -242,8 +257,9 @@ class PromptGeneratorFunction(torch.autograd.Function):
             grad_anchor = policy.empty(n_adapters, tokens, dim, dtype=anchor_dtype, device=dev)
             bd = policy.block_d(dim)
             policy.launch(seg_sum_kernel, (n_adapters, policy.triton.cdiv(dim, bd)),
-                     [grad_out, grad_anchor, order, segments, tokens, dim, grad_out.stride(0), grad_out.stride(1),
-                      grad_out.stride(2), grad_anchor.stride(0), grad_anchor.stride(1), grad_anchor.stride(2)],
+                     dict(x_ptr=grad_out, out_ptr=grad_anchor, order_ptr=order, seg_ptr=segments, T=tokens, D=dim,
+                          **_named(("s_xb", "s_xt", "s_xd"), grad_out.stride()),
+                          **_named(("s_oa", "s_ot", "s_od"), grad_anchor.stride())),
                      dict(LINES_PER_ROW=policy.lines_per_row(tokens), BLOCK_D=bd))
         if anchor_scale is not None:
             # The generator term is s·G: its weights see s·dP (a [B, T, d] float32 scratch).
@@ -258,8 +274,9 @@ class PromptGeneratorFunction(torch.autograd.Function):
         dp = policy.empty(batch, tokens, bottleneck, **f32)
         lines = policy.lines_per_row(tokens)
         policy.launch(rat_bwd_kernel, (policy.triton.cdiv(batch, policy.LINES_BLOCK // lines), policy.triton.cdiv(bottleneck, policy.LINES_BLOCK_OUT)),
-                 [dr, p, dp, order, sorted_ids, rat_num, rat_den, dnum, dden, batch, tokens, bottleneck,
-                  rat_num.stride(0), rat_den.stride(0)],
+                 dict(dr_ptr=dr, p_ptr=p, dp_ptr=dp, order_ptr=order, sorted_ids_ptr=sorted_ids, num_ptr=rat_num,
+                      den_ptr=rat_den, dnum_ptr=dnum, dden_ptr=dden, B=batch, T=tokens, M=bottleneck,
+                      s_na=rat_num.stride(0), s_da=rat_den.stride(0)),
                  dict(LINES_PER_ROW=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_M=policy.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
                       VERSION_B=version_b))
         del dr
@@ -274,16 +291,17 @@ class PromptGeneratorFunction(torch.autograd.Function):
         stream = dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=policy.block_d(dim), TP=policy.TP_DOT,
                       SPLIT=cfg["bwd_split"], PREC=prec)
         policy.launch(pool_bwd_scores_kernel, grid,
-                 [hidden, mask_u8, ids, wdp, dpooled, row_m, row_linv, attn, dattn, delta, seq, dim, tokens,
-                  hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
-                  wdp.stride(0), dpooled.stride(0)], stream)
+                 dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, dph_ptr=dpooled, stat_m_ptr=row_m,
+                      stat_linv_ptr=row_linv, attn_ptr=attn, da_ptr=dattn, delta_ptr=delta, N=seq, D=dim, T=tokens,
+                      **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
+                      s_wa=wdp.stride(0), s_dpb=dpooled.stride(0)), stream)
         grad_h = policy.empty(*hidden.shape, dtype=hidden.dtype, device=dev) if wants["hidden"] else None
         dh_arg = grad_h if grad_h is not None else hidden
         policy.launch(pool_bwd_kernel, grid,
-                 [hidden, mask_u8, ids, wdp, dpooled, attn, dattn, delta, dh_arg, dwdp, seq, dim, tokens,
-                  hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
-                  wdp.stride(0),
-                  dh_arg.stride(0), dh_arg.stride(1), dh_arg.stride(2), dpooled.stride(0)],
+                 dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, dph_ptr=dpooled, attn_ptr=attn,
+                      da_ptr=dattn, delta_ptr=delta, dh_ptr=dh_arg, dwdp_ptr=dwdp, N=seq, D=dim, T=tokens,
+                      **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
+                      s_wa=wdp.stride(0), **_named(("s_gb", "s_gn", "s_gd"), dh_arg.stride()), s_dpb=dpooled.stride(0)),
                  dict(stream, STORE_DH=grad_h is not None))
         del attn, dattn
 
@@ -383,15 +401,17 @@ def fused_generator_forward(hidden: Tensor, mask: Tensor, weights: GeneratorWeig
     s_arg = anchor_scale.detach() if anchor_scale is not None else w_down
     a_strides = (anchor.stride(0), anchor.stride(1), anchor.stride(2)) if anchor is not None else (0, 0, 0)
     policy.launch(generator_fwd_fused_kernel, (batch, splits),
-                  [hidden, mask_u8, ids, weight_products, part, stat_m, stat_l, count, rp,
-                   w_down, w_up, rat_num, rat_den, a_arg, s_arg, out,
-                   seq, dim, tokens, bottleneck, splits, per_split,
-                   hidden.stride(0), hidden.stride(1), hidden.stride(2), mask_u8.stride(0), mask_u8.stride(1),
-                   weight_products.stride(0), part.stride(0), part.stride(1), stat_m.stride(0),
-                   w_down.stride(0), w_down.stride(1), w_down.stride(2), w_up.stride(0), w_up.stride(1),
-                   w_up.stride(2), rat_num.stride(0), rat_den.stride(0), *a_strides,
-                   anchor_scale.stride(0) if anchor_scale is not None else 0,
-                   out.stride(0), out.stride(1), out.stride(2)],
+                  dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=weight_products, part_ptr=part,
+                       stat_m_ptr=stat_m, stat_l_ptr=stat_l, count_ptr=count, rp_ptr=rp, wd_ptr=w_down, wu_ptr=w_up,
+                       num_ptr=rat_num, den_ptr=rat_den, anchor_ptr=a_arg, scale_ptr=s_arg, out_ptr=out,
+                       N=seq, D=dim, T=tokens, M=bottleneck, S=splits, TILES_PER_SPLIT=per_split,
+                       **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
+                       s_wa=weight_products.stride(0), s_pb=part.stride(0), s_ps=part.stride(1), s_sb=stat_m.stride(0),
+                       **_named(("s_wda", "s_wdd", "s_wdm"), w_down.stride()),
+                       **_named(("s_wua", "s_wum", "s_wud"), w_up.stride()), s_na=rat_num.stride(0),
+                       s_da=rat_den.stride(0), **_named(("s_aa", "s_at", "s_ad"), a_strides),
+                       s_sa=anchor_scale.stride(0) if anchor_scale is not None else 0,
+                       **_named(("s_ob", "s_ot", "s_od"), out.stride())),
                   dict(HAS_IDS=has_ids, ANCHOR=anchor is not None, SCALE=anchor_scale is not None,
                        BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=policy.block_d(dim),
                        BLOCK_M=min(policy.FUSED_BLOCK_M, max(16, policy.triton.next_power_of_2(bottleneck))),

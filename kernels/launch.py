@@ -205,16 +205,19 @@ def _arg_type(name: str, value) -> str:
     raise TypeError(f"kernel argument {name} has unsupported type {type(value).__name__}")
 
 
-def launch(kernel, grid: tuple, args: list, constexprs: dict, num_warps: int = NUM_WARPS) -> None:
-    """Launch ``kernel`` (runtime args positional, constexprs by name), or record it."""
+def launch(kernel, grid: tuple, args: dict, constexprs: dict, num_warps: int = NUM_WARPS) -> None:
+    """Launch ``kernel`` with every argument by name (runtime ``args`` and ``constexprs``), or
+    record it. The names must be exactly the kernel's parameters: a missing, unknown or repeated
+    one is a TypeError here, never a silently shifted argument."""
     if any(g == 0 for g in grid):
         return
+    runtime = [n for n in kernel.arg_names if n not in constexprs]
+    if set(args) != set(runtime) or set(args) & set(constexprs):
+        raise TypeError(f"{kernel.__name__}: missing {sorted(set(runtime) - set(args))}, unknown "
+                        f"{sorted(set(args) - set(runtime))}, given twice {sorted(set(args) & set(constexprs))}")
     if _RECORDER is not None:
-        names = [n for n in kernel.arg_names if n not in constexprs]
-        if len(names) != len(args):
-            raise TypeError(f"{kernel.__name__}: {len(args)} runtime args for {len(names)} parameters")
-        types = {n: _arg_type(n, v) for n, v in zip(names, args)}
+        types = {n: _arg_type(n, args[n]) for n in runtime}
         signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
         _RECORDER.append(LaunchSpec(kernel, signature, dict(constexprs), num_warps, tuple(grid)))
         return
-    kernel[grid](*args, **constexprs, num_warps=num_warps)
+    kernel[grid](**args, **constexprs, num_warps=num_warps)

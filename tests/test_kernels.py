@@ -258,3 +258,20 @@ def test_large_pooled_values_all_gradients(version):
     prob.hidden = prob.hidden * 1e10
     prob.weights[1] = prob.weights[1] * 1e-10
     check(prob, kernel(prob), factor=10.0, rel_slack={"rat_num": 2.0**-15, "rat_den": 2.0**-15})
+
+
+def test_launch_arguments_are_matched_by_name():
+    # Every kernel argument is passed by name: a missing, misspelt or doubled one is refused
+    # before any launch (a positional list would shift the rest silently).
+    from iapt_fast.kernels import launch as policy
+    from iapt_fast.kernels.generator_fwd import combine_kernel
+
+    args = dict(part_ptr=None, stat_m_ptr=None, stat_l_ptr=None, ph_ptr=None, m_out_ptr=None, linv_out_ptr=None,
+                S=1, D=8, T=2, s_pb=0, s_ps=0, s_sb=0, s_phb=0)
+    consts = dict(BLOCK_D=16, TP=16)
+    with pytest.raises(TypeError, match=r"missing \['s_phb'\]"):
+        policy.launch(combine_kernel, (1, 1), {k: v for k, v in args.items() if k != "s_phb"}, consts)
+    with pytest.raises(TypeError, match=r"unknown \['s_pbb'\]"):
+        policy.launch(combine_kernel, (1, 1), {**args, "s_pbb": 0}, consts)
+    with pytest.raises(TypeError, match=r"given twice \['TP'\]"):
+        policy.launch(combine_kernel, (1, 1), {**args, "TP": 16}, consts)
