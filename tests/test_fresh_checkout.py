@@ -50,18 +50,22 @@ def test_transformers_and_iapt_fast_import_from_the_root():
 
 
 def test_the_custom_operator_is_callable_after_import():
-    """torch.ops.iapt_fast.prompt_generator exists after `import iapt_fast` alone (no compile first)."""
+    """torch.ops.iapt_fast.prompt_generator exists after `import iapt_fast` alone (no compile first),
+    computes exactly what the eager call computes, and the float64 operator is the literal reference."""
     code = ("import torch, iapt_fast\n"
-            "from iapt_fast.generator import reference\n"
+            "from iapt_fast.generator import functional, reference\n"
             "from iapt_fast.generator.weights import GeneratorWeights\n"
             "torch.manual_seed(0)\n"
             "h = torch.randn(2, 5, 8); m = torch.ones(2, 5, dtype=torch.bool)\n"
             "num, den, _ = iapt_fast.fit_rational('gelu')\n"
             "w = [torch.randn(1, 8, 4), torch.randn(1, 4, 3), num[None].clone(), den[None].clone(), torch.randn(1, 4, 8)]\n"
             "out = torch.ops.iapt_fast.prompt_generator(h, m, *w, None, None, None, 'B')\n"
-            "ref = reference.prompt_generator(h, m, GeneratorWeights(*w, None, None), None, 'B')\n"
-            "print(float((out - ref).abs().max()))")
-    assert float(_run([sys.executable, "-c", code], timeout=120).stdout.split()[-1]) == 0.0
+            "eager = functional.prompt_generator(h, m, *w, backend='torch')\n"
+            "d = [x.double() for x in [h, *w]]\n"
+            "out64 = torch.ops.iapt_fast.prompt_generator(d[0], m, *d[1:], None, None, None, 'B')\n"
+            "ref64 = reference.prompt_generator(d[0], m, GeneratorWeights(*d[1:], None, None), None, 'B')\n"
+            "print(float((out - eager).abs().max()), float((out64 - ref64).abs().max()))")
+    assert _run([sys.executable, "-c", code], timeout=120).stdout.split()[-2:] == ["0.0", "0.0"]
 
 
 def _cli_args(tmp_path) -> list[str]:
