@@ -101,7 +101,7 @@ IAPT_ABLATIONS = {
     "iapt_t16": dict(num_soft_tokens=16),            # 4× the soft tokens
     "iapt_t16_m39": dict(num_soft_tokens=16, bottleneck_dim=39),  # T = 16 at the defaults' budget (m 45 → 39)
     "iapt_top_half": dict(target_layers="top_half"),  # soft tokens in the upper half of the layers only
-    "iapt_lr3e-3": {},                               # the defaults at 3× the learning rate
+    "iapt_lr3e-3": {},                               # the library defaults since 2026-12-07: lr 3e-3
     "iapt_bilevel": {},                              # the paper's bi-level training (TRAIN_OVERRIDES)
     "iapt_anchor_lr": {},                            # the anchors at anchors-only's LR (TRAIN_OVERRIDES)
     "iapt_cosine": {},                               # cosine decay instead of linear (TRAIN_OVERRIDES)
@@ -124,7 +124,7 @@ METHOD_LABELS = {
     "prefix_tuning": "prefix tuning (PEFT, no projection)",
     "lora": "LoRA q,v (PEFT; rank matched to IAPT)",
     "iapt_paper": "IAPT, paper form (IAPTConfig.paper())",
-    "iapt": "IAPT, library defaults (IAPTConfig())",
+    "iapt": "IAPT (IAPTConfig()), LR as the sweep chose",
     "iapt_text_init": "ablation: IAPT, anchor from the init text",
     "iapt_unscaled": "ablation: IAPT, s = 1",
     "iapt_hidden_pool": "ablation: IAPT, pool_input hidden",
@@ -134,7 +134,7 @@ METHOD_LABELS = {
     "iapt_t16": "ablation: IAPT, T = 16",
     "iapt_t16_m39": "ablation: IAPT, T = 16, m = 39 (the defaults' parameter budget)",
     "iapt_top_half": "ablation: IAPT, upper half of the layers only",
-    "iapt_lr3e-3": "ablation: IAPT defaults, lr 3e-3",
+    "iapt_lr3e-3": "IAPT defaults (IAPTConfig(), lr 3e-3)",
     "iapt_bilevel": "ablation: IAPT, bi-level training (the paper's)",
     "iapt_anchor_lr": "ablation: IAPT, anchors at lr 3e-2",
     "iapt_cosine": "ablation: IAPT, cosine LR decay",
@@ -741,17 +741,21 @@ def summarize(folder: str) -> str:
                          f"**{e['mean']:.3f}** ({', '.join(f'{a:.3f}' for a in e['test_accuracy'])}) "
                          f"[{e['ci95_pooled'][0]:.3f}, {e['ci95_pooled'][1]:.3f}]" + (f" lr {e['lr']:g}" if e["lr"] else ""))
         lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
-    lines += ["", "Targets (means over seeds):", ""]
+    lines += ["", "Targets (means over seeds; LoRA − 1 point on classification, LoRA − 2 where the answer is "
+              "generated; prompt tuning + 3 where it ran):", ""]
     for task, r in tasks.items():
         got = r["methods"]
-        if "iapt" not in got:
-            continue
-        iapt = got["iapt"]["mean"]
-        for base, margin, word in (("prompt_tuning", 0.03, "prompt tuning + 3"), ("lora", -0.01, "LoRA − 1")):
-            if base in got:
-                need = got[base]["mean"] + margin
-                verdict = "met" if iapt >= need else f"missed by {100 * (need - iapt):.1f} points"
-                lines.append(f"- {task}: IAPT {iapt:.3f} vs {word} = {need:.3f}: {verdict}")
+        margin = -0.01 if r.get("kind", "classification") == "classification" else -0.02
+        for name in ("iapt", "iapt_lr3e-3"):
+            if name not in got:
+                continue
+            iapt = got[name]["mean"]
+            for base, extra, word in (("prompt_tuning", 0.03, "prompt tuning + 3"),
+                                      ("lora", margin, f"LoRA − {round(-100 * margin)}")):
+                if base in got:
+                    need = got[base]["mean"] + extra
+                    verdict = "met" if iapt >= need - 1e-9 else f"missed by {100 * (need - iapt):.1f} points"
+                    lines.append(f"- {task}: {METHOD_LABELS[name]} {iapt:.3f} vs {word} = {need:.3f}: {verdict}")
     text = "\n".join(lines) + "\n"
     atomic_write_text(os.path.join(folder, "summary.md"), text)
     _plot_summary(tasks, methods, os.path.join(folder, "summary.png"))
@@ -773,9 +777,9 @@ def _plot_summary(tasks: dict[str, Any], methods: list[str], path: str) -> None:
             if e is None:
                 continue
             x = i + (t - (len(tasks) - 1) / 2) * width
-            lo, hi = e["ci95_pooled"]
+            lo, hi = e["ci95_pooled"]  # pooled over seeds: it may not straddle the mean of the seeds
             ax.bar(x, e["mean"], width * 0.9, color=f"C{t}", label=task if i == 0 or m == methods[0] else None,
-                   yerr=[[e["mean"] - lo], [hi - e["mean"]]], capsize=2)
+                   yerr=[[max(0.0, e["mean"] - lo)], [max(0.0, hi - e["mean"])]], capsize=2)
             ax.scatter([x] * len(e["test_accuracy"]), e["test_accuracy"], color="black", s=6, zorder=3)
     ax.set_xticks(range(len(methods)), [METHOD_LABELS[m].split(" (")[0] for m in methods], rotation=25,
                   ha="right", fontsize=7)

@@ -5,10 +5,7 @@
 # could close the gap (W_pool at 10× the LR, the anchors at 3e-2, T = 8). Then region_country.
 CORE=${CORE:-1}
 . "$(dirname "$0")/grid_lib.sh"
-while ! grep -q "end sweep-region_record" "$OUT/grid.log"; do sleep 15; done
-pkill -P "${GRID4_PID:-0}" 2>/dev/null; kill "${GRID4_PID:-0}" 2>/dev/null; sleep 3
-pkill -f "quality.py --task region_country" 2>/dev/null; sleep 2
-echo "$(date -u +%FT%T) run_grid4.sh stopped after sweep-region_record (region_country moved to run_grid8.sh)" >> "$OUT/grid.log"
+# (run_grid4.sh was stopped after its region_record sweep; its region_country runs moved here.)
 run lr1e-2-region_record region_record 0 lora,iapt $GEN --lrs lora=0.01,iapt=0.01 --dev-too
 for m in iapt_pool_lr iapt_anchor_lr iapt_t8; do
   run "$m-region_record" region_record 0 "$m" $GEN --lrs "$m=0.003" --dev-too
