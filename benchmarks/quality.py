@@ -112,7 +112,7 @@ TRAIN_OVERRIDES = {
     "iapt_bilevel": dict(bilevel=True),   # rationals on a held-out 10 % of the train split, lr 1e-6
     "iapt_anchor_lr": dict(anchor_lr=3e-2),
     "iapt_cosine": dict(lr_schedule="cosine"),
-    "iapt_pool_lr": dict(pool_lr=lambda lr: 10 * lr),  # under Adam: scores × 10 (temperature 0.1), same start
+    "iapt_pool_lr": dict(pool_lr_scale=10.0),  # under Adam: scores × 10 (temperature 0.1), same start
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
@@ -378,7 +378,7 @@ def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: in
     from iapt_fast.training.trainer import TrainConfig, Trainer
 
     pairs = [(task.prompt.format(text=t), lab) for t, lab in splits["train"]]
-    overrides = {k: v(lr) if callable(v) else v for k, v in TRAIN_OVERRIDES.get(method, {}).items()}
+    overrides = TRAIN_OVERRIDES.get(method, {})
     cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
                       warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None,
                       overwrite_output_dir=True, **overrides)  # runs/work/<key>: this report's own scratch folder

@@ -102,9 +102,9 @@ def test_anchor_lr_moves_only_the_anchors_at_their_own_rate(tok, examples, tmp_p
     assert sorted(g["initial_lr"] for g in groups)[-1] == 0.1  # the schedule scales every group alike
 
 
-def test_pool_lr_scales_only_the_pooling_steps(tok, examples, tmp_path):
-    # Adam's first step moves every entry by ~its LR: W_pool at pool_lr, the rest at lr.
-    tr = _trainer(tok, examples, tmp_path, lr=1e-4, rational_lr=1e-4, pool_lr=1e-2, anchor_lr=1e-4,
+def test_pool_lr_scale_scales_only_the_pooling_steps(tok, examples, tmp_path):
+    # Adam's first step moves every entry by ~its LR: W_pool at lr × pool_lr_scale, the rest at lr.
+    tr = _trainer(tok, examples, tmp_path, lr=1e-4, rational_lr=1e-4, pool_lr_scale=100.0, anchor_lr=1e-4,
                   warmup_ratio=0.0, max_grad_norm=None, max_steps=10)
     before = _snapshot(tr.model)
     tr.train_step()

@@ -205,5 +205,5 @@ def test_recipe_ablations_change_what_they_name(tmp_path, monkeypatch):
     assert bilevel_cfg.bilevel and not default_cfg.bilevel
     assert len(dev) == n_train // 10 and n_bilevel + len(dev) == n_train
     assert seen["iapt_anchor_lr-lr0.001-s0"][0].anchor_lr == 0.03 and default_cfg.anchor_lr is None
-    assert seen["iapt_pool_lr-lr0.001-s0"][0].pool_lr == pytest.approx(0.01) and default_cfg.pool_lr is None
+    assert seen["iapt_pool_lr-lr0.001-s0"][0].pool_lr_scale == 10 and default_cfg.pool_lr_scale == 1
     assert all("dev" in run and "test" in run for run in runs.values())  # --dev-too: a recipe search picks on dev

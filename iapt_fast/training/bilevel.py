@@ -33,7 +33,7 @@ def is_anchor_parameter(name: str) -> bool:
 
 
 def is_pool_parameter(name: str) -> bool:
-    """True for a pooling matrix W_pool (trained with the weights, at ``pool_lr``)."""
+    """True for a pooling matrix W_pool (trained with the weights, at lr × ``pool_lr_scale``)."""
     return name.rsplit(".", 1)[-1] == "w_pool"
 
 

@@ -37,7 +37,7 @@ _REQUIRED_KEYS = ("step", "max_steps", "bilevel", "params", "optimizers", "sched
                   "history", "config")
 # TrainConfig fields that decide what the next step computes: a resumed run must agree on them.
 # (Where and how often it logs, evaluates or saves may change.)
-TRAJECTORY_FIELDS = ("batch_size", "grad_accum", "lr", "rational_lr", "anchor_lr", "pool_lr", "lr_schedule", "weight_decay",
+TRAJECTORY_FIELDS = ("batch_size", "grad_accum", "lr", "rational_lr", "anchor_lr", "pool_lr_scale", "lr_schedule", "weight_decay",
                      "adam_betas", "max_grad_norm", "precision", "bilevel", "seed")
 
 

@@ -41,10 +41,10 @@ class TrainConfig:
     anchor_lr: float | None = field(default=None, metadata={
         "help": "learning rate of the anchors B_l of the anchored form (default: --lr). They live at the residual "
                 "stream's scale, where Adam's lr-sized steps barely move them at the generator's LR"})
-    pool_lr: float | None = field(default=None, metadata={
-        "help": "learning rate of the pooling weights W_pool (default: --lr). Under Adam, c·lr here is the "
-                "pooling scores scaled by c (a temperature of 1/c) with the same start: c > 1 lets the pooling "
-                "sharpen away from uniform"})
+    pool_lr_scale: float = field(default=1.0, metadata={
+        "help": "the pooling weights W_pool train at lr × this. Under Adam that is the pooling scores scaled by "
+                "it (a temperature of 1/scale) with the same start: above 1 the pooling can sharpen away from "
+                "uniform"})
     weight_decay: float = field(default=0.0, metadata={
         "help": "AdamW weight decay (never on rational coefficients)"})
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas, b1,b2"})
@@ -77,7 +77,7 @@ class TrainConfig:
                 "never resumed or pruned); without it such a folder is refused"})
 
     def __post_init__(self) -> None:
-        for name in ("num_epochs", "lr", "rational_lr", "anchor_lr", "pool_lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+        for name in ("num_epochs", "lr", "rational_lr", "anchor_lr", "pool_lr_scale", "weight_decay", "warmup_ratio", "max_grad_norm"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -99,9 +99,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.rational_lr is not None and not self.rational_lr >= 0:
             raise ValueError(f"rational_lr must be >= 0, got {self.rational_lr!r}")
-        for name in ("anchor_lr", "pool_lr"):
-            if getattr(self, name) is not None and not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.anchor_lr is not None and not self.anchor_lr >= 0:
+            raise ValueError(f"anchor_lr must be >= 0, got {self.anchor_lr!r}")
+        if not self.pool_lr_scale > 0:
+            raise ValueError(f"pool_lr_scale must be > 0, got {self.pool_lr_scale!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.warmup_ratio < 1:

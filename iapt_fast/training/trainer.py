@@ -166,12 +166,13 @@ class Trainer:
 
     def _weight_groups(self) -> list[dict[str, Any]]:
         """AdamW groups of the non-rational weights: the anchors (``anchor_lr``) and W_pool
-        (``pool_lr``) get their own group only when their LR is set, so the optimizer state of a
+        (lr × ``pool_lr_scale``) get their own group only when it differs, so the optimizer state of a
         run without them keeps its layout."""
         config = self.config
         names = dict(zip(map(id, self.weight_params), self.param_names))
         own = [(name, lr, test) for name, lr, test in (("anchor_lr", config.anchor_lr, is_anchor_parameter),
-                                                      ("pool_lr", config.pool_lr, is_pool_parameter))
+                                                      ("pool_lr_scale", config.lr * config.pool_lr_scale
+                                                       if config.pool_lr_scale != 1 else None, is_pool_parameter))
                if lr is not None]
         groups, rest = [], list(self.weight_params)
         for name, lr, test in own:
