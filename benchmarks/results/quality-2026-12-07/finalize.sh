@@ -10,7 +10,7 @@ CLS="--max-length 56 --max-text-tokens 28 --no-progress --report-only --seeds 0,
 "$PY" - "$D" <<'PYEOF'
 import json, os, shutil, sys
 root = sys.argv[1]
-for task in ("caps", "region_record", "rotten_tomatoes", "subjectivity", "region_country"):
+for task in ("caps", "region_record", "rotten_tomatoes", "subjectivity", "region_country", "spell"):
     runs = os.path.join(root, task, "runs")
     for seed in (0, 1):
         src = os.path.join(runs, f"iapt-lr0.003-s{seed}.json")
@@ -30,7 +30,7 @@ ABL=iapt_pool_lr,iapt_anchor_lr,iapt_t8,iapt_top_half,iapt_bilevel,iapt_t16_m39,
 "$PY" benchmarks/quality.py --task caps $GEN --methods $M_GEN,$ABL --out $D/caps
 "$PY" benchmarks/quality.py --task region_record $GEN --methods $M_GEN,$ABL --out $D/region_record
 [ -d $D/region_country/runs ] && "$PY" benchmarks/quality.py --task region_country $GEN --methods $M_GEN --out $D/region_country
-[ -d $D/spell/runs ] && "$PY" benchmarks/quality.py --task spell $GEN --methods zero_shot,lora,iapt,iapt_anchors_only --out $D/spell
+[ -d $D/spell/runs ] && "$PY" benchmarks/quality.py --task spell $GEN --methods zero_shot,lora,iapt,iapt_lr3e-3,iapt_anchors_only --out $D/spell
 "$PY" benchmarks/quality.py --task rotten_tomatoes $CLS --n-test 1000 --n-dev 200 --tune-examples 200 \
     --methods zero_shot,lora,iapt,iapt_lr3e-3,iapt_anchors_only,iapt_pool_lr --out $D/rotten_tomatoes
 "$PY" benchmarks/quality.py --task subjectivity $CLS --n-test 500 --n-dev 0 \
