@@ -1,4 +1,4 @@
-# Shared by run_grid4..7.sh: SRC (a frozen copy of the tree), OUT (this folder), PY, CORE and
+# Shared by the run_grid*.sh scripts: SRC (a frozen copy of the tree), OUT (this folder), PY, CORE and
 # run <log name> <task> <seeds> <methods> [quality.py options...], one run at a time per core.
 SRC=${SRC:-$(cd "$(dirname "$0")/../../.." && pwd)}
 OUT=$(cd "$(dirname "$0")" && pwd)
