@@ -106,6 +106,7 @@ IAPT_ABLATIONS = {
     "iapt_anchor_lr": {},                            # the anchors at anchors-only's LR (TRAIN_OVERRIDES)
     "iapt_cosine": {},                               # cosine decay instead of linear (TRAIN_OVERRIDES)
     "iapt_pool_lr": {},                              # sharper pooling: W_pool at 10× the LR (TRAIN_OVERRIDES)
+    "iapt_pool_lr3": {},                             # moderately sharper pooling: W_pool at 3× the LR
 }
 # Ablations of the training recipe rather than the adapter: TrainConfig fields changed.
 TRAIN_OVERRIDES = {
@@ -113,6 +114,7 @@ TRAIN_OVERRIDES = {
     "iapt_anchor_lr": dict(anchor_lr=3e-2),
     "iapt_cosine": dict(lr_schedule="cosine"),
     "iapt_pool_lr": dict(pool_lr_scale=10.0),  # under Adam: scores × 10 (temperature 0.1), same start
+    "iapt_pool_lr3": dict(pool_lr_scale=3.0),
 }
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
@@ -139,6 +141,7 @@ METHOD_LABELS = {
     "iapt_anchor_lr": "ablation: IAPT, anchors at lr 3e-2",
     "iapt_cosine": "ablation: IAPT, cosine LR decay",
     "iapt_pool_lr": "ablation: IAPT, W_pool at 10× the LR (pooling temperature 0.1)",
+    "iapt_pool_lr3": "ablation: IAPT, W_pool at 3× the LR (pooling temperature 1/3)",
 }
 
 
