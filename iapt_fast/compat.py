@@ -1,6 +1,6 @@
 """Shims for the library releases iapt_fast runs on, in one place (design.md §6).
 
-Supported: torch 2.11–2.13, triton 3.6–3.9, transformers 5.17–5.24. Each shim names the
+Supported: torch 2.11–2.13, triton 3.6–3.9, transformers 5.17–5.25. Each shim names the
 releases it bridges; when support for the older release ends, the shim goes.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ from iapt_fast.generator import functional
 from iapt_fast.generator.weights import GeneratorWeights
 from iapt_fast.generator import reference
 from iapt_fast.model.anchor import anchor_token_ids
+from iapt_fast.model.prefix_hooks import hooks_installed_on
 from slow_reference import padded_batch, slow_logits, tiny_model
 from train_fixtures import make_llama, make_tokenizer
 
@@ -76,7 +77,7 @@ def test_text_init_uses_the_first_tokens_of_the_text_cycled():
     assert anchor_token_ids(cfg, model, tok) == expected
     with pytest.raises(ValueError, match="needs a tokenizer"):
         get_iapt_model(model, cfg)
-    assert not getattr(model, "_iapt_wrapped", False)  # a failed wrap leaves the model wrappable
+    assert not hooks_installed_on(model)  # a failed wrap leaves the model wrappable
     wrapped = get_iapt_model(model, cfg, tokenizer=tok, backend="torch")
     zero_generator_term(wrapped)
     ids = torch.tensor([tok("bad plot", add_special_tokens=False)["input_ids"]])

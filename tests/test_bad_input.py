@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
+from iapt_fast.model.prefix_hooks import hooks_installed_on
 from slow_reference import padded_batch, tiny_model
 
 
@@ -56,7 +57,7 @@ def test_sliding_window_setups_that_would_decode_wrong_are_refused():
     model.config.sliding_window = 14
     with pytest.raises(ValueError, match="sliding_window=14 must exceed num_soft_tokens=14"):
         _wrap(model, num_soft_tokens=14)
-    assert not getattr(model, "_iapt_wrapped", False)  # refused before wrapping: still wrappable
+    assert not hooks_installed_on(model)  # refused before wrapping: still wrappable
     # Partial target layers: right while the window cannot roll over (T + tokens <= W - 1) ...
     wrapped = _wrap(model, target_layers=[1])
     weights = {1: wrapped.generators["default"][1].weights()}

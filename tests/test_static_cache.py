@@ -34,7 +34,7 @@ def test_static_cache_gives_the_dynamic_tokens_with_the_prefix_in_the_first_slot
     counter = CallCounter(monkeypatch)
     static = _generate(wrapped, ids, mask, inst, cache_implementation="static", return_dict_in_generate=True)
     assert counter.calls == model.config.num_hidden_layers  # once per layer, at prefill; decode steps: none
-    assert isinstance(static.cache, StaticCache) and isinstance(dynamic.cache, DynamicCache)
+    assert isinstance(static.cache.storage, StaticCache) and isinstance(dynamic.cache.storage, DynamicCache)
     assert torch.equal(static.sequences, dynamic.sequences)
     assert torch.equal(static.sequences, slow_greedy(model, weights_of(wrapped), ids, mask, inst, NEW))
     filled = num_tokens + ids.shape[1] + NEW - 1  # the last token is never written back
@@ -87,7 +87,7 @@ def test_static_cache_from_the_generation_config_and_a_caller_max_cache_len():
     dynamic = _generate(wrapped, ids, mask, inst)
     model.generation_config.cache_implementation = "static"
     out = _generate(wrapped, ids, mask, inst, max_cache_len=40, return_dict_in_generate=True)
-    assert isinstance(out.cache, StaticCache) and torch.equal(out.sequences, dynamic)
+    assert isinstance(out.cache.storage, StaticCache) and torch.equal(out.sequences, dynamic)
     assert out.cache.layers[0].max_cache_len == 4 + 40  # room for 40 real tokens, as the caller asked
     with pytest.raises(ValueError, match="cache_implementation='quantized' is not supported"):
         _generate(wrapped, ids, mask, inst, cache_implementation="quantized")

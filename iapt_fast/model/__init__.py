@@ -2,7 +2,7 @@
 
     iapt_model.py      IAPTModel / get_iapt_model: adapters, save/load, forward, generate
     requests.py        validating one call and planning its generator launches
-    prefill_state.py   the typed state of a call (Request → PrefillState, CacheState)
+    iapt_cache.py      the carrier of a call: IAPTCache (KV cache + Request / PrefillState)
     prefix_hooks.py    the hooks that put the soft tokens into the KV cache
     architectures/     one class per model family
     packing.py         serving packs: same-shape adapters stacked once

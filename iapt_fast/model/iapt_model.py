@@ -5,9 +5,8 @@ Where each part lives (design.md §7):
 * ``IAPTModel`` (here): adapter lifecycle, save/load, ``forward``, ``generate`` and manual
   decode steps, delegation of everything else to the wrapped model;
 * ``requests.py``: validating a call and planning its generator launches;
-* ``prefill_state.py``: the typed state of a call (Request → PrefillState, CacheState);
-* ``prefix_hooks.py``: the three hooks that put the soft tokens into the KV cache;
-* ``prefix_cache.py``: how the prefix lives in a dynamic or static cache;
+* ``iapt_cache.py``: the carrier of a call's state, the ``IAPTCache`` the backbone is called with;
+* ``prefix_hooks.py``: the hooks that put the soft tokens into the KV cache;
 * ``architectures/``: what differs between model families;
 * ``packing.py``: the serving packs (same-shape adapters stacked once);
 * ``compile_gate.py``: a generate() that may compile runs alone among concurrent calls.
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from iapt_fast.generator import functional as _functional
@@ -30,8 +30,8 @@ from iapt_fast.config import IAPTConfig
 from iapt_fast.generator.bank import GeneratorBank, check_adapter_name
 from iapt_fast.model.packing import ServingPacks
 from iapt_fast.model.compile_gate import gate
-from iapt_fast.model.prefill_state import PENDING
-from iapt_fast.model.prefix_hooks import PrefixHooks
+from iapt_fast.model.iapt_cache import IAPTCache
+from iapt_fast.model.prefix_hooks import PrefixHooks, hooks_installed_on
 from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, cache_implementation, check_checkpointing,
                                       check_generate_kwargs, check_inputs, check_labels, check_mask,
                                       decode_step_may_compile, make_request,
@@ -64,7 +64,7 @@ class IAPTModel(nn.Module):
             raise TypeError(f"config must be an IAPTConfig (or None: no adapter yet), got {type(config).__name__}")
         arch = get_architecture(model)
         _functional.resolve_backend(backend, torch.device("cpu"))  # validates the name
-        if getattr(model, "_iapt_wrapped", False):
+        if hooks_installed_on(model):
             raise ValueError("this model is already wrapped by an IAPTModel (its hooks would run twice); "
                              "add adapters to that one, or call its remove_hooks() first")
         self.base_model = model
@@ -76,9 +76,9 @@ class IAPTModel(nn.Module):
                                         backbone=backbone_record(model.config, arch.num_layers))
         self._active_adapter: str | None = None
         self._packs = ServingPacks(self.generators)
-        self._hooks = PrefixHooks(self, arch, self.generators, self._packs, backend=lambda: self.backend)
+        self._hooks = PrefixHooks(arch, self.generators, self._packs, backend=lambda: self.backend)
         self._hooks.install()
-        model._iapt_wrapped = True
+        self._static_cache_length = 0  # the longest static cache built so far: reused lengths keep compiled shapes
         if config is not None:
             try:
                 self.add_adapter(adapter_name, config, seed=seed, tokenizer=tokenizer)
@@ -297,11 +297,14 @@ class IAPTModel(nn.Module):
         request = make_request(self.generators, self._arch, self._active_adapter, mask, instruction_mask, adapter_names)
         if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = positions(mask)
-        ext_mask = request.attention_mask
-        if cache is not None:
-            kwargs[self._hooks.model_cache_kw] = cache
-        with gate(), PENDING.submit(self, request):
-            return self.base_model(input_ids=input_ids, attention_mask=ext_mask, labels=labels, **kwargs)
+        carrier = IAPTCache(cache if cache is not None else DynamicCache(config=self.base_model.config), request)
+        kwargs[self._hooks.model_cache_kw] = carrier
+        try:
+            with gate():
+                return self.base_model(input_ids=input_ids, attention_mask=request.attention_mask, labels=labels,
+                                       **kwargs)
+        finally:
+            carrier.end_prefill()  # also after a failure: the cache must never look mid-prefill
 
     def forward_body(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                      instruction_mask: Tensor | None = None, adapter_names: Sequence[str | None] | None = None,
@@ -350,22 +353,34 @@ class IAPTModel(nn.Module):
         new_tokens = max_new_tokens(self.base_model, length, generate_kwargs)
         request = make_request(self.generators, self._arch, self._active_adapter, mask, instruction_mask,
                                adapter_names, new_tokens=new_tokens)
-        if cache_implementation(self.base_model, generate_kwargs) == "static":
-            generate_kwargs["max_cache_len"] = static_cache_length(self.base_model, generate_kwargs,
-                                                                   request.num_tokens, length, new_tokens)
+        exclusive = decode_step_may_compile(self.base_model, generate_kwargs)
+        carrier = IAPTCache(self._generation_cache(generate_kwargs, request.num_tokens, length, new_tokens), request)
         position_ids = generate_kwargs.pop("position_ids", None)
         if position_ids is None:
             position_ids = positions(mask)
-        ext_mask = request.attention_mask
+        generate_kwargs[self._hooks.model_cache_kw] = carrier
         # A decode step that may compile runs alone (compile_gate.py: torch's compile flag is process-wide).
-        with gate(exclusive=decode_step_may_compile(self.base_model, generate_kwargs)), PENDING.submit(self, request):
-            return self.base_model.generate(input_ids=input_ids, attention_mask=ext_mask,
+        with gate(exclusive=exclusive):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=request.attention_mask,
                                             position_ids=position_ids, **generate_kwargs)
+
+    def _generation_cache(self, generate_kwargs: dict, num_tokens: int, length: int, new_tokens: int):
+        """The empty transformers cache a generate() call fills: static when asked (T slots longer, never
+        shorter than the last one, so a compiled decode step keeps its shapes), else dynamic. The call's
+        cache options are taken out of ``generate_kwargs``: the cache is passed in built."""
+        config = self.base_model.config.get_text_config(decoder=True)
+        if cache_implementation(self.base_model, generate_kwargs) != "static":
+            generate_kwargs["cache_implementation"] = None
+            return DynamicCache(config=config)
+        needed = static_cache_length(self.base_model, generate_kwargs, num_tokens, length, new_tokens)
+        self._static_cache_length = max(self._static_cache_length, needed)
+        generate_kwargs["cache_implementation"] = None
+        generate_kwargs.pop("max_cache_len", None)
+        return StaticCache(config=config, max_cache_len=self._static_cache_length)
 
     def remove_hooks(self) -> nn.Module:
         """Detach IAPT from the backbone and return the bare model (the adapters are discarded)."""
         self._hooks.remove()
-        self.base_model._iapt_wrapped = False
         return self.base_model
 
 

@@ -1,25 +1,29 @@
 """The hooks that put IAPT's soft tokens into a transformers causal LM (design.md §7).
 
-Three forward pre-hooks, installed by :class:`PrefixHooks`:
+Every hook reads the call's state from the cache argument it is called with, an
+:class:`~iapt_fast.model.iapt_cache.IAPTCache` (transformers hands the model's cache to every
+decoder layer and attention); anything else (no cache, a plain one) is a call of the bare backbone.
 
-1. **model** (the ``*ForCausalLM``): at a prefill (a :class:`~iapt_fast.model.prefill_state.Request`
-   is pending for this model), seed the KV cache with T slots per layer (prefix_cache.py),
-   register its :class:`CacheState`, plan the generator launches and hand a
-   :class:`PrefillState` to the decoder layers with the model's keyword arguments. Decode
-   steps pass straight through.
-2. **decoder layer**: at a prefill, run the generator on the layer's input H_l (one launch per
-   shape group) and turn P_l into prefix keys/values (``Architecture.prefix_kv``), passed on as
-   a keyword argument; layers outside ``target_layers`` are told to hide the T slots instead.
-3. **attention**: write the prefix into the cache's slots (decode steps then pay only T cache
-   entries); inside an activation-checkpointed layer, which drops the cache, prepend it
-   through a stateless proxy cache, so the backward replay sees the same prefix. A layer that
-   hides the prefix drops the mask's T leading columns (its cache layer drops the T slots).
+1. **model** pre-hook: at a prefill (the IAPTCache still holds its request), plan the generator
+   launches, seed every layer of the cache with T slots, start the :class:`PrefillState`.
+2. **decoder layer** pre-hook: at a prefill, run the generator on the layer's input H_l (one
+   launch per shape group), turn P_l into prefix keys/values (``Architecture.prefix_kv``) and
+   write them into the layer's T slots.
+3. **attention** pre-hook: a layer that hides the prefix drops the mask's T leading columns
+   (``IAPTCache.update`` drops the T slots).
+4. **model** post-hook: the prefill is over; decode steps run no generator.
 
-Decode steps read nothing but the flag of pending requests and the cache they are called
-with, so torch.compile traces them whole (no graph break) and CUDA graphs can capture them.
+transformers runs an activation-checkpointed layer without its cache argument. For such a
+layer (training only) the prefill state rides one keyword argument instead, ``iapt_prefill``,
+which transformers passes on to the layer and its attention, in the forward and in the
+backward replay: the attention then reads the prefix through a stateless :class:`PrefixOnlyCache`.
+
+Decode steps read nothing but the cache they are called with, so torch.compile traces them
+whole (no graph break) and CUDA graphs can capture them.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -30,31 +34,34 @@ from iapt_fast.model.architectures import Architecture
 from iapt_fast.compat import cache_kwarg_name
 from iapt_fast.generator.bank import GeneratorBank, stack_layers
 from iapt_fast.model.packing import ServingPacks
-from iapt_fast.model.prefill_state import PENDING, CacheState, Launch, PrefillState, cache_state, register_cache
-from iapt_fast.model.prefix_cache import (HiddenPrefixLayer, PrefixOnlyCache, cache_in_use, cache_layer, check_cache_room,
-                                          seed_cache, write_prefix)
+from iapt_fast.model.iapt_cache import (IAPTCache, Launch, PrefillState, PrefixOnlyCache, check_cache_room,
+                                        write_prefix)
 from iapt_fast.model.requests import plan_launches, positions
 
-__all__ = ["PrefixHooks", "PREFILL_KW"]
+__all__ = ["PrefixHooks", "PREFILL_KW", "hooks_installed_on"]
 
-PREFILL_KW = "iapt_prefill"  # PrefillState, model → decoder layers
-_PREFIX_KW = "iapt_prefix"  # (keys, values), decoder layer → its attention
-_SKIP_KW = "iapt_skip"  # T, decoder layer → its attention: hide the T slots
+# PrefillState, model → the checkpointed decoder layers and their attention (which transformers
+# runs without the cache argument); absent otherwise.
+PREFILL_KW = "iapt_prefill"
+
+
+def hooks_installed_on(model: nn.Module) -> bool:
+    """Whether an IAPTModel's hooks are installed on ``model`` (they would run twice)."""
+    return any(isinstance(getattr(hook, "__self__", None), PrefixHooks) for hook in model._forward_pre_hooks.values())
 
 
 class PrefixHooks:
-    """Installs and runs the three hooks for one wrapped model.
+    """Installs and runs the hooks for one wrapped model.
 
     Args:
-        owner: the IAPTModel whose pending requests these hooks serve.
         arch: the backbone's accessors.
         bank, packs: the adapters and their serving packs.
         backend: () → the generator backend name (the owner's current setting).
     """
 
-    def __init__(self, owner: nn.Module, arch: Architecture, bank: GeneratorBank, packs: ServingPacks,
+    def __init__(self, arch: Architecture, bank: GeneratorBank, packs: ServingPacks,
                  backend: Callable[[], str]) -> None:
-        self.owner, self.arch, self.bank, self.packs = owner, arch, bank, packs
+        self.arch, self.bank, self.packs = arch, bank, packs
         self.backend = backend
         self.model_cache_kw = cache_kwarg_name(arch.model.forward)
         self._handles: list[Any] = []
@@ -66,6 +73,7 @@ class PrefixHooks:
     def install(self) -> None:
         arch = self.arch
         self._handles.append(arch.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(arch.model.register_forward_hook(self._after_model_call, with_kwargs=True))
         for index, layer in enumerate(arch.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index, layer), with_kwargs=True))
             attn = arch.attention(layer)
@@ -77,50 +85,45 @@ class PrefixHooks:
         self._handles.clear()
 
     # ------------------------------------------------------------------ manual decode steps
-    def decode_kwargs(self, input_ids: Tensor | None, attention_mask: Tensor | None, cache, kwargs: dict) -> dict:
+    def decode_kwargs(self, input_ids: Tensor | None, attention_mask: Tensor | None, cache: Any, kwargs: dict) -> dict:
         """The wrapped model's keyword arguments for a step after an IAPT prefill: the prefix
         is in the cache; its mask columns are prepended and the positions continue the real ones."""
-        state = cache_state(cache)
-        if state is None:
-            raise ValueError("the cache passed to forward() was not produced by an IAPTModel prefill")
-        skip = state.num_tokens
+        if not isinstance(cache, IAPTCache) or cache.prefix_mask is None:
+            raise ValueError("the cache passed to forward() was not produced by an IAPTModel prefill (pass the "
+                             "cache its output returned)")
+        skip = cache.num_tokens
         q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         past_real = int(cache.get_seq_length()) - skip
         check_cache_room(cache, skip + past_real + q, skip)
-        self.arch.check_prefix_support(skip, state.hides_prefix, past_real + q)
+        self.arch.check_prefix_support(skip, cache.hides_prefix, past_real + q)
         if attention_mask is not None:
             if attention_mask.shape[1] != past_real + q:
                 raise ValueError(f"attention_mask must cover the {past_real} cached and {q} new tokens "
                                  f"(without the prefix), got length {attention_mask.shape[1]}")
             if kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = positions(attention_mask.long())[:, -q:]
-            attention_mask = torch.cat([state.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
+            attention_mask = torch.cat([cache.prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)
         elif kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = torch.arange(past_real, past_real + q, device=state.prefix_mask.device)[None]
+            kwargs["position_ids"] = torch.arange(past_real, past_real + q, device=cache.prefix_mask.device)[None]
         kwargs[self.model_cache_kw] = cache
         return {**kwargs, "attention_mask": attention_mask}
 
     # ------------------------------------------------------------------ 1. the model
+    def _model_cache(self, kwargs: dict) -> Any:
+        cache = kwargs.get(self.model_cache_kw)
+        return kwargs.get("past_key_values") if cache is None else cache
+
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not PENDING.any:  # no request waits anywhere: a decode step, or a call of the bare backbone
-            return None
-        # Other threads' requests may be waiting. Eagerly, this thread's own ContextVar says;
-        # torch.compile cannot trace a ContextVar, so a compiled call whose cache holds entries
-        # is taken for the decode step it is (one graph, no break; compiling an IAPT prefill
-        # needs a fresh cache or none).
-        if torch.compiler.is_dynamo_compiling() and cache_in_use(kwargs.get(self.model_cache_kw,
-                                                                     kwargs.get("past_key_values"))):
-            return None
-        request = PENDING.take(self.owner)
-        if request is None:
-            return None
+        cache = self._model_cache(kwargs)
+        if not isinstance(cache, IAPTCache) or cache.request is None:
+            return None  # a decode step, or a call of the bare backbone
+        request = cache.request
         inputs = kwargs.get("input_ids")
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
         if inputs is None and args:
             inputs = args[0]
         batch = inputs.shape[0]
-        cache = self._empty_cache(kwargs)
         expand = batch // request.instruction_mask.shape[0]
         if expand * request.instruction_mask.shape[0] != batch:
             raise ValueError(f"batch of {batch} rows does not match the request's {request.instruction_mask.shape[0]}")
@@ -129,63 +132,52 @@ class PrefixHooks:
             inst = inst.repeat_interleave(expand, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(expand, dim=0)
             rows = [n for n in rows for _ in range(expand)]
-        prefix_mask = prompt_mask[:, :request.num_tokens]
         launches = plan_launches(self.packs, rows, request.adapters, inst.device)
         check_cache_room(cache, prompt_mask.shape[1], request.num_tokens)
-        seed_cache(cache, self.arch, batch, request.num_tokens, hidden_layers=(
-            i for i in range(self.arch.num_layers) if i not in request.target_layers))
+        reference = torch.empty(0, dtype=self.arch.activation_dtype(), device=self.arch.layer_device(0))
+        state = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens,
+                             rotary=self.arch.rotary(reference, request.num_tokens), row_adapters=rows,
+                             hidden_layers=request.hidden_layers)
+        cache.start_prefill(state, prompt_mask[:, :request.num_tokens], self.arch)
         mask = kwargs.get("attention_mask")
         if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
             # generate() builds the 4D mask of a static cache before this hook seeds the T slots,
             # so that mask places the prompt at 0…N−1: hand the model the 2D mask instead, from
             # which it builds the right one (the prefill is never the compiled step).
             kwargs["attention_mask"] = prompt_mask
-        register_cache(cache, CacheState(num_tokens=request.num_tokens, prefix_mask=prefix_mask,
-                                         hides_prefix=request.hides_prefix))
-        # transformers hands the model's extra keyword arguments down to every decoder layer.
-        # Riding along with them, the prefill state reaches the layer hooks even when a
-        # checkpointed layer is replayed during backward (transformers 5.17 runs the hooks
-        # inside the checkpoint, 5.24 outside; both keep the call's keyword arguments).
-        kwargs[PREFILL_KW] = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens,
-                                          row_adapters=rows)
+        if module.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.arch.layers):
+            # transformers may run these layers without the cache; it hands the model's extra
+            # keyword arguments to every layer, and each layer's on to its attention.
+            kwargs[PREFILL_KW] = state
         return args, kwargs
 
-    def _empty_cache(self, kwargs: dict):
-        """The call's cache (a new DynamicCache if none), under the argument name this release uses."""
-        key = self.model_cache_kw
-        cache = kwargs.get(key)
-        if cache is None and key != "past_key_values":
-            cache = kwargs.get("past_key_values")
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.arch.model.config)
-        elif int(cache.get_seq_length()) != 0:
-            raise ValueError("IAPT prefill needs an empty cache")
-        kwargs.pop("past_key_values", None)
-        kwargs[key] = cache
-        return cache
+    def _after_model_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = self._model_cache(kwargs)
+        if isinstance(cache, IAPTCache) and cache.prefill is not None:
+            cache.end_prefill()
 
     # ------------------------------------------------------------------ 2. a decoder layer
     def _layer_hook(self, index: int, layer: nn.Module):
         arch = self.arch
+        find_cache = _argument_finder(layer.forward)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            state = kwargs.pop(PREFILL_KW, None)
-            if state is None:  # a decode step: the prefix is in the cache already
-                return None
+            cache = find_cache(args, kwargs)
+            state = kwargs.get(PREFILL_KW)  # a checkpointed layer: the state rides on to its attention
+            if state is None:
+                state = cache.prefill if isinstance(cache, IAPTCache) else None
+            if state is None or index in state.hidden_layers:
+                return None  # a decode step (the prefix is in the cache already), or a layer without soft tokens
             hidden = args[0] if args else kwargs["hidden_states"]
             launches = [g for g in state.launches if index in g.key.layers]
-            if not launches:
-                kwargs[_SKIP_KW] = state.num_tokens
-                return args, kwargs
             soft = self.soft_tokens(index, layer, hidden, state, launches)
             if not torch.compiler.is_dynamo_compiling():  # a traced step would break its graph at the host read
                 check_finite(index, soft, state)
-            if state.rotary is None:
-                state.rotary = arch.rotary(hidden, state.num_tokens)
-            kwargs[_PREFIX_KW] = arch.prefix_kv(layer, soft, state.rotary)
-            return args, kwargs
+            keys, values = arch.prefix_kv(layer, soft, state.rotary)
+            state.prefix[index] = (keys, values)
+            if isinstance(cache, IAPTCache):
+                write_prefix(cache, index, keys, values)
+            return None
 
         return hook
 
@@ -229,29 +221,40 @@ class PrefixHooks:
         cache_kw = cache_kwarg_name(attn.forward)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            prefix = kwargs.pop(_PREFIX_KW, None)
-            skip = kwargs.pop(_SKIP_KW, None)
+            state = kwargs.pop(PREFILL_KW, None)
             cache = kwargs.get(cache_kw)
-            if prefix is not None:
-                keys, values = prefix
-                if cache is None:
-                    kwargs[cache_kw] = PrefixOnlyCache(keys, values)
-                else:
-                    write_prefix(cache.layers[index], index, keys, values)
-                return args, kwargs
-            if skip is None:  # a decode step: does this layer's cache hide the prefix?
-                slot = cache_layer(cache, index)
-                if not isinstance(slot, HiddenPrefixLayer):
-                    return None
-                skip = slot.num_tokens
-            # The layer's cache (a HiddenPrefixLayer) drops the T slots from its keys; the
-            # mask's T leading columns go too.
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, Tensor) and mask.dim() == 4:
-                kwargs["attention_mask"] = mask[..., skip:]
+            if isinstance(cache, IAPTCache):  # the prefix is in the cache's slots, or hidden by it
+                carrier = cache if index in cache.hidden_layers else None
+            elif state is not None:  # inside an activation-checkpointed layer, which runs without the cache
+                if index not in state.hidden_layers:
+                    kwargs[cache_kw] = PrefixOnlyCache(*state.prefix[index])
+                    return args, kwargs
+                carrier = state
+            else:
+                return None  # a call of the bare backbone
+            if carrier is not None:
+                # The layer's keys come without the T slots; the mask's T leading columns go too.
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, Tensor) and mask.dim() == 4:
+                    kwargs["attention_mask"] = mask[..., carrier.num_tokens:]
             return args, kwargs
 
         return hook
+
+
+def _argument_finder(fn: Callable) -> Callable[[tuple, dict], Any]:
+    """(args, kwargs) → the cache argument of ``fn``, passed by name or by position (GPT-2's
+    decoder passes it positionally)."""
+    name = cache_kwarg_name(fn)
+    params = list(inspect.signature(fn).parameters)
+    position = params.index(name) if name in params else None
+
+    def find(args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        return args[position] if position is not None and position < len(args) else None
+
+    return find
 
 
 def check_finite(index: int, soft: Tensor, state: PrefillState) -> None:

@@ -5,6 +5,7 @@ argument, and nothing has been computed yet.
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Sequence
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 from iapt_fast.model.architectures import Architecture
 from iapt_fast.generator.bank import AdapterGenerators, GeneratorBank
 from iapt_fast.model.packing import AdapterPack, GroupKey, ServingPacks, group_key
-from iapt_fast.model.prefill_state import Launch, Request
+from iapt_fast.model.iapt_cache import Launch, Request
 
 __all__ = ["BASE_ADAPTER", "VERIFIED_ATTENTION", "SUPPORTED_CACHES", "check_inputs", "check_labels",
            "check_checkpointing", "check_generate_kwargs", "cache_implementation", "static_cache_length", "check_mask",
@@ -60,12 +61,12 @@ def check_checkpointing(arch: Architecture) -> None:
                          "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
 
 
-_UNSUPPORTED_GENERATE = {
+_UNSUPPORTED_GENERATE = MappingProxyType({
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
     "prefill_chunk_size": "chunked prefill",
     "inputs_embeds": "generation from inputs_embeds",
-}
+})
 
 
 def check_generate_kwargs(model: Any, generate_kwargs: dict) -> None:

@@ -20,6 +20,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
+from iapt_fast.model.architectures import FAMILIES
 from iapt_fast.serve.adapters import AdapterSpec, ServedAdapters
 from iapt_fast.serve.injection import LayerInjector, find_fresh_prefills
 from iapt_fast.serve.options import ADAPTERS_KEY, check_engine_config, codec_for
@@ -40,6 +41,8 @@ class ServingState:
         specs = [AdapterSpec(name, path) for name, path in json.loads(getattr(config, ADAPTERS_KEY, "[]"))]
         self.adapters = ServedAdapters(specs, config.model_type, config.hidden_size, config.num_hidden_layers,
                                        device=device)
+        # The same per-family definition as the Hugging Face path: where the soft tokens enter a layer.
+        self.input_norm = FAMILIES[config.model_type].input_norm
         self.codec: PlaceholderCodec = codec_for(config.vocab_size, len(specs), vllm_config.model_config.max_model_len)
         block_size = vllm_config.cache_config.block_size
         for slot in self.adapters.slots:
@@ -84,7 +87,7 @@ def iapt_decoder_loop(decoder: nn.Module, state: ServingState, input_ids: torch.
     for index, layer in enumerate(islice(decoder.layers, decoder.start_layer, decoder.end_layer),
                                   start=decoder.start_layer):
         if injector is not None:
-            hidden, residual = injector(index, hidden, residual, layer.input_layernorm.forward_native)
+            hidden, residual = injector(index, hidden, residual, state.input_norm(layer).forward_native)
         hidden, residual = layer(positions, hidden, residual)
     hidden, _ = decoder.norm(hidden, residual)
     return hidden

@@ -1,7 +1,7 @@
 """The interface every model family implements, and what is common to all of them.
 
 A family (``config.model_type``) is one small subclass of :class:`Architecture` in its own
-file, registered with :func:`register`: it says where the decoder layers are, which module is
+file, listed in ``FAMILIES`` (architectures/__init__.py): it says where the decoder layers are, which module is
 a layer's input norm and attention, its key/value shape, and how to turn the soft tokens
 P_l [B, T, d] of layer l into that layer's prefix keys and values (design.md §1).
 """
@@ -13,20 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Architecture", "register", "FAMILIES", "get_architecture"]
-
-# model_type → its Architecture subclass
-FAMILIES: dict[str, type["Architecture"]] = {}
-
-
-def register(*model_types: str):
-    """Class decorator: ``@register("llama", "mistral")`` makes the class handle those families."""
-    def add(cls: type["Architecture"]) -> type["Architecture"]:
-        for model_type in model_types:
-            FAMILIES[model_type] = cls
-        return cls
-    return add
-
+__all__ = ["Architecture"]
 
 @dataclass
 class Architecture:
@@ -55,8 +42,13 @@ class Architecture:
         """(decoder module, decoder layers) of a causal LM of this family."""
         raise NotImplementedError
 
-    def input_norm(self, layer: nn.Module) -> nn.Module:
-        """The layer's own input norm (applied to H_l before attention)."""
+    @staticmethod
+    def input_norm(layer: nn.Module) -> nn.Module:
+        """The layer's own input norm (applied to H_l before attention; the generators pool its
+        output). The soft tokens enter a layer as its input at positions −T…−1: this norm, then
+        the layer's own key/value projections (:meth:`prefix_kv` here; vLLM's layers compute them
+        from placeholder rows, iapt_fast/serve/injection.py). vLLM's decoder layers of the served
+        families name their modules as transformers' do, so the serving host asks this method too."""
         raise NotImplementedError
 
     def attention(self, layer: nn.Module) -> nn.Module:
@@ -153,27 +145,3 @@ class Architecture:
             if keywords.get("use_reentrant", True) is not False:
                 return True
         return False
-
-def get_architecture(model: nn.Module) -> Architecture:
-    """Recognise a transformers causal LM and return its family's accessors.
-
-    Raises:
-        TypeError: ``model`` is not a module with a transformers config.
-        ValueError: the family is not supported (the message names the supported ones).
-    """
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"model must be a transformers causal LM (nn.Module with .config), got {type(model).__name__}")
-    family = getattr(model.config, "model_type", None)
-    cls = FAMILIES.get(family)
-    if cls is None:
-        raise ValueError(f"unsupported model family {family!r} ({type(model).__name__}); IAPT supports {list(FAMILIES)}")
-    decoder, layers = cls.locate(model)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"{type(model).__name__} does not look like a {family} causal LM with a language-model head "
-            "(pass the *ForCausalLM / *LMHeadModel, not the bare decoder)"
-        )
-    if getattr(model.config, "add_cross_attention", False):
-        raise ValueError("IAPT supports decoder-only models; this model has cross-attention layers")
-    return cls(family=family, model=model, decoder=decoder, layers=layers,
-               hidden_size=int(model.config.hidden_size), num_layers=len(layers))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from iapt_fast.model.architectures.base import Architecture, register
+from iapt_fast.model.architectures.base import Architecture
 
 
-@register("gpt2")
 class GPT2(Architecture):
 
     @classmethod
@@ -15,7 +14,8 @@ class GPT2(Architecture):
         decoder = getattr(model, "transformer", None)
         return decoder, getattr(decoder, "h", None)
 
-    def input_norm(self, layer: nn.Module) -> nn.Module:
+    @staticmethod
+    def input_norm(layer: nn.Module) -> nn.Module:
         return layer.ln_1
 
     def attention(self, layer: nn.Module) -> nn.Module:

@@ -6,10 +6,9 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from iapt_fast.model.architectures.base import Architecture, register
+from iapt_fast.model.architectures.base import Architecture
 
 
-@register("llama", "qwen2", "qwen3")
 class LlamaLike(Architecture):
     """``model.model.layers``; pre-norm ``input_layernorm``; ``self_attn`` with k/v projections
     (grouped-query heads) and a rotary embedding at the decoder level."""
@@ -19,7 +18,8 @@ class LlamaLike(Architecture):
         decoder = getattr(model, "model", None)
         return decoder, getattr(decoder, "layers", None)
 
-    def input_norm(self, layer: nn.Module) -> nn.Module:
+    @staticmethod
+    def input_norm(layer: nn.Module) -> nn.Module:
         return layer.input_layernorm
 
     def attention(self, layer: nn.Module) -> nn.Module:
@@ -54,7 +54,6 @@ class LlamaLike(Architecture):
         return key, value
 
 
-@register("mistral")
 class Mistral(LlamaLike):
     """Llama-like; its sliding window is verified against literal prepending (the soft tokens
     leave the window like real prepended tokens)."""

@@ -1,0 +1,184 @@
+"""A call's state has one explicit carrier (the IAPTCache the backbone is called with).
+
+What must hold: no module-level mutable state in the model package (so concurrent calls can
+share nothing through it); nothing written onto transformers' objects by wrapping, forward,
+generate (dynamic and static), manual decoding or a checkpointed training step; the library
+files a prefill crosses before the soft tokens enter the first attention are the listed ones.
+Results are checked elsewhere (test_model.py against the slow reference); here, the structure.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+import types
+import typing
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import iapt_fast
+import iapt_fast.model
+from iapt_fast import IAPTConfig
+from iapt_fast.model.iapt_cache import IAPTCache
+from iapt_fast.model.prefix_hooks import hooks_installed_on
+from slow_reference import padded_batch, tiny_model
+from test_model import wrap
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The one process-wide object of the model package: the gate that keeps a compiling generate()
+# apart from eager calls mirrors torch's compile flag, which is process-wide (compile_gate.py).
+ALLOWED_MUTABLE = {"iapt_fast.model.compile_gate.GATE"}
+IMMUTABLE = (str, bytes, int, float, bool, type(None), frozenset, types.MappingProxyType, range)
+
+
+def _immutable(value) -> bool:
+    if isinstance(value, tuple):
+        return all(_immutable(item) for item in value)
+    return isinstance(value, IMMUTABLE)
+
+
+def _model_modules():
+    yield iapt_fast.model
+    for info in pkgutil.walk_packages(iapt_fast.model.__path__, "iapt_fast.model."):
+        yield importlib.import_module(info.name)
+
+
+def test_the_model_package_holds_no_module_level_mutable_state():
+    found = []
+    for module in _model_modules():
+        for name, value in vars(module).items():
+            if name.startswith("__") or name in ("annotations",):
+                continue
+            if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)) \
+                    or callable(value) and not hasattr(value, "__dict__") \
+                    or type(value).__module__ == "typing" or isinstance(value, typing.TypeVar):
+                continue
+            owner = getattr(value, "__module__", None)
+            if owner is not None and owner != module.__name__ and not isinstance(value, IMMUTABLE):
+                continue  # imported from elsewhere (checked where it is defined)
+            if not _immutable(value) and f"{module.__name__}.{name}" not in ALLOWED_MUTABLE:
+                found.append(f"{module.__name__}.{name}: {type(value).__name__}")
+    assert not found, f"module-level mutable state in iapt_fast.model: {found}"
+
+
+def test_the_state_scan_sees_a_mutable_global():
+    # The scan above must be able to fail: a dict or a plain object at module level is found.
+    fake = types.ModuleType("iapt_fast.model.fake")
+    fake.REGISTRY = {}
+    assert not _immutable(fake.REGISTRY) and _immutable(("a", 1, frozenset()))
+
+
+def _attributes(model: torch.nn.Module) -> dict:
+    """Every module's class and attribute names, and the config's attribute names."""
+    state = {f"module {name}": (type(module), frozenset(vars(module))) for name, module in model.named_modules()}
+    state["config"] = frozenset(vars(model.config))
+    state["generation_config"] = frozenset(vars(model.generation_config))
+    return state
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_call_writes_onto_transformers_objects(family):
+    model = tiny_model(family, "sdpa", layers=3)
+    ids, mask, inst = padded_batch(2, 7, "left", seed=5)
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    labels = ids.masked_fill(mask == 0, -100)
+    # transformers' own lazily written state (first generate, hidden-state capture, checkpointing on
+    # and off), before the snapshot
+    model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **gen)
+    model(input_ids=ids, attention_mask=mask, output_hidden_states=True)  # installs transformers' capture hooks
+    _checkpointed_step(model, input_ids=ids, attention_mask=mask, labels=labels)
+    before = _attributes(model)
+    wrapped = wrap(model)
+    assert _iapt_hooks(model) > 0
+    wrapped.add_adapter("part", IAPTConfig(bottleneck_dim=8, init_std_up=0.5, target_layers=[1]), seed=2)
+    with torch.no_grad():
+        out = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, use_cache=True)
+        step = torch.ones(2, 1, dtype=torch.long)
+        wrapped(input_ids=step, attention_mask=torch.cat([mask, step], 1), cache=out.cache)
+        for names in (["default", "default"], ["part", "__base__"]):
+            for cache in ("dynamic", "static"):
+                result = wrapped.generate(ids, attention_mask=mask, instruction_mask=inst, adapter_names=names,
+                                          cache_implementation=cache, return_dict_in_generate=True, **gen)
+                assert isinstance(result.cache, IAPTCache)
+                storage = (StaticCache if cache == "static" else DynamicCache)
+                assert type(result.cache.storage) is storage
+                assert all(type(layer).__module__.startswith("transformers.") for layer in result.cache.layers)
+    _checkpointed_step(wrapped, input_ids=ids, attention_mask=mask, instruction_mask=inst, labels=labels)
+    after = _attributes(model)
+    changed = {key: _difference(before.get(key), after.get(key)) for key in set(before) | set(after)
+               if before.get(key) != after.get(key)}
+    assert not changed, f"IAPT wrote onto transformers' objects: {changed}"
+    wrapped.remove_hooks()
+    assert _iapt_hooks(model) == 0 and not hooks_installed_on(model)
+
+
+def _iapt_hooks(model: torch.nn.Module) -> int:
+    """How many forward hooks of iapt_fast's code are installed on ``model``'s modules."""
+    hooks = [hook for module in model.modules()
+             for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())]
+    owners = [getattr(getattr(hook, "__self__", hook), "__module__", "") or "" for hook in hooks]
+    return sum(owner.startswith("iapt_fast") for owner in owners)
+
+
+def _difference(before, after):
+    if isinstance(before, tuple) and isinstance(after, tuple) and before[0] is after[0]:
+        return {"added": sorted(after[1] - before[1]), "removed": sorted(before[1] - after[1])}
+    if isinstance(before, frozenset) and isinstance(after, frozenset):
+        return {"added": sorted(after - before), "removed": sorted(before - after)}
+    return before, after
+
+
+def _checkpointed_step(model: torch.nn.Module, **batch) -> None:
+    """One training step under activation checkpointing, which is switched on and off again."""
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model(**batch).loss.backward()
+    model.activation_checkpointing_disable()
+    model.eval()
+
+
+# What a prefill crosses in the library up to the first attention: the call (iapt_model.py), its
+# validation and plan (requests.py; the bank's snapshot, the packs' lookup), its carrier
+# (iapt_cache.py), the hooks (prefix_hooks.py), the family (architectures/), the compile gate, and
+# the generator op (functional.py → cpu_fast.py / op.py, rational.py).
+PREFILL_FILES = {
+    "iapt_fast/model/iapt_model.py", "iapt_fast/model/requests.py", "iapt_fast/model/iapt_cache.py",
+    "iapt_fast/model/prefix_hooks.py", "iapt_fast/model/architectures/base.py",
+    "iapt_fast/model/architectures/llama.py", "iapt_fast/model/compile_gate.py", "iapt_fast/model/packing.py",
+    "iapt_fast/generator/bank.py", "iapt_fast/generator/functional.py", "iapt_fast/generator/op.py",
+    "iapt_fast/generator/cpu_fast.py", "iapt_fast/generator/rational.py",
+}
+
+
+def test_the_files_a_prefill_crosses_before_the_first_attention():
+    model = tiny_model("llama", "sdpa")
+    wrapped = wrap(model)
+    ids, mask, inst = padded_batch(2, 7, "left", seed=1)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(iapt_fast.__file__)))
+    attention = type(model.model.layers[0].self_attn).forward.__code__
+    seen: set[str] = set()
+    reached = []
+
+    def profile(frame, event, arg):
+        if reached or event != "call":
+            return
+        if frame.f_code is attention:
+            reached.append(True)
+            return
+        path = os.path.relpath(frame.f_code.co_filename, root)
+        if path.startswith("iapt_fast/") or path.startswith("kernels/"):
+            seen.add(path)
+
+    with torch.no_grad():
+        sys.setprofile(profile)
+        try:
+            wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst)
+        finally:
+            sys.setprofile(None)
+    assert reached, "the prefill never reached an attention"
+    assert seen <= PREFILL_FILES, f"new files on the prefill path: {sorted(seen - PREFILL_FILES)}"
+    assert {"iapt_fast/model/iapt_cache.py", "iapt_fast/model/prefix_hooks.py"} <= seen
