@@ -20,7 +20,7 @@ if REPO not in sys.path:
 
 def test_quick_synthetic_report(tmp_path, monkeypatch):
     pytest.importorskip("peft")
-    from benchmarks import quality
+    from benchmarks import quality, quality_methods, quality_report, quality_runner
 
     root, tmp_path = tmp_path, tmp_path / "rotten_tomatoes"
     methods = ["zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt"]
@@ -37,7 +37,7 @@ def test_quick_synthetic_report(tmp_path, monkeypatch):
         quality.run(args)
         runs = sorted(os.listdir(tmp_path / "runs"))
         # Finished runs are reused, never retrained: a third call trains nothing.
-        monkeypatch.setattr(quality, "train_method", lambda *a, **k: pytest.fail("a finished run was retrained"))
+        monkeypatch.setattr(quality_runner, "train_method", lambda *a, **k: pytest.fail("a finished run was retrained"))
         results = quality.run(quality.parse_args(["--quick", "--synthetic", "--steps", "3", "--n-test", "24",
                                                   "--no-progress", "--seeds", "0,1", "--tune", "--tune-factors",
                                                   "1,3", "--lrs", "iapt=0.002,iapt_paper=0.001", "--methods",
@@ -58,7 +58,7 @@ def test_quick_synthetic_report(tmp_path, monkeypatch):
     for name in methods[1:4]:
         tuning = saved["tuning"][name]
         assert len(tuning["grid"]) == 2
-        best = max(zip(tuning["dev_accuracy"], [-abs(lr / quality.DEFAULT_LR[name] - 1) for lr in tuning["grid"]],
+        best = max(zip(tuning["dev_accuracy"], [-abs(lr / quality_methods.DEFAULT_LR[name] - 1) for lr in tuning["grid"]],
                        tuning["grid"]))[2]
         assert tuning["chosen"] == best == saved["methods"][name]["lr"]
     assert saved["methods"]["iapt"]["lr"] == 0.002 and "iapt" not in saved["tuning"]
@@ -70,7 +70,7 @@ def test_quick_synthetic_report(tmp_path, monkeypatch):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert results["methods"].keys() == saved["methods"].keys()
     # The cross-task summary quotes every method and checks the targets against these numbers.
-    text = quality.summarize(str(root))
+    text = quality_report.summarize(str(root))
     iapt, pt, lora = (saved["methods"][m]["mean"] for m in ("iapt", "prompt_tuning", "lora"))
     assert f"**{iapt:.3f}**" in text and "IAPT (IAPTConfig())" in text
     assert ("prompt tuning + 3 = %.3f: %s" % (pt + 0.03, "met" if iapt >= pt + 0.03 else "missed")) in text
@@ -102,13 +102,13 @@ def test_generative_scores_on_hand_computed_answers():
 def test_generate_answers_equals_a_manual_greedy_decode_of_the_iapt_forward():
     """Batched, left-padded IAPTModel.generate (KV cache, prefix at prefill) against one example
     at a time, re-running the whole sequence each step with the prompt as the instruction."""
-    from benchmarks import quality
+    from benchmarks import quality_tasks
     from benchmarks.quality_generate import generate_answers
     from iapt_fast import IAPTConfig, get_iapt_model
     from iapt_fast.training.data import tokenize_pair
 
-    task = quality.GEN_TASKS["caps"]
-    load_base, tokenizer, data = quality.synthetic_setup(task, 0, 40, 4, 6)
+    task = quality_tasks.GEN_TASKS["caps"]
+    load_base, tokenizer, data = quality_tasks.synthetic_setup(task, 0, 40, 4, 6)
     model = get_iapt_model(load_base(), IAPTConfig(bottleneck_dim=8, init_std_up=0.5), seed=2, backend="torch")
     prompts = [task.prompt.format(text=t) for t, _ in data["test"]]
     got = generate_answers(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
