@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.suites.ratios import index
 from iapt_fast.atomic import atomic_write_bytes, atomic_write_text
 
 LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "numpy", "matplotlib", "iapt_fast")
@@ -98,164 +99,13 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- ratios
-def _index(rows: list[dict[str, Any]], suite: str) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(r["case"], r["method"]): r for r in rows if r["suite"] == suite}
-
-
-def _ratio(name: str, suite: str, case: str, num: dict | None, den: dict | None, key: str,
-           target: tuple[str, float] | None = None, invert: bool = False, minus_one: bool = False,
-           num_key: str | None = None) -> dict[str, Any]:
-    """num[key] / den[key] (den/num when ``invert``), minus one when ``minus_one``."""
-    out: dict[str, Any] = {"suite": suite, "case": case, "name": name, "value": None,
-                           "target": _target_text(target), "met": None, "note": None}
-    missing = [f"{r['method']} {r['status']}" + (f": {r['error']}" if r.get("error") else "")
-               for r in (num, den) if r is not None and r["status"] != "ok"]
-    if num is None or den is None:
-        out["note"] = "not measured in this run"
-        return out
-    if missing:
-        out["note"] = "; ".join(missing)[:300]
-        return out
-    a, b = num["metrics"].get(num_key or key), den["metrics"].get(key)
-    if a is None or b is None or (b == 0 if not invert else a == 0):
-        out["note"] = f"{key} missing"
-        return out
-    value = b / a if invert else a / b
-    if minus_one:
-        value -= 1.0
-    out["value"] = value
-    out["met"] = _meets(value, target)
-    return out
-
-
-def _value(name: str, suite: str, case: str, row: dict | None, key: str,
-           target: tuple[str, float] | None = None) -> dict[str, Any]:
-    """A metric of one row reported as a ratio (e.g. the fraction of copy bandwidth)."""
-    out: dict[str, Any] = {"suite": suite, "case": case, "name": name, "value": None,
-                           "target": _target_text(target), "met": None, "note": None}
-    if row is None:
-        out["note"] = "not measured in this run"
-    elif row["status"] != "ok":
-        out["note"] = (f"{row['method']} {row['status']}" + (f": {row['error']}" if row.get("error") else ""))[:300]
-    elif row["metrics"].get(key) is None:
-        out["note"] = f"{key} missing"
-    else:
-        out["value"] = row["metrics"][key]
-        out["met"] = _meets(out["value"], target)
-    return out
-
-
-def _meets(value: float, target: tuple[str, float] | None) -> bool | None:
-    if target is None:
-        return None
-    op, ref = target
-    return {"ge": value >= ref, "le": value <= ref, "gt": value > ref}[op]
-
-
-def _target_text(target: tuple[str, float] | None) -> str | None:
-    if target is None:
-        return None
-    op, ref = target
-    return {"ge": "≥ ", "le": "≤ ", "gt": "> "}[op] + f"{ref:g}"
-
-
 def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """The headline ratios of every suite, with the design.md §5 targets where one applies."""
-    out: list[dict[str, Any]] = []
-    k = _index(rows, "kernels")
-    kcases = list(dict.fromkeys(r["case"] for r in rows if r["suite"] == "kernels" and r["method"] != "copy"))
-    for case in kcases:
-        for mode in ("fwd", "bwd", "fwdbwd"):
-            eager, comp, tri = (k.get((case, f"{impl}/{mode}")) for impl in ("eager", "compile", "triton"))
-            if device == "cuda":
-                params = (tri or eager or {}).get("params", {})
-                big = params.get("d") == 4096 and params.get("batch", 0) * params.get("seq", 0) >= 16384
-                t_eager = {"fwd": ("ge", 3.0), "bwd": ("ge", 2.0)}.get(mode)
-                t_comp = ("ge", 1.5) if mode == "fwd" else None
-                out.append(_ratio(f"{mode}: Triton speed-up over eager", "kernels", case, tri, eager,
-                                  "median_ms", t_eager, invert=True))
-                out.append(_ratio(f"{mode}: Triton speed-up over torch.compile", "kernels", case, tri, comp,
-                                  "median_ms", t_comp, invert=True))
-                out.append(_value(f"{mode}: Triton fraction of copy bandwidth", "kernels", case, tri, "frac_copy_bw",
-                                  ("ge", 0.8) if (mode == "fwd" and big) else None))
-            else:
-                out.append(_ratio(f"{mode}: torch.compile speed-up over eager", "kernels", case, comp, eager,
-                                  "median_ms", None, invert=True))
-                out.append(_value(f"{mode}: eager fraction of copy bandwidth", "kernels", case, eager,
-                                  "frac_copy_bw"))
-    e = _index(rows, "e2e")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "e2e"):
-        iapt, base = e.get((case, "iapt")), e.get((case, "base"))
-        peft, bmm, merged = e.get((case, "peft_lora")), e.get((case, "bmm_lora")), e.get((case, "merged_lora"))
-        out.append(_ratio("IAPT / base tokens/s", "e2e", case, iapt, base, "tokens_per_s", ("ge", 0.95)))
-        out.append(_ratio("IAPT / PEFT LoRA mixed tokens/s", "e2e", case, iapt, peft, "tokens_per_s", ("ge", 1.3)))
-        out.append(_ratio("IAPT / gathered-BMM LoRA tokens/s", "e2e", case, iapt, bmm, "tokens_per_s", ("gt", 1.0)))
-        out.append(_ratio("IAPT / merged LoRA (1 tenant) tokens/s", "e2e", case, iapt, merged, "tokens_per_s"))
-        out.append(_ratio("IAPT prefill overhead over base", "e2e", case, iapt, base, "prefill_ms", ("le", 0.05),
-                          minus_one=True))
-        out.append(_ratio("IAPT / base decode ms per token", "e2e", case, iapt, base, "decode_ms_per_token"))
-        out.append(_ratio("PEFT LoRA mixed / base tokens/s", "e2e", case, peft, base, "tokens_per_s"))
-        single = e.get((case, "iapt_single"))
-        if single is not None:
-            out.append(_ratio("IAPT K adapters / IAPT 1 adapter tokens/s", "e2e", case, iapt, single, "tokens_per_s",
-                              ("ge", 0.95)))
-        iapt_torch = e.get((case, "iapt_torch"))
-        if iapt_torch is not None:
-            out.append(_ratio("IAPT Triton / IAPT reference tokens/s", "e2e", case, iapt, iapt_torch, "tokens_per_s"))
-            out.append(_ratio("IAPT Triton / IAPT reference prefill speed-up", "e2e", case, iapt, iapt_torch,
-                              "prefill_ms", invert=True))
-    c = _index(rows, "compiled")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "compiled"):
-        for mode, target in (("compiled", ("ge", 0.95)), ("static", None)):
-            iapt, base = c.get((case, f"iapt_{mode}")), c.get((case, f"base_{mode}"))
-            out.append(_ratio(f"{mode}: IAPT / base decode tokens/s", "compiled", case, iapt, base,
-                              "decode_tokens_per_s", target))
-            out.append(_ratio(f"{mode}: IAPT / base tokens/s", "compiled", case, iapt, base, "tokens_per_s"))
-        for model in ("base", "iapt"):
-            out.append(_ratio(f"{model}: compiled / eager decode speed-up", "compiled", case, c.get((case, f"{model}_static")),
-                              c.get((case, f"{model}_compiled")), "decode_ms_per_token"))
-    t = _index(rows, "train")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "train"):
-        iapt, peft, bmm = t.get((case, "iapt")), t.get((case, "peft_lora")), t.get((case, "bmm_lora"))
-        out.append(_ratio("train: IAPT / PEFT LoRA tokens/s", "train", case, iapt, peft, "tokens_per_s"))
-        out.append(_ratio("train: IAPT / gathered-BMM LoRA tokens/s", "train", case, iapt, bmm, "tokens_per_s"))
-        out.append(_ratio("train: IAPT / PEFT LoRA peak memory", "train", case, iapt, peft, "peak_mem_mb"))
-    out += _serve_ratios(rows, device)
-    return out
+    """The headline ratios of every suite present in ``rows``, each declared by its suite module
+    (``ratios(rows, device)``), with the design.md §5 targets where one applies."""
+    from benchmarks.suites import SUITES, suite_module
 
-
-def _serve_ks(rows: list[dict[str, Any]], case: str) -> list[int]:
-    return sorted({int(r["method"].rsplit("_k", 1)[1]) for r in rows
-                   if r["suite"] == "serve" and r["case"] == case and r["method"].startswith("iapt_k")})
-
-
-def _serve_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
-    """IAPT with K adapters against the bare engine and vLLM multi-LoRA at the same K. Targets
-    at K = 4 on the CPU, offline: IAPT ≥ 0.95× the bare engine and ≥ 2.5× vLLM multi-LoRA."""
-    out: list[dict[str, Any]] = []
-    s = _index(rows, "serve")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "serve"):
-        online = case.startswith("online")
-        key = "output_tokens_per_s" if online else "tokens_per_s"
-        prefix = "online: " if online else ""
-        base = s.get((case, "base"))
-        for k in _serve_ks(rows, case):
-            iapt, lora = s.get((case, f"iapt_k{k}")), s.get((case, f"vllm_lora_k{k}"))
-            targeted = k == 4 and device == "cpu" and not online
-            out.append(_ratio(f"{prefix}IAPT K={k} / base tokens/s", "serve", case, iapt, base, key,
-                              ("ge", 0.95) if targeted else None))
-            out.append(_ratio(f"{prefix}IAPT K={k} / vLLM LoRA K={k} tokens/s", "serve", case, iapt, lora, key,
-                              ("ge", 2.5) if targeted else None))
-            out.append(_ratio(f"{prefix}vLLM LoRA K={k} / base tokens/s", "serve", case, lora, base, key))
-            if not online:
-                out.append(_value(f"IAPT K={k} / base tokens/s, per-round pairs (median)", "serve", case, iapt,
-                                  "paired_vs_base"))
-            if online:
-                out.append(_ratio(f"online: IAPT K={k} / base time to first token", "serve", case, iapt, base,
-                                  "ttft_ms"))
-                out.append(_ratio(f"online: vLLM LoRA K={k} / base time to first token", "serve", case, lora, base,
-                                  "ttft_ms"))
-    return out
+    present = {r["suite"] for r in rows}
+    return [r for name in SUITES if name in present for r in suite_module(name).ratios(rows, device)]
 
 
 # ---------------------------------------------------------------------------- text tables
@@ -459,7 +309,7 @@ def _bars(ax, groups: list[str], series: list[str], value, ylabel: str, log: boo
 
 def _getter(rows: list[dict[str, Any]], suite: str, key: str, method_of=lambda s: s):
     """(case, series) -> the metric ``key`` of that row, None unless it ran ok."""
-    idx = _index(rows, suite)
+    idx = index(rows, suite)
 
     def value(case: str, s: str):
         r = idx.get((case, method_of(s)))
@@ -531,6 +381,8 @@ def _train_figure(plt, rows, title):
 
 def _serve_figure(plt, rows, title):
     """Output tokens/s offline and online, and the online time to first token, per K."""
+    from benchmarks.suites.serve import adapter_counts
+
     sr = [r for r in rows if r["suite"] == "serve"]
     if not sr:
         return None
@@ -542,7 +394,7 @@ def _serve_figure(plt, rows, title):
               (online, "output_tokens_per_s", "online output tokens/s"), (online, "ttft_ms", "online TTFT ms (median)")]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, (case, key, label) in zip(axes, panels):
-        ks = _serve_ks(rows, case) if case else []
+        ks = adapter_counts(rows, case) if case else []
         value = _getter(rows, "serve", key)
         _bars(ax, [f"K={k}" for k in ks], list(series),
               lambda g, s, case=case: value(case, series[s](int(g[2:]))), label)

@@ -50,10 +50,11 @@ import warnings
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
+if REPO_ROOT not in sys.path:  # run as a script (python benchmarks/run.py): the checkout's packages
     sys.path.insert(0, REPO_ROOT)
 
-SUITES = ("kernels", "e2e", "compiled", "train", "serve")
+from benchmarks.suites import SUITES, SuiteOptions, suite_module  # noqa: E402
+
 SCHEMA_VERSION = 1
 # Whole-run wall-clock budgets: the GPU run must fit one device call (< 8 min), the default
 # CPU run README's promise (< 10 min on 2 cores). Cases past the budget become skipped rows.
@@ -131,15 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from benchmarks import report
-    from benchmarks.suites import compiled, e2e, kernels, serve, train
+    from benchmarks.suites import serve
     from benchmarks.suites.common import Budget, Recorder
 
     suites = default_suites(serve.serve_python()[0] is not None, args.quick) if args.suite == "all" else [args.suite]
-    total = sum({"kernels": lambda: kernels.count(args.device, args.quick),
-                 "e2e": lambda: e2e.count(args.device, args.quick, args.methods),
-                 "compiled": lambda: compiled.count(args.device, args.quick),
-                 "train": lambda: train.count(args.device, args.quick),
-                 "serve": lambda: serve.count(args.device, args.quick)}[s]() for s in suites)
+    opts = SuiteOptions(device=args.device, quick=args.quick, methods=tuple(args.methods),
+                        lora_targets=tuple(args.lora_targets))
+    total = sum(suite_module(s).count(opts) for s in suites)
     start = time.perf_counter()
     machine = report.machine_info(args.device)
     progress = tqdm(total=total, desc="benchmarks", unit="case", disable=args.no_progress, file=sys.stderr,
@@ -157,16 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             share = weights[suite] / sum(weights.get(s, 0.0) for s in suites[i:])
             rec.budget = Budget(max(0.0, left * share))
         try:
-            if suite == "kernels":
-                settings[suite] = kernels.run(rec, args.device, args.quick)
-            elif suite == "e2e":
-                settings[suite] = e2e.run(rec, args.device, args.quick, args.methods, args.lora_targets)
-            elif suite == "compiled":
-                settings[suite] = compiled.run(rec, args.device, args.quick, args.lora_targets)
-            elif suite == "serve":
-                settings[suite] = serve.run(rec, args.device, args.quick, args.lora_targets)
-            else:
-                settings[suite] = train.run(rec, args.device, args.quick, args.lora_targets)
+            settings[suite] = suite_module(suite).run(rec, opts)
         except Exception as err:  # a broken suite is reported, and the others still run
             rec.fail(suite, "suite", "harness", {}, f"{type(err).__name__}: {err}")
             settings[suite] = {"error": f"{type(err).__name__}: {err}"}

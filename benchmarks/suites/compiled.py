@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.suites import SuiteOptions
+from benchmarks.suites.ratios import index, ratio
 from benchmarks.suites.common import Recorder, release_memory
 from benchmarks.suites.e2e import run_grid, settings as e2e_settings, time_generation
 from benchmarks.suites.models import BackboneSpec, Prepared, budget, build_backbone, prepare
@@ -48,7 +50,8 @@ def settings(device: str, quick: bool) -> dict[str, Any]:
     return {**base, "batches": [1, 8], "prompts": [64], "new_tokens": 32, "reps": 3}
 
 
-def count(device: str, quick: bool) -> int:
+def count(opts: SuiteOptions) -> int:
+    device, quick = opts.device, opts.quick
     s = settings(device, quick)
     return len(s["batches"]) * len(s["prompts"]) * len(METHODS)
 
@@ -118,8 +121,9 @@ def measure_case(preps: dict[str, Prepared], case: _Case, methods: list[str],
     return results
 
 
-def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dict[str, Any]:
+def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
     """Run the suite into ``rec``; returns its settings for the report."""
+    device, quick, lora_targets = opts.device, opts.quick, list(opts.lora_targets)
     cfg = settings(device, quick)
     spec: BackboneSpec = cfg["spec"]
     plan = budget(spec, lora_targets)
@@ -154,3 +158,19 @@ def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dic
     torch._dynamo.reset()
     release_memory()
     return info
+
+
+def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The compiled suite's ratios: IAPT against the base model, static cache eager and compiled."""
+    out: list[dict[str, Any]] = []
+    c = index(rows, "compiled")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "compiled"):
+        for mode, target in (("compiled", ("ge", 0.95)), ("static", None)):
+            iapt, base = c.get((case, f"iapt_{mode}")), c.get((case, f"base_{mode}"))
+            out.append(ratio(f"{mode}: IAPT / base decode tokens/s", "compiled", case, iapt, base,
+                              "decode_tokens_per_s", target))
+            out.append(ratio(f"{mode}: IAPT / base tokens/s", "compiled", case, iapt, base, "tokens_per_s"))
+        for model in ("base", "iapt"):
+            out.append(ratio(f"{model}: compiled / eager decode speed-up", "compiled", case, c.get((case, f"{model}_static")),
+                              c.get((case, f"{model}_compiled")), "decode_ms_per_token"))
+    return out

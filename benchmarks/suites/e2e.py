@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.suites import SuiteOptions
+from benchmarks.suites.ratios import index, ratio
 from benchmarks.suites.common import (MEMORY_NOTE, Recorder, estimate_seconds, measure_memory, module_mb, quantiles,
                                       release_memory, time_calls)
 from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, BackboneSpec, Prepared, budget, \
@@ -40,7 +42,8 @@ def settings(device: str, quick: bool) -> dict[str, Any]:
     return {"spec": spec, "dtype": "float32", "batches": [1, 8, 32], "prompts": [64], "new_tokens": 32, "reps": 5}
 
 
-def count(device: str, quick: bool, methods: list[str]) -> int:
+def count(opts: SuiteOptions) -> int:
+    device, quick, methods = opts.device, opts.quick, list(opts.methods)
     s = settings(device, quick)
     return len(s["batches"]) * len(s["prompts"]) * len(methods)
 
@@ -205,8 +208,9 @@ def run_grid(rec: Recorder, suite: str, grid: list[tuple[int, int]], new_tokens:
                 rec.record(suite, case, method, params, results.get(method, RuntimeError("not measured")), seconds)
 
 
-def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_targets: list[str]) -> dict[str, Any]:
+def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
     """Run the suite into ``rec``; returns its settings for the report."""
+    device, quick, methods, lora_targets = opts.device, opts.quick, list(opts.methods), list(opts.lora_targets)
     cfg = settings(device, quick)
     spec: BackboneSpec = cfg["spec"]
     plan = budget(spec, lora_targets)
@@ -231,3 +235,30 @@ def run(rec: Recorder, device: str, quick: bool, methods: list[str], lora_target
     del backbone
     release_memory()
     return info
+
+
+def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The e2e suite's ratios: IAPT against the base model and every LoRA at each case."""
+    out: list[dict[str, Any]] = []
+    e = index(rows, "e2e")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "e2e"):
+        iapt, base = e.get((case, "iapt")), e.get((case, "base"))
+        peft, bmm, merged = e.get((case, "peft_lora")), e.get((case, "bmm_lora")), e.get((case, "merged_lora"))
+        out.append(ratio("IAPT / base tokens/s", "e2e", case, iapt, base, "tokens_per_s", ("ge", 0.95)))
+        out.append(ratio("IAPT / PEFT LoRA mixed tokens/s", "e2e", case, iapt, peft, "tokens_per_s", ("ge", 1.3)))
+        out.append(ratio("IAPT / gathered-BMM LoRA tokens/s", "e2e", case, iapt, bmm, "tokens_per_s", ("gt", 1.0)))
+        out.append(ratio("IAPT / merged LoRA (1 tenant) tokens/s", "e2e", case, iapt, merged, "tokens_per_s"))
+        out.append(ratio("IAPT prefill overhead over base", "e2e", case, iapt, base, "prefill_ms", ("le", 0.05),
+                          minus_one=True))
+        out.append(ratio("IAPT / base decode ms per token", "e2e", case, iapt, base, "decode_ms_per_token"))
+        out.append(ratio("PEFT LoRA mixed / base tokens/s", "e2e", case, peft, base, "tokens_per_s"))
+        single = e.get((case, "iapt_single"))
+        if single is not None:
+            out.append(ratio("IAPT K adapters / IAPT 1 adapter tokens/s", "e2e", case, iapt, single, "tokens_per_s",
+                              ("ge", 0.95)))
+        iapt_torch = e.get((case, "iapt_torch"))
+        if iapt_torch is not None:
+            out.append(ratio("IAPT Triton / IAPT reference tokens/s", "e2e", case, iapt, iapt_torch, "tokens_per_s"))
+            out.append(ratio("IAPT Triton / IAPT reference prefill speed-up", "e2e", case, iapt, iapt_torch,
+                              "prefill_ms", invert=True))
+    return out

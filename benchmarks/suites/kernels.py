@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.suites import SuiteOptions
+from benchmarks.suites.ratios import index, ratio, value
 from benchmarks.suites.common import Recorder, bandwidth_gbs, copy_bandwidth_gbs, time_fn
 from iapt_fast.generator.weights import GeneratorWeights
 
@@ -79,7 +81,8 @@ def impls(device: str) -> list[str]:
     return ["eager", "compile", "triton"] if device == "cuda" else ["eager", "compile"]
 
 
-def count(device: str, quick: bool) -> int:
+def count(opts: SuiteOptions) -> int:
+    device, quick = opts.device, opts.quick
     return len(cases(device, quick)) * len(impls(device)) * len(MODES) + 1
 
 
@@ -210,8 +213,9 @@ def measure(case: KernelCase, impl: str, mode: str, device: str, fn: Callable[..
             "launches_per_call": launches}
 
 
-def run(rec: Recorder, device: str, quick: bool) -> dict[str, Any]:
+def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
     """Run the suite into ``rec``; returns its settings for the report."""
+    device, quick = opts.device, opts.quick
     torch.manual_seed(0)
     copy_nbytes = (1 << 30) if device == "cuda" else (1 << 27)
     bw_row = rec.run(SUITE, "device copy", "copy", {"nbytes": copy_nbytes},
@@ -259,3 +263,31 @@ def run(rec: Recorder, device: str, quick: bool) -> dict[str, Any]:
             "W_down·W_pool, so the one-launch forward is 1 where kernels/launch.py picks it",
         ],
     }
+
+
+def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The kernels suite's ratios: on CUDA, Triton's speed-up over eager and torch.compile and its
+    fraction of copy bandwidth (targets at the fwd/bwd shapes of design.md §5); on the CPU, compile vs eager."""
+    out: list[dict[str, Any]] = []
+    k = index(rows, "kernels")
+    kcases = list(dict.fromkeys(r["case"] for r in rows if r["suite"] == "kernels" and r["method"] != "copy"))
+    for case in kcases:
+        for mode in ("fwd", "bwd", "fwdbwd"):
+            eager, comp, tri = (k.get((case, f"{impl}/{mode}")) for impl in ("eager", "compile", "triton"))
+            if device == "cuda":
+                params = (tri or eager or {}).get("params", {})
+                big = params.get("d") == 4096 and params.get("batch", 0) * params.get("seq", 0) >= 16384
+                t_eager = {"fwd": ("ge", 3.0), "bwd": ("ge", 2.0)}.get(mode)
+                t_comp = ("ge", 1.5) if mode == "fwd" else None
+                out.append(ratio(f"{mode}: Triton speed-up over eager", "kernels", case, tri, eager,
+                                  "median_ms", t_eager, invert=True))
+                out.append(ratio(f"{mode}: Triton speed-up over torch.compile", "kernels", case, tri, comp,
+                                  "median_ms", t_comp, invert=True))
+                out.append(value(f"{mode}: Triton fraction of copy bandwidth", "kernels", case, tri, "frac_copy_bw",
+                                  ("ge", 0.8) if (mode == "fwd" and big) else None))
+            else:
+                out.append(ratio(f"{mode}: torch.compile speed-up over eager", "kernels", case, comp, eager,
+                                  "median_ms", None, invert=True))
+                out.append(value(f"{mode}: eager fraction of copy bandwidth", "kernels", case, eager,
+                                  "frac_copy_bw"))
+    return out

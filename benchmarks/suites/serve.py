@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.suites import SuiteOptions
+from benchmarks.suites.ratios import index, ratio, value
 from benchmarks.suites.common import STATUSES, Recorder
 from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, budget
 from benchmarks.suites.serve_worker import RESULT_MARKER, SCHEMA, engine_of, k_of, offline_methods
@@ -104,7 +106,8 @@ def planned_rows(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def count(device: str, quick: bool) -> int:
+def count(opts: SuiteOptions) -> int:
+    device, quick = opts.device, opts.quick
     return len(planned_rows(settings(device, quick)))
 
 
@@ -200,8 +203,9 @@ def _info(cfg: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dict[str, Any]:
+def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
     """Run the suite into ``rec`` through the worker; returns its settings for the report."""
+    device, quick, lora_targets = opts.device, opts.quick, list(opts.lora_targets)
     cfg = settings(device, quick)
     plan = budget(cfg["spec"], lora_targets, num_tokens=4)
     info = _info(cfg, plan)
@@ -254,3 +258,37 @@ def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dic
 
 def _tail(text: str, lines: int = 12) -> str:
     return "\n".join((text or "").strip().splitlines()[-lines:])[-2000:]
+
+
+def adapter_counts(rows: list[dict[str, Any]], case: str) -> list[int]:
+    return sorted({int(r["method"].rsplit("_k", 1)[1]) for r in rows
+                   if r["suite"] == "serve" and r["case"] == case and r["method"].startswith("iapt_k")})
+
+
+def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """IAPT with K adapters against the bare engine and vLLM multi-LoRA at the same K. Targets
+    at K = 4 on the CPU, offline: IAPT ≥ 0.95× the bare engine and ≥ 2.5× vLLM multi-LoRA."""
+    out: list[dict[str, Any]] = []
+    s = index(rows, "serve")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "serve"):
+        online = case.startswith("online")
+        key = "output_tokens_per_s" if online else "tokens_per_s"
+        prefix = "online: " if online else ""
+        base = s.get((case, "base"))
+        for k in adapter_counts(rows, case):
+            iapt, lora = s.get((case, f"iapt_k{k}")), s.get((case, f"vllm_lora_k{k}"))
+            targeted = k == 4 and device == "cpu" and not online
+            out.append(ratio(f"{prefix}IAPT K={k} / base tokens/s", "serve", case, iapt, base, key,
+                              ("ge", 0.95) if targeted else None))
+            out.append(ratio(f"{prefix}IAPT K={k} / vLLM LoRA K={k} tokens/s", "serve", case, iapt, lora, key,
+                              ("ge", 2.5) if targeted else None))
+            out.append(ratio(f"{prefix}vLLM LoRA K={k} / base tokens/s", "serve", case, lora, base, key))
+            if not online:
+                out.append(value(f"IAPT K={k} / base tokens/s, per-round pairs (median)", "serve", case, iapt,
+                                  "paired_vs_base"))
+            if online:
+                out.append(ratio(f"online: IAPT K={k} / base time to first token", "serve", case, iapt, base,
+                                  "ttft_ms"))
+                out.append(ratio(f"online: vLLM LoRA K={k} / base time to first token", "serve", case, lora, base,
+                                  "ttft_ms"))
+    return out

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.suites import SuiteOptions
+from benchmarks.suites.ratios import index, ratio
 from benchmarks.suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
 from benchmarks.suites.e2e import settings as e2e_settings
 from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, Prepared, budget, build_backbone, prepare
@@ -31,7 +33,8 @@ def settings(device: str, quick: bool) -> dict[str, Any]:
             "warmup": 1, "steps": 2 if quick else 6}
 
 
-def count(device: str, quick: bool) -> int:
+def count(opts: SuiteOptions) -> int:
+    device, quick = opts.device, opts.quick
     return len(settings(device, quick)["shapes"]) * len(METHODS)
 
 
@@ -110,7 +113,8 @@ def measure_case(preps: dict[str, Prepared], batch: int, seq: int, steps: int, w
     return results
 
 
-def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dict[str, Any]:
+def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
+    device, quick, lora_targets = opts.device, opts.quick, list(opts.lora_targets)
     cfg = settings(device, quick)
     spec: BackboneSpec = cfg["spec"]
     plan = budget(spec, lora_targets)
@@ -158,3 +162,15 @@ def run(rec: Recorder, device: str, quick: bool, lora_targets: list[str]) -> dic
     del backbone
     release_memory()
     return info
+
+
+def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """The train suite's ratios: a training step of IAPT against PEFT and gathered-BMM LoRA."""
+    out: list[dict[str, Any]] = []
+    t = index(rows, "train")
+    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "train"):
+        iapt, peft, bmm = t.get((case, "iapt")), t.get((case, "peft_lora")), t.get((case, "bmm_lora"))
+        out.append(ratio("train: IAPT / PEFT LoRA tokens/s", "train", case, iapt, peft, "tokens_per_s"))
+        out.append(ratio("train: IAPT / gathered-BMM LoRA tokens/s", "train", case, iapt, bmm, "tokens_per_s"))
+        out.append(ratio("train: IAPT / PEFT LoRA peak memory", "train", case, iapt, peft, "peak_mem_mb"))
+    return out
