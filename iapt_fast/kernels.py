@@ -32,7 +32,8 @@ def _kernel_folder() -> str:
 
 __path__ = [_kernel_folder()]
 
-from iapt_fast.kernels.autograd import PromptGeneratorFunction, triton_prompt_generator  # noqa: E402
+from iapt_fast.kernels.autograd import PromptGeneratorFunction, recompute_backward, triton_prompt_generator  # noqa: E402
 from iapt_fast.kernels.launch import LaunchSpec, poison_buffers, record_launches  # noqa: E402
 
-__all__ = ["triton_prompt_generator", "PromptGeneratorFunction", "record_launches", "poison_buffers", "LaunchSpec"]
+__all__ = ["triton_prompt_generator", "PromptGeneratorFunction", "recompute_backward", "record_launches", "poison_buffers",
+           "LaunchSpec"]

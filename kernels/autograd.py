@@ -38,7 +38,9 @@ from .generator_fwd_fused import generator_fwd_fused_kernel
 from .lines import (MODE_GEMM, MODE_OUT, adapter_mm_kernel, lines_mm_kernel, rat_bwd_kernel, seg_outer_kernel,
                     seg_sum_kernel)
 
-__all__ = ["triton_prompt_generator", "PromptGeneratorFunction", "generator_weight_products", "fused_generator_forward"]
+__all__ = ["triton_prompt_generator", "PromptGeneratorFunction", "ForwardState", "generator_forward", "generator_backward",
+           "recompute_backward",
+           "generator_weight_products", "fused_generator_forward"]
 
 
 @dataclass(frozen=True)
@@ -165,161 +167,249 @@ def _strided(t: Tensor, transpose: bool = False) -> StridedTensor:
 # The forward's inputs, in order: ctx.needs_input_grad is read by these names.
 _FORWARD_INPUTS = ("hidden", "mask", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "adapter_ids", "version",
                    "num_splits", "anchor", "anchor_scale")
+# The tensors the multi-launch forward keeps for its backward, in ForwardState's field order.
+_SAVED = ("hidden", "mask_u8", "ids", "sorted_ids", "order", "used", "wdp", "pooled", "p", "row_m", "row_linv",
+          "w_down", "w_pool", "rat_num", "rat_den", "w_up", "anchor_scale")
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """What the multi-launch forward keeps for its backward: the inputs it reads again, the rows
+    sorted by adapter, W_dp, Ph, p and the two [B, T] softmax statistics (module docstring), and
+    the choices it made (precision, ids, rational version, anchor)."""
+
+    hidden: Tensor
+    mask_u8: Tensor
+    ids: Tensor
+    sorted_ids: Tensor
+    order: Tensor
+    used: Tensor
+    wdp: Tensor
+    pooled: Tensor
+    p: Tensor
+    row_m: Tensor
+    row_linv: Tensor
+    w_down: Tensor
+    w_pool: Tensor
+    rat_num: Tensor
+    rat_den: Tensor
+    w_up: Tensor
+    anchor_scale: Tensor | None
+    has_ids: bool
+    version_b: bool
+    cfg: dict
+    anchor_dtype: torch.dtype | None  # None: no anchor
+
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        """The saved tensors, for ``ctx.save_for_backward``."""
+        return tuple(getattr(self, name) for name in _SAVED)
+
+    def choices(self) -> tuple:
+        return self.has_ids, self.version_b, self.cfg, self.anchor_dtype
+
+    @classmethod
+    def restore(cls, tensors: tuple, choices: tuple) -> "ForwardState":
+        """The state from ``ctx.saved_tensors`` and what :meth:`choices` returned."""
+        has_ids, version_b, cfg, anchor_dtype = choices
+        return cls(*tensors, has_ids=has_ids, version_b=version_b, cfg=cfg, anchor_dtype=anchor_dtype)
+
+
+def generator_forward(hidden: Tensor, mask: Tensor, w_down: Tensor, w_pool: Tensor, rat_num: Tensor, rat_den: Tensor,
+                      w_up: Tensor, adapter_ids: Tensor | None, version: str, num_splits: int | None,
+                      anchor: Tensor | None, anchor_scale: Tensor | None) -> tuple[Tensor, ForwardState]:
+    """The multi-launch forward (launches 1–5 of the module docstring) on validated inputs; no
+    autograd. Returns P [B, T, d] in hidden.dtype and what :func:`generator_backward` needs."""
+    batch, seq, dim = hidden.shape
+    n_adapters, _, bottleneck = w_down.shape
+    tokens = w_pool.shape[2]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    cfg = policy.precision(hidden.dtype)
+    version_b = version == "B"
+    has_ids = adapter_ids is not None and n_adapters > 1
+    if has_ids:
+        ids = adapter_ids.contiguous()
+        sorted_ids, order = torch.sort(ids, stable=True)
+        # index_put, not bincount: bincount syncs with the host on CUDA.
+        used = torch.zeros(n_adapters, dtype=torch.int32, device=dev)
+        used[ids] = 1
+    else:
+        ids = torch.zeros(max(batch, 1), dtype=torch.long, device=dev)
+        sorted_ids = torch.zeros(batch, dtype=torch.long, device=dev)
+        order = torch.arange(batch, dtype=torch.long, device=dev)
+        used = torch.ones(n_adapters, dtype=torch.int32, device=dev)
+    mask_u8 = mask.to(torch.uint8)
+    rat_num = rat_num.contiguous()
+    rat_den = rat_den.contiguous()
+
+    wdp = policy.empty(n_adapters, dim, policy.TP_DOT, **f32)
+    _adapter_mm(_strided(w_down), _strided(w_pool), wdp, used=used, ni=dim, k=bottleneck, nj=tokens,
+                nj_store=policy.TP_DOT, prec=cfg["prec"])
+
+    splits, per_split = policy.choose_splits(batch, seq, dev, num_splits)
+    part = policy.empty(batch, splits, tokens, dim, **f32)
+    stat_m = policy.empty(batch, splits, policy.TP_DOT, **f32)
+    stat_l = policy.empty(batch, splits, policy.TP_DOT, **f32)
+    bd = policy.block_d(dim)
+    policy.launch(pool_fwd_kernel, (batch, splits),
+             dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, part_ptr=part, stat_m_ptr=stat_m,
+                  stat_l_ptr=stat_l, N=seq, D=dim, T=tokens, TILES_PER_SPLIT=per_split,
+                  **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
+                  s_wa=wdp.stride(0), s_pb=part.stride(0), s_ps=part.stride(1), s_sb=stat_m.stride(0)),
+             dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=bd, TP=policy.TP_DOT,
+                  SPLIT=cfg["fwd_split"], PREC=cfg["prec"]))
+    pooled = policy.empty(batch, tokens, dim, **f32)
+    row_m = policy.empty(batch, tokens, **f32)
+    row_linv = policy.empty(batch, tokens, **f32)
+    if splits == 0:  # N == 0: every row is empty and pools to zero
+        pooled.zero_(), row_m.zero_(), row_linv.zero_()
+    else:
+        policy.launch(combine_kernel, (batch, policy.triton.cdiv(dim, bd)),
+                 dict(part_ptr=part, stat_m_ptr=stat_m, stat_l_ptr=stat_l, ph_ptr=pooled, m_out_ptr=row_m,
+                      linv_out_ptr=row_linv, S=splits, D=dim, T=tokens, s_pb=part.stride(0), s_ps=part.stride(1),
+                      s_sb=stat_m.stride(0), s_phb=pooled.stride(0)),
+                 dict(BLOCK_D=bd, TP=policy.TP_DOT))
+    del part, stat_m, stat_l
+
+    rows = RowLayout(order, sorted_ids, batch, tokens)
+    coeffs = RationalCoeffs(rat_num, rat_den, version_b)
+    p = _lines_mm(MODE_GEMM, pooled, _strided(w_down), out_shape=(batch, tokens, bottleneck),
+                  out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=dim, prec=cfg["prec"])
+    out = _lines_mm(MODE_OUT, p, _strided(w_up), out_shape=(batch, tokens, dim), out_dtype=hidden.dtype,
+                    rows=rows, coeffs=coeffs, k=bottleneck, prec=cfg["prec"], anchor=anchor, scale=anchor_scale)
+
+    state = ForwardState(hidden, mask_u8, ids, sorted_ids, order, used, wdp, pooled, p, row_m, row_linv, w_down,
+                         w_pool, rat_num, rat_den, w_up, anchor_scale, has_ids=has_ids, version_b=version_b, cfg=cfg,
+                         anchor_dtype=anchor.dtype if anchor is not None else None)
+    return out, state
+
+
+def generator_backward(state: ForwardState, grad_out: Tensor, wants: dict[str, bool]) -> tuple[Tensor | None, ...]:
+    """The backward launches (module docstring) from a forward's state.
+
+    Args:
+        grad_out: [B, T, d] dL/dP.
+        wants: forward input name (``_FORWARD_INPUTS``) → whether its gradient is needed.
+    Returns:
+        One gradient (or None) per forward input, in ``_FORWARD_INPUTS`` order.
+    """
+    (hidden, mask_u8, ids, sorted_ids, order, used, wdp, pooled, p, row_m, row_linv,
+     w_down, w_pool, rat_num, rat_den, w_up, anchor_scale) = state.tensors()
+    has_ids, version_b, cfg, anchor_dtype = state.choices()
+    has_anchor = anchor_dtype is not None
+    batch, seq, dim = hidden.shape
+    n_adapters, _, bottleneck = w_down.shape
+    tokens = w_pool.shape[2]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    prec = cfg["prec"]
+    wdt = w_down.dtype
+    # segments[a]:segments[a+1] = adapter a's rows in ``order``
+    segments = torch.searchsorted(sorted_ids, torch.arange(n_adapters + 1, device=dev, dtype=sorted_ids.dtype))
+    grad_anchor = None
+    if has_anchor and wants["anchor"]:
+        grad_anchor = policy.empty(n_adapters, tokens, dim, dtype=anchor_dtype, device=dev)
+        bd = policy.block_d(dim)
+        policy.launch(seg_sum_kernel, (n_adapters, policy.triton.cdiv(dim, bd)),
+                 dict(x_ptr=grad_out, out_ptr=grad_anchor, order_ptr=order, seg_ptr=segments, T=tokens, D=dim,
+                      **_named(("s_xb", "s_xt", "s_xd"), grad_out.stride()),
+                      **_named(("s_oa", "s_ot", "s_od"), grad_anchor.stride())),
+                 dict(LINES_PER_ROW=policy.lines_per_row(tokens), BLOCK_D=bd))
+    if anchor_scale is not None:
+        # The generator term is s·G: its weights see s·dP (a [B, T, d] float32 scratch).
+        grad_out = grad_out.float() * anchor_scale.float()[ids[:batch]][:, None, None]
+
+    dnum = torch.zeros(n_adapters, rat_num.shape[1], **f32)
+    dden = torch.zeros(n_adapters, rat_den.shape[1], **f32)
+    rows = RowLayout(order, sorted_ids, batch, tokens)
+    coeffs = RationalCoeffs(rat_num, rat_den, version_b)
+    dr = _lines_mm(MODE_GEMM, grad_out, _strided(w_up, transpose=True), out_shape=(batch, tokens, bottleneck),
+                   out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=dim, prec=prec)
+    dp = policy.empty(batch, tokens, bottleneck, **f32)
+    lines = policy.lines_per_row(tokens)
+    policy.launch(rat_bwd_kernel, (policy.triton.cdiv(batch, policy.LINES_BLOCK // lines), policy.triton.cdiv(bottleneck, policy.LINES_BLOCK_OUT)),
+             dict(dr_ptr=dr, p_ptr=p, dp_ptr=dp, order_ptr=order, sorted_ids_ptr=sorted_ids, num_ptr=rat_num,
+                  den_ptr=rat_den, dnum_ptr=dnum, dden_ptr=dden, B=batch, T=tokens, M=bottleneck,
+                  s_na=rat_num.stride(0), s_da=rat_den.stride(0)),
+             dict(LINES_PER_ROW=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_M=policy.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
+                  VERSION_B=version_b))
+    del dr
+    dpooled = _lines_mm(MODE_GEMM, dp, _strided(w_down, transpose=True), out_shape=(batch, tokens, dim),
+                        out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=bottleneck, prec=prec)
+    delta = torch.zeros(batch, tokens, **f32)
+
+    dwdp = torch.zeros(n_adapters, dim, policy.TP_DOT, **f32)
+    attn = policy.empty(batch, seq, tokens, **f32)
+    dattn = policy.empty(batch, seq, tokens, **f32)
+    grid = (batch, policy.triton.cdiv(seq, policy.STREAM_BLOCK_N))
+    stream = dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=policy.block_d(dim), TP=policy.TP_DOT,
+                  SPLIT=cfg["bwd_split"], PREC=prec)
+    policy.launch(pool_bwd_scores_kernel, grid,
+             dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, dph_ptr=dpooled, stat_m_ptr=row_m,
+                  stat_linv_ptr=row_linv, attn_ptr=attn, da_ptr=dattn, delta_ptr=delta, N=seq, D=dim, T=tokens,
+                  **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
+                  s_wa=wdp.stride(0), s_dpb=dpooled.stride(0)), stream)
+    grad_h = policy.empty(*hidden.shape, dtype=hidden.dtype, device=dev) if wants["hidden"] else None
+    dh_arg = grad_h if grad_h is not None else hidden
+    policy.launch(pool_bwd_kernel, grid,
+             dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, dph_ptr=dpooled, attn_ptr=attn,
+                  da_ptr=dattn, delta_ptr=delta, dh_ptr=dh_arg, dwdp_ptr=dwdp, N=seq, D=dim, T=tokens,
+                  **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
+                  s_wa=wdp.stride(0), **_named(("s_gb", "s_gn", "s_gd"), dh_arg.stride()), s_dpb=dpooled.stride(0)),
+             dict(stream, STORE_DH=grad_h is not None))
+    del attn, dattn
+
+    grad_up = grad_down = grad_pool = None
+    if wants["w_up"]:
+        grad_up = policy.empty(n_adapters, bottleneck, dim, dtype=wdt, device=dev)
+        _seg_outer(p, grad_out, grad_up, rows=rows, segments=segments, coeffs=coeffs, apply_r=True, prec=prec)
+    if wants["w_down"]:
+        grad_down = policy.empty(n_adapters, dim, bottleneck, dtype=wdt, device=dev)
+        _seg_outer(pooled, dp, grad_down, rows=rows, segments=segments, coeffs=coeffs, apply_r=False, prec=prec,
+                   dwdp=_strided(dwdp), w_pool=_strided(w_pool, transpose=True))
+    if wants["w_pool"]:
+        grad_pool = policy.empty(n_adapters, bottleneck, tokens, dtype=wdt, device=dev)
+        _adapter_mm(_strided(w_down, transpose=True), _strided(dwdp), grad_pool, used=used, ni=bottleneck, k=dim,
+                    nj=tokens, nj_store=tokens, prec=prec)
+    grad_num = dnum.to(rat_num.dtype) if wants["rat_num"] else None
+    grad_den = dden.to(rat_den.dtype) if wants["rat_den"] else None
+    return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None, grad_anchor, None
+
+
+def recompute_backward(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None,
+                       version: str, grad_out: Tensor, wants: dict[str, bool]) -> tuple[Tensor | None, ...]:
+    """The gradients of a stateless caller (the registered operator, generator/op.py): the
+    multi-launch forward once more for its state, then :func:`generator_backward` — the same host
+    functions :class:`PromptGeneratorFunction` runs. Returns one gradient (or None) per
+    ``_FORWARD_INPUTS`` entry."""
+    w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
+    if hidden.shape[0] == 0:  # nothing to differentiate: zeros where a gradient is wanted
+        zeros = {name: torch.zeros_like(t) for name, t in (("hidden", hidden), ("w_down", w_down), ("w_pool", w_pool),
+                 ("rat_num", rat_num), ("rat_den", rat_den), ("w_up", w_up), ("anchor", anchor)) if t is not None}
+        return tuple(zeros.get(name) if wants.get(name) else None for name in _FORWARD_INPUTS)
+    with torch.no_grad():
+        _, state = generator_forward(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version, None,
+                                     anchor, anchor_scale.detach() if anchor_scale is not None else None)
+        return generator_backward(state, grad_out, wants)
 
 
 class PromptGeneratorFunction(torch.autograd.Function):
-    """Autograd wrapper; inputs are assumed validated by iapt_fast.generator.functional."""
+    """Autograd wrapper of :func:`generator_forward` / :func:`generator_backward`; inputs are
+    assumed validated by iapt_fast.generator.functional."""
 
     @staticmethod
     def forward(ctx, hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version, num_splits,
                 anchor, anchor_scale):
-        batch, seq, dim = hidden.shape
-        n_adapters, _, bottleneck = w_down.shape
-        tokens = w_pool.shape[2]
-        dev = hidden.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        cfg = policy.precision(hidden.dtype)
-        version_b = version == "B"
-        has_ids = adapter_ids is not None and n_adapters > 1
-        if has_ids:
-            ids = adapter_ids.contiguous()
-            sorted_ids, order = torch.sort(ids, stable=True)
-            # index_put, not bincount: bincount syncs with the host on CUDA.
-            used = torch.zeros(n_adapters, dtype=torch.int32, device=dev)
-            used[ids] = 1
-        else:
-            ids = torch.zeros(max(batch, 1), dtype=torch.long, device=dev)
-            sorted_ids = torch.zeros(batch, dtype=torch.long, device=dev)
-            order = torch.arange(batch, dtype=torch.long, device=dev)
-            used = torch.ones(n_adapters, dtype=torch.int32, device=dev)
-        mask_u8 = mask.to(torch.uint8)
-        rat_num = rat_num.contiguous()
-        rat_den = rat_den.contiguous()
-
-        wdp = policy.empty(n_adapters, dim, policy.TP_DOT, **f32)
-        _adapter_mm(_strided(w_down), _strided(w_pool), wdp, used=used, ni=dim, k=bottleneck, nj=tokens,
-                    nj_store=policy.TP_DOT, prec=cfg["prec"])
-
-        splits, per_split = policy.choose_splits(batch, seq, dev, num_splits)
-        part = policy.empty(batch, splits, tokens, dim, **f32)
-        stat_m = policy.empty(batch, splits, policy.TP_DOT, **f32)
-        stat_l = policy.empty(batch, splits, policy.TP_DOT, **f32)
-        bd = policy.block_d(dim)
-        policy.launch(pool_fwd_kernel, (batch, splits),
-                 dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, part_ptr=part, stat_m_ptr=stat_m,
-                      stat_l_ptr=stat_l, N=seq, D=dim, T=tokens, TILES_PER_SPLIT=per_split,
-                      **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
-                      s_wa=wdp.stride(0), s_pb=part.stride(0), s_ps=part.stride(1), s_sb=stat_m.stride(0)),
-                 dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=bd, TP=policy.TP_DOT,
-                      SPLIT=cfg["fwd_split"], PREC=cfg["prec"]))
-        pooled = policy.empty(batch, tokens, dim, **f32)
-        row_m = policy.empty(batch, tokens, **f32)
-        row_linv = policy.empty(batch, tokens, **f32)
-        if splits == 0:  # N == 0: every row is empty and pools to zero
-            pooled.zero_(), row_m.zero_(), row_linv.zero_()
-        else:
-            policy.launch(combine_kernel, (batch, policy.triton.cdiv(dim, bd)),
-                     dict(part_ptr=part, stat_m_ptr=stat_m, stat_l_ptr=stat_l, ph_ptr=pooled, m_out_ptr=row_m,
-                          linv_out_ptr=row_linv, S=splits, D=dim, T=tokens, s_pb=part.stride(0), s_ps=part.stride(1),
-                          s_sb=stat_m.stride(0), s_phb=pooled.stride(0)),
-                     dict(BLOCK_D=bd, TP=policy.TP_DOT))
-        del part, stat_m, stat_l
-
-        rows = RowLayout(order, sorted_ids, batch, tokens)
-        coeffs = RationalCoeffs(rat_num, rat_den, version_b)
-        p = _lines_mm(MODE_GEMM, pooled, _strided(w_down), out_shape=(batch, tokens, bottleneck),
-                      out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=dim, prec=cfg["prec"])
-        out = _lines_mm(MODE_OUT, p, _strided(w_up), out_shape=(batch, tokens, dim), out_dtype=hidden.dtype,
-                        rows=rows, coeffs=coeffs, k=bottleneck, prec=cfg["prec"], anchor=anchor, scale=anchor_scale)
-
-        ctx.save_for_backward(hidden, mask_u8, ids, sorted_ids, order, used, wdp, pooled, p, row_m, row_linv,
-                              w_down, w_pool, rat_num, rat_den, w_up, anchor_scale)
-        ctx.meta = (has_ids, version_b, cfg, anchor is not None, anchor.dtype if anchor is not None else None)
+        out, state = generator_forward(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version,
+                                       num_splits, anchor, anchor_scale)
+        ctx.save_for_backward(*state.tensors())
+        ctx.choices = state.choices()
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (hidden, mask_u8, ids, sorted_ids, order, used, wdp, pooled, p, row_m, row_linv,
-         w_down, w_pool, rat_num, rat_den, w_up, anchor_scale) = ctx.saved_tensors
-        has_ids, version_b, cfg, has_anchor, anchor_dtype = ctx.meta
-        batch, seq, dim = hidden.shape
-        n_adapters, _, bottleneck = w_down.shape
-        tokens = w_pool.shape[2]
-        dev = hidden.device
-        f32 = dict(dtype=torch.float32, device=dev)
-        prec = cfg["prec"]
-        wants = dict(zip(_FORWARD_INPUTS, ctx.needs_input_grad))
-        wdt = w_down.dtype
-        # segments[a]:segments[a+1] = adapter a's rows in ``order``
-        segments = torch.searchsorted(sorted_ids, torch.arange(n_adapters + 1, device=dev, dtype=sorted_ids.dtype))
-        grad_anchor = None
-        if has_anchor and wants["anchor"]:
-            grad_anchor = policy.empty(n_adapters, tokens, dim, dtype=anchor_dtype, device=dev)
-            bd = policy.block_d(dim)
-            policy.launch(seg_sum_kernel, (n_adapters, policy.triton.cdiv(dim, bd)),
-                     dict(x_ptr=grad_out, out_ptr=grad_anchor, order_ptr=order, seg_ptr=segments, T=tokens, D=dim,
-                          **_named(("s_xb", "s_xt", "s_xd"), grad_out.stride()),
-                          **_named(("s_oa", "s_ot", "s_od"), grad_anchor.stride())),
-                     dict(LINES_PER_ROW=policy.lines_per_row(tokens), BLOCK_D=bd))
-        if anchor_scale is not None:
-            # The generator term is s·G: its weights see s·dP (a [B, T, d] float32 scratch).
-            grad_out = grad_out.float() * anchor_scale.float()[ids[:batch]][:, None, None]
-
-        dnum = torch.zeros(n_adapters, rat_num.shape[1], **f32)
-        dden = torch.zeros(n_adapters, rat_den.shape[1], **f32)
-        rows = RowLayout(order, sorted_ids, batch, tokens)
-        coeffs = RationalCoeffs(rat_num, rat_den, version_b)
-        dr = _lines_mm(MODE_GEMM, grad_out, _strided(w_up, transpose=True), out_shape=(batch, tokens, bottleneck),
-                       out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=dim, prec=prec)
-        dp = policy.empty(batch, tokens, bottleneck, **f32)
-        lines = policy.lines_per_row(tokens)
-        policy.launch(rat_bwd_kernel, (policy.triton.cdiv(batch, policy.LINES_BLOCK // lines), policy.triton.cdiv(bottleneck, policy.LINES_BLOCK_OUT)),
-                 dict(dr_ptr=dr, p_ptr=p, dp_ptr=dp, order_ptr=order, sorted_ids_ptr=sorted_ids, num_ptr=rat_num,
-                      den_ptr=rat_den, dnum_ptr=dnum, dden_ptr=dden, B=batch, T=tokens, M=bottleneck,
-                      s_na=rat_num.stride(0), s_da=rat_den.stride(0)),
-                 dict(LINES_PER_ROW=lines, BLOCK_L=policy.LINES_BLOCK, BLOCK_M=policy.LINES_BLOCK_OUT, P1=rat_num.shape[1], Q=rat_den.shape[1],
-                      VERSION_B=version_b))
-        del dr
-        dpooled = _lines_mm(MODE_GEMM, dp, _strided(w_down, transpose=True), out_shape=(batch, tokens, dim),
-                            out_dtype=torch.float32, rows=rows, coeffs=coeffs, k=bottleneck, prec=prec)
-        delta = torch.zeros(batch, tokens, **f32)
-
-        dwdp = torch.zeros(n_adapters, dim, policy.TP_DOT, **f32)
-        attn = policy.empty(batch, seq, tokens, **f32)
-        dattn = policy.empty(batch, seq, tokens, **f32)
-        grid = (batch, policy.triton.cdiv(seq, policy.STREAM_BLOCK_N))
-        stream = dict(HAS_IDS=has_ids, BLOCK_N=policy.STREAM_BLOCK_N, BLOCK_D=policy.block_d(dim), TP=policy.TP_DOT,
-                      SPLIT=cfg["bwd_split"], PREC=prec)
-        policy.launch(pool_bwd_scores_kernel, grid,
-                 dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, dph_ptr=dpooled, stat_m_ptr=row_m,
-                      stat_linv_ptr=row_linv, attn_ptr=attn, da_ptr=dattn, delta_ptr=delta, N=seq, D=dim, T=tokens,
-                      **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
-                      s_wa=wdp.stride(0), s_dpb=dpooled.stride(0)), stream)
-        grad_h = policy.empty(*hidden.shape, dtype=hidden.dtype, device=dev) if wants["hidden"] else None
-        dh_arg = grad_h if grad_h is not None else hidden
-        policy.launch(pool_bwd_kernel, grid,
-                 dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, dph_ptr=dpooled, attn_ptr=attn,
-                      da_ptr=dattn, delta_ptr=delta, dh_ptr=dh_arg, dwdp_ptr=dwdp, N=seq, D=dim, T=tokens,
-                      **_named(("s_hb", "s_hn", "s_hd"), hidden.stride()), **_named(("s_mb", "s_mn"), mask_u8.stride()),
-                      s_wa=wdp.stride(0), **_named(("s_gb", "s_gn", "s_gd"), dh_arg.stride()), s_dpb=dpooled.stride(0)),
-                 dict(stream, STORE_DH=grad_h is not None))
-        del attn, dattn
-
-        grad_up = grad_down = grad_pool = None
-        if wants["w_up"]:
-            grad_up = policy.empty(n_adapters, bottleneck, dim, dtype=wdt, device=dev)
-            _seg_outer(p, grad_out, grad_up, rows=rows, segments=segments, coeffs=coeffs, apply_r=True, prec=prec)
-        if wants["w_down"]:
-            grad_down = policy.empty(n_adapters, dim, bottleneck, dtype=wdt, device=dev)
-            _seg_outer(pooled, dp, grad_down, rows=rows, segments=segments, coeffs=coeffs, apply_r=False, prec=prec,
-                       dwdp=_strided(dwdp), w_pool=_strided(w_pool, transpose=True))
-        if wants["w_pool"]:
-            grad_pool = policy.empty(n_adapters, bottleneck, tokens, dtype=wdt, device=dev)
-            _adapter_mm(_strided(w_down, transpose=True), _strided(dwdp), grad_pool, used=used, ni=bottleneck, k=dim,
-                        nj=tokens, nj_store=tokens, prec=prec)
-        grad_num = dnum.to(rat_num.dtype) if wants["rat_num"] else None
-        grad_den = dden.to(rat_den.dtype) if wants["rat_den"] else None
-        return grad_h, None, grad_down, grad_pool, grad_num, grad_den, grad_up, None, None, None, grad_anchor, None
+        state = ForwardState.restore(ctx.saved_tensors, ctx.choices)
+        return generator_backward(state, grad_out, dict(zip(_FORWARD_INPUTS, ctx.needs_input_grad)))
 
 
 def generator_weight_products(w_down: Tensor, w_pool: Tensor) -> Tensor:

@@ -92,3 +92,35 @@ def test_compiled_generator_has_no_graph_break_and_matches_eager(anchored):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,anchored", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
+                         ids=["f32", "f32-anchored", "bf16-anchored"])
+def test_operator_backward_on_the_kernels_is_the_autograd_functions(dtype, anchored, monkeypatch):
+    """The operator's CUDA backward (the kernels' own, through recompute_backward) runs here under
+    the Triton interpreter, on fresh random inputs: its gradients equal the eager
+    autograd.Function's bit for bit (the same host functions and launches), and output and every
+    gradient pass the tolerance rule against the float64 reference (tests/kernels_cases.check)."""
+    from iapt_fast.generator import op
+    from iapt_fast.kernels import PromptGeneratorFunction
+    from kernels_cases import NAMES, check, make_problem
+
+    monkeypatch.setattr(op, "kernels_differentiate", lambda device: True)
+    prob = make_problem(batch=3, seq=9, dim=16, bottleneck=8, adapters=2, dtype=dtype, anchored=anchored)
+
+    def through_op(leaves):
+        w = prob.weights_of(leaves)
+        return prompt_generator_op(leaves[0], prob.mask, *w[:5], prob.ids, w.anchor, w.anchor_scale, prob.version)
+
+    def through_function(leaves):
+        w = prob.weights_of(leaves)
+        return PromptGeneratorFunction.apply(leaves[0], prob.mask, *w[:5], prob.ids, prob.version, None, w.anchor,
+                                             w.anchor_scale)
+
+    check(prob, through_op)
+    leaves = prob.inputs()
+    grad = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(prob.seed)).to(dtype)
+    got = torch.autograd.grad(through_op(leaves), leaves, grad)
+    eager = torch.autograd.grad(through_function(leaves), leaves, grad)
+    for name, a, b in zip(NAMES, got, eager):
+        assert torch.equal(a, b), name

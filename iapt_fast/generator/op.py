@@ -11,7 +11,8 @@ on the CPU, the literal reference in float64 and on other devices) and the Trito
 CUDA, which take the serving packs' cached W_down·W_pool (``weight_products``) as the eager call
 does, so a compiled inference prefill is one launch as well. The backward recomputes the forward
 and differentiates it (off CUDA the reference with autograd — AOT autograd traces the backward,
-and the reference has no data-dependent branch; on CUDA the kernels with their own backward):
+and the reference has no data-dependent branch; on CUDA the kernels' own backward, through the
+host functions the eager autograd.Function runs: ``kernels/autograd.py`` ``recompute_backward``):
 one extra forward per training step inside compiled graphs, the price of a stateless operator.
 """
 from __future__ import annotations
@@ -67,8 +68,34 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.version = inputs[10]
 
 
+def kernels_differentiate(device: torch.device) -> bool:
+    """Whether the operator's backward runs the Triton kernels' own backward on ``device`` (CUDA);
+    elsewhere AOT autograd traces it, so it is the reference's autograd."""
+    return device.type == "cuda"
+
+
+# The operator's inputs by the names of the kernels' forward (kernels/autograd.py _FORWARD_INPUTS).
+_OP_INPUT_NAMES = ("hidden", "mask", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "adapter_ids", "anchor",
+                   "anchor_scale", "version", "weight_products")
+
+
 def _backward(ctx, grad: Tensor):
     saved = list(ctx.saved_tensors)
+    hidden, mask, *core = saved[:7]
+    result: list[Tensor | None] = [None] * 12
+    if kernels_differentiate(hidden.device):
+        # The same host functions as the eager autograd.Function: the forward's state, then its backward.
+        from iapt_fast.kernels import recompute_backward
+
+        wants = {name: bool(ctx.needs_input_grad[i]) for i, name in enumerate(_OP_INPUT_NAMES) if i in _DIFFERENTIABLE}
+        weights = GeneratorWeights(*core, saved[8], saved[9])
+        grads = recompute_backward(hidden, mask, weights, saved[7], ctx.version, grad, wants)
+        by_name = dict(zip(("hidden", "mask", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "adapter_ids", "version",
+                            "num_splits", "anchor", "anchor_scale"), grads))
+        for i in _DIFFERENTIABLE:
+            result[i] = by_name.get(_OP_INPUT_NAMES[i]) if ctx.needs_input_grad[i] else None
+        return tuple(result)
+    # Traced by AOT autograd in compiled graphs: the reference, whose code has no data-dependent branch.
     leaves = {}
     with torch.enable_grad():
         for i in _DIFFERENTIABLE:
@@ -76,13 +103,8 @@ def _backward(ctx, grad: Tensor):
                 saved[i] = leaves[i] = saved[i].detach().requires_grad_(True)
         hidden, mask, *core = saved[:7]
         weights = GeneratorWeights(*core, saved[8], saved[9])
-        if hidden.device.type == "cuda":
-            from iapt_fast.kernels import triton_prompt_generator
-            out = triton_prompt_generator(hidden, mask, weights, saved[7], ctx.version)
-        else:  # traced by AOT autograd in compiled graphs: the reference, whose code has no data-dependent branch
-            out = reference.prompt_generator(hidden, mask, weights, saved[7], ctx.version)
+        out = reference.prompt_generator(hidden, mask, weights, saved[7], ctx.version)
         grads = torch.autograd.grad(out, list(leaves.values()), grad, allow_unused=True) if leaves else ()
-    result: list[Tensor | None] = [None] * 12
     for index, g in zip(leaves, grads):
         result[index] = g
     return tuple(result)
