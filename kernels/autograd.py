@@ -150,6 +150,14 @@ def _seg_outer(x: Tensor, y: Tensor, out: Tensor, *, rows: RowLayout, segments: 
                        P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b, PREC=prec))
 
 
+def _split_scratch(batch: int, splits: int, tokens: int, dim: int, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The pooling's per-split partials: part [B, S, T, d] and the softmax statistics (max, sum)
+    [B, S, 16], float32, which the combine (or the fused kernel's last split) merges."""
+    f32 = dict(dtype=torch.float32, device=dev)
+    return (policy.empty(batch, splits, tokens, dim, **f32), policy.empty(batch, splits, policy.TP_DOT, **f32),
+            policy.empty(batch, splits, policy.TP_DOT, **f32))
+
+
 def _named(names: tuple[str, ...], values) -> dict[str, int]:
     """Strides (or any per-axis values) as keyword arguments of a launch, one name per axis."""
     values = tuple(values)
@@ -247,9 +255,7 @@ def generator_forward(hidden: Tensor, mask: Tensor, w_down: Tensor, w_pool: Tens
                 nj_store=policy.TP_DOT, prec=cfg["prec"])
 
     splits, per_split = policy.choose_splits(batch, seq, dev, num_splits)
-    part = policy.empty(batch, splits, tokens, dim, **f32)
-    stat_m = policy.empty(batch, splits, policy.TP_DOT, **f32)
-    stat_l = policy.empty(batch, splits, policy.TP_DOT, **f32)
+    part, stat_m, stat_l = _split_scratch(batch, splits, tokens, dim, dev)
     bd = policy.block_d(dim)
     policy.launch(pool_fwd_kernel, (batch, splits),
              dict(h_ptr=hidden, mask_ptr=mask_u8, ids_ptr=ids, wdp_ptr=wdp, part_ptr=part, stat_m_ptr=stat_m,
@@ -475,9 +481,7 @@ def fused_generator_forward(hidden: Tensor, mask: Tensor, weights: GeneratorWeig
     # N = 0 still needs one program per row: it writes anchor + scale·R(0)·W_up.
     splits, per_split = policy.choose_splits(batch, seq, dev, num_splits)
     splits = max(splits, 1)
-    part = policy.empty(batch, splits, tokens, dim, **f32)
-    stat_m = policy.empty(batch, splits, policy.TP_DOT, **f32)
-    stat_l = policy.empty(batch, splits, policy.TP_DOT, **f32)
+    part, stat_m, stat_l = _split_scratch(batch, splits, tokens, dim, dev)
     rp = policy.empty(batch, policy.TP_DOT, bottleneck, **f32)
     if arrivals is None:
         count = torch.zeros(batch, dtype=torch.int32, device=dev)

@@ -74,3 +74,13 @@ def cast_for(x, ptr):
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def row_adapter(ids_ptr, row, HAS_IDS: tl.constexpr):
+    """The adapter id (int64) of batch row ``row``: ids[row], or 0 with a single adapter (no ids)."""
+    if HAS_IDS:
+        a = tl.load(ids_ptr + row).to(tl.int64)
+    else:
+        a = row * 0
+    return a

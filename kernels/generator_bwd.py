@@ -22,7 +22,7 @@ per program into a float32 dW_dp [A, d, TP].
 import triton
 import triton.language as tl
 
-from .common import cast_for, dot_ff, dot_fh, dot_hf
+from .common import cast_for, dot_ff, dot_fh, dot_hf, row_adapter
 
 
 @triton.jit
@@ -37,10 +37,7 @@ def pool_bwd_scores_kernel(
     attn, da [B, N, T] float32 (outputs)."""
     b = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
-    if HAS_IDS:
-        a = tl.load(ids_ptr + b).to(tl.int64)
-    else:
-        a = 0
+    a = row_adapter(ids_ptr, b, HAS_IDS)
     offs_t = tl.arange(0, TP)
     t_ok = offs_t < T
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -86,10 +83,7 @@ def pool_bwd_kernel(
     """dh [B, N, D] (strides s_g*, hidden dtype); dwdp [A, D, TP] float32 (atomic adds)."""
     b = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
-    if HAS_IDS:
-        a = tl.load(ids_ptr + b).to(tl.int64)
-    else:
-        a = 0
+    a = row_adapter(ids_ptr, b, HAS_IDS)
     offs_t = tl.arange(0, TP)
     t_ok = offs_t < T
     offs_n = n0 + tl.arange(0, BLOCK_N)

@@ -24,7 +24,7 @@ stores Ph [B, T, d] plus the final softmax statistics the backward needs.
 import triton
 import triton.language as tl
 
-from .common import dot_fh, dot_hf
+from .common import dot_fh, dot_hf, row_adapter
 
 
 @triton.jit
@@ -129,10 +129,7 @@ def pool_fwd_kernel(
     part [B, S, T, D] float32 (contiguous D); stats [B, S, TP] float32."""
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    if HAS_IDS:
-        a = tl.load(ids_ptr + b).to(tl.int64)
-    else:
-        a = 0
+    a = row_adapter(ids_ptr, b, HAS_IDS)
     n_start = s * TILES_PER_SPLIT * BLOCK_N
     n_end = tl.minimum(N, n_start + TILES_PER_SPLIT * BLOCK_N)
     m_run, l_run = pool_split(h_ptr + b * s_hb, mask_ptr + b * s_mb, wdp_ptr + a * s_wa,

@@ -25,7 +25,7 @@ other threads of the same program.
 import triton
 import triton.language as tl
 
-from .common import cast_for, dot_ff
+from .common import cast_for, dot_ff, row_adapter
 from .generator_fwd import merge_splits, pool_split
 from .rational_tl import rat_forward
 
@@ -47,10 +47,7 @@ def generator_fwd_fused_kernel(
     anchor [A, T, D]; scale [A]; out [B, T, D] in the hidden dtype. Grid (B, S)."""
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
-    if HAS_IDS:
-        a = tl.load(ids_ptr + b).to(tl.int64)
-    else:
-        a = 0
+    a = row_adapter(ids_ptr, b, HAS_IDS)
     offs_t = tl.arange(0, TP)
     t_ok = offs_t < T
     offs_bd = tl.arange(0, BLOCK_D)

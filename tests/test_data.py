@@ -169,10 +169,20 @@ def test_detect_choices_and_split():
     ("empty.csv", "", "is empty \\(0 bytes\\)"),
     ("blank.jsonl", "\n\n", "contain no rows"),
     ("header.csv", "instruction,response\n", "contain no rows"),
+    ("header.tsv.gz", "instruction\tresponse\n\n", "contain no rows"),
+    ("blank.jsonl.bz2", "\n \n", "contain no rows"),
 ])
 def test_empty_data_files_say_so(tmp_path, name, content, words):
+    import bz2
+    import gzip
+
     path = tmp_path / name
-    path.write_text(content)
+    if name.endswith(".gz"):
+        path.write_bytes(gzip.compress(content.encode()))
+    elif name.endswith(".bz2"):
+        path.write_bytes(bz2.compress(content.encode()))
+    else:
+        path.write_text(content)
     with pytest.raises(ValueError, match=words) as err:
         load_records([str(path)])
     assert "StopIteration" not in str(err.value)

@@ -158,6 +158,31 @@ def _builder_for(path: str) -> str:
     return _BUILDERS[ext]
 
 
+def _no_rows(paths: list[str], builder: str) -> bool:
+    """Whether every text file of ``paths`` holds no data row: only blank lines, and for CSV/TSV at
+    most a header line. (Parquet files are binary: their emptiness shows after loading.)"""
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    if builder not in ("json", "csv"):
+        return False
+    for path in paths:
+        suffix = next((c for c in _COMPRESSION if path.endswith(c)), None)
+        if suffix is not None and suffix not in openers:  # zstd needs a package of its own: not decided here
+            return False
+        opener = openers.get(suffix, open)
+        try:
+            with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+                lines = [line for line in fh if line.strip()]
+        except (OSError, EOFError, lzma.LZMAError):  # not what its suffix says: the reader's error stands
+            return False
+        if len(lines) > (1 if builder == "csv" else 0):
+            return False
+    return True
+
+
 def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike],
                  cache_dir: str | None = None) -> list[dict[str, Any]]:
     """Read JSON, JSONL, CSV/TSV or Parquet files (all of one format) into a list of dicts.
@@ -196,7 +221,7 @@ def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike],
     try:
         ds = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as err:  # datasets wraps parser errors in many types; name the file instead
-        if "corresponds to no data" in str(err):  # a header or blank lines only
+        if _no_rows(paths, builder):  # a header or blank lines only: what the reader failed on
             raise ValueError(f"data files {paths} contain no rows") from err
         _check_utf8(paths, builder)
         raise ValueError(f"could not read {builder.upper()} data from {paths}: {type(err).__name__}: {err}") from err
