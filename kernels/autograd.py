@@ -150,6 +150,13 @@ def _seg_outer(x: Tensor, y: Tensor, out: Tensor, *, rows: RowLayout, segments: 
                        P1=num.shape[1], Q=den.shape[1], VERSION_B=coeffs.version_b, PREC=prec))
 
 
+def _sizes(hidden: Tensor, w_down: Tensor, w_pool: Tensor) -> tuple[int, int, int, int, int, int]:
+    """(B, N, d, A, m, T) of a generator call."""
+    batch, seq, dim = hidden.shape
+    n_adapters, _, bottleneck = w_down.shape
+    return batch, seq, dim, n_adapters, bottleneck, w_pool.shape[2]
+
+
 def _split_scratch(batch: int, splits: int, tokens: int, dim: int, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """The pooling's per-split partials: part [B, S, T, d] and the softmax statistics (max, sum)
     [B, S, 16], float32, which the combine (or the fused kernel's last split) merges."""
@@ -227,9 +234,7 @@ def generator_forward(hidden: Tensor, mask: Tensor, w_down: Tensor, w_pool: Tens
                       anchor: Tensor | None, anchor_scale: Tensor | None) -> tuple[Tensor, ForwardState]:
     """The multi-launch forward (launches 1–5 of the module docstring) on validated inputs; no
     autograd. Returns P [B, T, d] in hidden.dtype and what :func:`generator_backward` needs."""
-    batch, seq, dim = hidden.shape
-    n_adapters, _, bottleneck = w_down.shape
-    tokens = w_pool.shape[2]
+    batch, seq, dim, n_adapters, bottleneck, tokens = _sizes(hidden, w_down, w_pool)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     cfg = policy.precision(hidden.dtype)
@@ -303,9 +308,7 @@ def generator_backward(state: ForwardState, grad_out: Tensor, wants: dict[str, b
      w_down, w_pool, rat_num, rat_den, w_up, anchor_scale) = state.tensors()
     has_ids, version_b, cfg, anchor_dtype = state.choices()
     has_anchor = anchor_dtype is not None
-    batch, seq, dim = hidden.shape
-    n_adapters, _, bottleneck = w_down.shape
-    tokens = w_pool.shape[2]
+    batch, seq, dim, n_adapters, bottleneck, tokens = _sizes(hidden, w_down, w_pool)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     prec = cfg["prec"]
@@ -464,9 +467,7 @@ def fused_generator_forward(hidden: Tensor, mask: Tensor, weights: GeneratorWeig
     """
     w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
     _check_products(weight_products, w_down)
-    batch, seq, dim = hidden.shape
-    n_adapters, _, bottleneck = w_down.shape
-    tokens = w_pool.shape[2]
+    batch, seq, dim, n_adapters, bottleneck, tokens = _sizes(hidden, w_down, w_pool)
     dev = hidden.device
     f32 = dict(dtype=torch.float32, device=dev)
     cfg = policy.precision(hidden.dtype)
