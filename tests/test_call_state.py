@@ -99,6 +99,8 @@ def test_no_call_writes_onto_transformers_objects(family):
         out = wrapped(input_ids=ids, attention_mask=mask, instruction_mask=inst, use_cache=True)
         step = torch.ones(2, 1, dtype=torch.long)
         wrapped(input_ids=step, attention_mask=torch.cat([mask, step], 1), cache=out.cache)
+        with pytest.raises(ValueError, match="not produced by an IAPTModel prefill"):  # the storage alone
+            wrapped(input_ids=step, attention_mask=torch.cat([mask, step, step], 1), cache=out.cache.storage)
         for names in (["default", "default"], ["part", "__base__"]):
             for cache in ("dynamic", "static"):
                 result = wrapped.generate(ids, attention_mask=mask, instruction_mask=inst, adapter_names=names,
