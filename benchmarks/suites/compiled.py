@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import index, ratio
+from benchmarks.suites.ratios import cases, index, ratio
 from benchmarks.suites.common import Recorder, release_memory
 from benchmarks.suites.e2e import run_grid, settings as e2e_settings, time_generation
 from benchmarks.suites.models import BackboneSpec, Prepared, budget, build_backbone, prepare
@@ -164,7 +164,7 @@ def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     """The compiled suite's ratios: IAPT against the base model, static cache eager and compiled."""
     out: list[dict[str, Any]] = []
     c = index(rows, "compiled")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "compiled"):
+    for case in cases(rows, "compiled"):
         for mode, target in (("compiled", ("ge", 0.95)), ("static", None)):
             iapt, base = c.get((case, f"iapt_{mode}")), c.get((case, f"base_{mode}"))
             out.append(ratio(f"{mode}: IAPT / base decode tokens/s", "compiled", case, iapt, base,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import index, ratio
+from benchmarks.suites.ratios import cases, index, ratio
 from benchmarks.suites.common import (MEMORY_NOTE, Recorder, estimate_seconds, measure_memory, module_mb, quantiles,
                                       release_memory, time_calls)
 from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, BackboneSpec, Prepared, budget, \
@@ -241,7 +241,7 @@ def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     """The e2e suite's ratios: IAPT against the base model and every LoRA at each case."""
     out: list[dict[str, Any]] = []
     e = index(rows, "e2e")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "e2e"):
+    for case in cases(rows, "e2e"):
         iapt, base = e.get((case, "iapt")), e.get((case, "base"))
         peft, bmm, merged = e.get((case, "peft_lora")), e.get((case, "bmm_lora")), e.get((case, "merged_lora"))
         out.append(ratio("IAPT / base tokens/s", "e2e", case, iapt, base, "tokens_per_s", ("ge", 0.95)))

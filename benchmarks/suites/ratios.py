@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Target", "index", "ratio", "value", "meets", "target_text"]
+__all__ = ["Target", "index", "cases", "ratio", "value", "meets", "target_text"]
 
 # ("ge" | "le" | "gt", reference value)
 Target = tuple[str, float]
@@ -13,6 +13,11 @@ Target = tuple[str, float]
 
 def index(rows: list[dict[str, Any]], suite: str) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["case"], r["method"]): r for r in rows if r["suite"] == suite}
+
+
+def cases(rows: list[dict[str, Any]], suite: str) -> list[str]:
+    """The cases of ``suite``'s rows, in the order they were measured."""
+    return list(dict.fromkeys(r["case"] for r in rows if r["suite"] == suite))
 
 
 def ratio(name: str, suite: str, case: str, num: dict | None, den: dict | None, key: str,

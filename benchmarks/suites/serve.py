@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import index, ratio, value
+from benchmarks.suites.ratios import cases, index, ratio, value
 from benchmarks.suites.common import STATUSES, Recorder
 from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, budget
 from benchmarks.suites.serve_worker import RESULT_MARKER, SCHEMA, engine_of, k_of, offline_methods
@@ -270,7 +270,7 @@ def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     at K = 4 on the CPU, offline: IAPT ≥ 0.95× the bare engine and ≥ 2.5× vLLM multi-LoRA."""
     out: list[dict[str, Any]] = []
     s = index(rows, "serve")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "serve"):
+    for case in cases(rows, "serve"):
         online = case.startswith("online")
         key = "output_tokens_per_s" if online else "tokens_per_s"
         prefix = "online: " if online else ""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import index, ratio
+from benchmarks.suites.ratios import cases, index, ratio
 from benchmarks.suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
 from benchmarks.suites.e2e import settings as e2e_settings
 from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, Prepared, budget, build_backbone, prepare
@@ -168,7 +168,7 @@ def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     """The train suite's ratios: a training step of IAPT against PEFT and gathered-BMM LoRA."""
     out: list[dict[str, Any]] = []
     t = index(rows, "train")
-    for case in dict.fromkeys(r["case"] for r in rows if r["suite"] == "train"):
+    for case in cases(rows, "train"):
         iapt, peft, bmm = t.get((case, "iapt")), t.get((case, "peft_lora")), t.get((case, "bmm_lora"))
         out.append(ratio("train: IAPT / PEFT LoRA tokens/s", "train", case, iapt, peft, "tokens_per_s"))
         out.append(ratio("train: IAPT / gathered-BMM LoRA tokens/s", "train", case, iapt, bmm, "tokens_per_s"))
