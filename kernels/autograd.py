@@ -386,20 +386,23 @@ def generator_backward(state: ForwardState, grad_out: Tensor, wants: dict[str, b
 
 
 def recompute_backward(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None,
-                       version: str, grad_out: Tensor, wants: dict[str, bool]) -> tuple[Tensor | None, ...]:
+                       version: str, grad_out: Tensor, wants: dict[str, bool]) -> dict[str, Tensor | None]:
     """The gradients of a stateless caller (the registered operator, generator/op.py): the
     multi-launch forward once more for its state, then :func:`generator_backward` — the same host
-    functions :class:`PromptGeneratorFunction` runs. Returns one gradient (or None) per
-    ``_FORWARD_INPUTS`` entry."""
+    functions :class:`PromptGeneratorFunction` runs.
+
+    Returns:
+        forward input name (``_FORWARD_INPUTS``) → its gradient, or None where none is wanted.
+    """
     w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
     if hidden.shape[0] == 0:  # nothing to differentiate: zeros where a gradient is wanted
-        zeros = {name: torch.zeros_like(t) for name, t in (("hidden", hidden), ("w_down", w_down), ("w_pool", w_pool),
-                 ("rat_num", rat_num), ("rat_den", rat_den), ("w_up", w_up), ("anchor", anchor)) if t is not None}
-        return tuple(zeros.get(name) if wants.get(name) else None for name in _FORWARD_INPUTS)
+        inputs = dict(hidden=hidden, w_down=w_down, w_pool=w_pool, rat_num=rat_num, rat_den=rat_den, w_up=w_up,
+                      anchor=anchor)
+        return {name: torch.zeros_like(t) if t is not None and wants.get(name) else None for name, t in inputs.items()}
     with torch.no_grad():
         _, state = generator_forward(hidden, mask, w_down, w_pool, rat_num, rat_den, w_up, adapter_ids, version, None,
                                      anchor, anchor_scale.detach() if anchor_scale is not None else None)
-        return generator_backward(state, grad_out, wants)
+        return dict(zip(_FORWARD_INPUTS, generator_backward(state, grad_out, wants)))
 
 
 class PromptGeneratorFunction(torch.autograd.Function):

@@ -110,7 +110,11 @@ def test_fresh_prefills_and_injection_match_the_generator_on_each_prompt(tmp_pat
     hidden = torch.randn(len(ids), cfg.hidden_size, generator=gen)
     residual = torch.randn(len(ids), cfg.hidden_size, generator=gen)
     norm = model.model.layers[1].input_layernorm
-    out_h, out_r = LayerInjector(adapters, fresh, torch.device("cpu"))(1, hidden.clone(), residual.clone(), norm)
+    injector = LayerInjector(adapters, fresh, len(ids), torch.device("cpu"))
+    # Every row but the two fresh prefills' 4 placeholders keeps its MLP (serve/vllm_model.py).
+    placeholders = set(range(0, 4)) | set(range(bounds[3], bounds[3] + 4))
+    assert injector.kept_rows.tolist() == [r for r in range(len(ids)) if r not in placeholders]
+    out_h, out_r = injector(1, hidden.clone(), residual.clone(), norm)
     layer_input = hidden + residual
     touched = torch.zeros(len(ids), dtype=torch.bool)
     for item, name, length in ((fresh[0], "a", 7), (fresh[1], "c", 5)):

@@ -74,7 +74,7 @@ def kernels_differentiate(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-# The operator's inputs by the names of the kernels' forward (kernels/autograd.py _FORWARD_INPUTS).
+# The operator's inputs, named as the kernels' forward names them (kernels/autograd.py).
 _OP_INPUT_NAMES = ("hidden", "mask", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "adapter_ids", "anchor",
                    "anchor_scale", "version", "weight_products")
 
@@ -87,13 +87,11 @@ def _backward(ctx, grad: Tensor):
         # The same host functions as the eager autograd.Function: the forward's state, then its backward.
         from iapt_fast.kernels import recompute_backward
 
-        wants = {name: bool(ctx.needs_input_grad[i]) for i, name in enumerate(_OP_INPUT_NAMES) if i in _DIFFERENTIABLE}
-        weights = GeneratorWeights(*core, saved[8], saved[9])
-        grads = recompute_backward(hidden, mask, weights, saved[7], ctx.version, grad, wants)
-        by_name = dict(zip(("hidden", "mask", "w_down", "w_pool", "rat_num", "rat_den", "w_up", "adapter_ids", "version",
-                            "num_splits", "anchor", "anchor_scale"), grads))
+        wants = {_OP_INPUT_NAMES[i]: bool(ctx.needs_input_grad[i]) for i in _DIFFERENTIABLE}
+        grads = recompute_backward(hidden, mask, GeneratorWeights(*core, saved[8], saved[9]), saved[7], ctx.version,
+                                   grad, wants)
         for i in _DIFFERENTIABLE:
-            result[i] = by_name.get(_OP_INPUT_NAMES[i]) if ctx.needs_input_grad[i] else None
+            result[i] = grads.get(_OP_INPUT_NAMES[i])
         return tuple(result)
     # Traced by AOT autograd in compiled graphs: the reference, whose code has no data-dependent branch.
     leaves = {}

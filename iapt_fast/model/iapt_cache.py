@@ -93,8 +93,8 @@ class PrefillState:
         rotary: cos/sin at −T…−1 (None for families without rotary embeddings).
         row_adapters: adapter name per row of the expanded batch.
         hidden_layers: as :attr:`Request.hidden_layers`.
-        prefix: layer → its prefix (keys, values), each [B, kv_heads, T, head_dim], kept for an
-            activation-checkpointed layer (transformers runs it without the cache).
+        prefix: layer → its prefix (keys, values), each [B, kv_heads, T, head_dim], kept only for
+            activation-checkpointed layers (transformers runs them without the cache).
         finite: [B] bool, the row's soft tokens were finite at every target layer so far.
     """
 
@@ -181,11 +181,6 @@ class IAPTCache(Cache):
     def end_prefill(self) -> None:
         """The prefill is over (or failed): decode steps run no generator."""
         self.prefill = None
-
-    def in_use(self) -> bool:
-        """Whether the cache holds entries already (a decode step), read from a plain flag of its
-        first layer (lazily initialised by its first update), never from a tensor."""
-        return bool(self.layers and getattr(self.layers[0], "is_initialized", False))
 
 
 class PrefixOnlyCache:

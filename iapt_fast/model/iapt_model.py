@@ -369,13 +369,14 @@ class IAPTModel(nn.Module):
         shorter than the last one, so a compiled decode step keeps its shapes), else dynamic. The call's
         cache options are taken out of ``generate_kwargs``: the cache is passed in built."""
         config = self.base_model.config.get_text_config(decoder=True)
-        if cache_implementation(self.base_model, generate_kwargs) != "static":
-            generate_kwargs["cache_implementation"] = None
-            return DynamicCache(config=config)
-        needed = static_cache_length(self.base_model, generate_kwargs, num_tokens, length, new_tokens)
-        self._static_cache_length = max(self._static_cache_length, needed)
-        generate_kwargs["cache_implementation"] = None
+        static = cache_implementation(self.base_model, generate_kwargs) == "static"
+        if static:
+            needed = static_cache_length(self.base_model, generate_kwargs, num_tokens, length, new_tokens)
+            self._static_cache_length = max(self._static_cache_length, needed)
+        generate_kwargs["cache_implementation"] = None  # the cache is passed in built
         generate_kwargs.pop("max_cache_len", None)
+        if not static:
+            return DynamicCache(config=config)
         return StaticCache(config=config, max_cache_len=self._static_cache_length)
 
     def remove_hooks(self) -> nn.Module:

@@ -174,7 +174,8 @@ class PrefixHooks:
             if not torch.compiler.is_dynamo_compiling():  # a traced step would break its graph at the host read
                 check_finite(index, soft, state)
             keys, values = arch.prefix_kv(layer, soft, state.rotary)
-            state.prefix[index] = (keys, values)
+            if PREFILL_KW in kwargs:  # its attention may run without the cache: it reads them here
+                state.prefix[index] = (keys, values)
             if isinstance(cache, IAPTCache):
                 write_prefix(cache, index, keys, values)
             return None

@@ -76,10 +76,12 @@ class LayerInjector:
     Args:
         adapters: the served adapters (weights packed per group).
         fresh: this step's fresh prefills (non-empty).
+        num_rows: R, the step's rows.
         device: the rows' device.
     """
 
-    def __init__(self, adapters: ServedAdapters, fresh: list[FreshPrefill], device: torch.device) -> None:
+    def __init__(self, adapters: ServedAdapters, fresh: list[FreshPrefill], num_rows: int,
+                 device: torch.device) -> None:
         groups: dict[int, list[FreshPrefill]] = {}
         packs = {}
         for item in fresh:
@@ -87,10 +89,12 @@ class LayerInjector:
             groups.setdefault(id(pack), []).append(item)
             packs[id(pack)] = pack
         self._launches = []
-        # Rows the step computes only for their keys/values: every fresh prefill's T placeholders.
-        self.placeholder_rows = torch.cat([torch.arange(item.start, item.start + item.num_tokens)
-                                           for item in fresh]).to(device)
-        self._kept: Tensor | None = None
+        # The rows whose layer outputs are read (by the next layer, or for logits after the last):
+        # all but the fresh prefills' T placeholders, computed only for their keys and values.
+        keep = torch.ones(num_rows, dtype=torch.bool)
+        for item in fresh:
+            keep[item.start:item.start + item.num_tokens] = False
+        self.kept_rows = torch.nonzero(keep).flatten().to(device)
         for key, items in groups.items():
             pack = packs[key]
             longest = max(item.prompt_length for item in items)
@@ -105,15 +109,6 @@ class LayerInjector:
             ids = torch.tensor([adapters.slots[item.slot].index for item in items])
             self._launches.append((pack, gather.to(device), mask.to(device), targets.to(device),
                                    ids.to(device) if len(pack.names) > 1 else None, len(items), longest))
-
-    def kept_rows(self, num_rows: int) -> Tensor:
-        """[rows] the indices of the step's rows that are not placeholders of a fresh prefill
-        (their layer outputs are read: by the next layer, or for logits after the last)."""
-        if self._kept is None or self._kept.numel() + self.placeholder_rows.numel() != num_rows:
-            keep = torch.ones(num_rows, dtype=torch.bool, device=self.placeholder_rows.device)
-            keep[self.placeholder_rows] = False
-            self._kept = torch.nonzero(keep).flatten()
-        return self._kept
 
     def __call__(self, layer: int, hidden: Tensor, residual: Tensor | None,
                  input_norm: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -64,7 +64,7 @@ class ServingState:
         if bounds is None:
             return None
         fresh = find_fresh_prefills(input_ids, positions, bounds.cpu(), self.codec, self.adapters)
-        return LayerInjector(self.adapters, fresh, positions.device) if fresh else None
+        return LayerInjector(self.adapters, fresh, positions.shape[0], positions.device) if fresh else None
 
 
 def iapt_decoder_loop(decoder: nn.Module, state: ServingState, input_ids: torch.Tensor | None,
@@ -90,8 +90,7 @@ def iapt_decoder_loop(decoder: nn.Module, state: ServingState, input_ids: torch.
             hidden, residual = layer(positions, hidden, residual)
             continue
         hidden, residual = injector(index, hidden, residual, state.input_norm(layer).forward_native)
-        hidden, residual = layer_with_sparse_mlp(layer, positions, hidden, residual,
-                                                 injector.kept_rows(hidden.shape[0]))
+        hidden, residual = layer_with_sparse_mlp(layer, positions, hidden, residual, injector.kept_rows)
     hidden, _ = decoder.norm(hidden, residual)
     return hidden
 
