@@ -25,14 +25,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from iapt_fast.generator import functional, reference
+from iapt_fast.generator.inputs import random_inputs
+from iapt_fast.generator.op import prompt_generator_op
+from suites.common import bandwidth_gbs, copy_bandwidth_gbs
 
-from benchmarks.suites.common import bandwidth_gbs, copy_bandwidth_gbs  # noqa: E402
-from iapt_fast.generator import functional, reference  # noqa: E402
-from iapt_fast.generator.inputs import random_inputs  # noqa: E402
-from iapt_fast.generator.op import prompt_generator_op  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 from iapt_fast.generator.weights import GeneratorWeights  # noqa: E402
 
 # (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,

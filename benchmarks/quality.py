@@ -47,14 +47,12 @@ import datetime as _dt
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # run as a script (python benchmarks/quality.py): the checkout's packages
-    sys.path.insert(0, REPO_ROOT)
+from quality_methods import DEFAULT_LR, MAIN_METHODS, METHODS
+from quality_report import summarize
+from quality_runner import diagnose, export_task, run, score_adapter
 
-from benchmarks.quality_methods import DEFAULT_LR, MAIN_METHODS, METHODS  # noqa: E402
-from benchmarks.quality_report import summarize  # noqa: E402
-from benchmarks.quality_runner import diagnose, export_task, run, score_adapter  # noqa: E402
-from benchmarks.quality_tasks import GEN_TASKS, TASKS  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from quality_tasks import GEN_TASKS, TASKS  # noqa: E402
 
 __all__ = ["parse_args", "main"]
 

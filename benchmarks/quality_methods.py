@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.quality_tasks import Task
+from quality_tasks import Task
 
 __all__ = ["DEFAULT_LR", "IAPT_ABLATIONS", "TRAIN_OVERRIDES", "MAIN_METHODS", "METHODS", "METHOD_LABELS",
            "count_trainable", "iapt_config", "iapt_param_count", "lora_rank_for", "build_method"]

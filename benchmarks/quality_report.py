@@ -7,8 +7,8 @@ import json
 import os
 from typing import Any
 
-from benchmarks.quality_methods import METHOD_LABELS, METHODS
-from benchmarks.report import save_figure
+from quality_methods import METHOD_LABELS, METHODS
+from report import save_figure
 from iapt_fast.atomic import atomic_write_text
 
 __all__ = ["write_outputs", "summarize", "plot_curves"]

@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.quality_generate import generative_score, mean_interval
-from benchmarks.quality_methods import DEFAULT_LR, METHOD_LABELS, METHODS, TRAIN_OVERRIDES, build_method, count_trainable
-from benchmarks.quality_report import write_outputs
-from benchmarks.quality_tasks import (TASKS, GenTask, Task, find_task, load_splits, load_task, prepare_smollm2,
+from quality_generate import generative_score, mean_interval
+from quality_methods import DEFAULT_LR, METHOD_LABELS, METHODS, TRAIN_OVERRIDES, build_method, count_trainable
+from quality_report import write_outputs
+from quality_tasks import (TASKS, GenTask, Task, find_task, load_splits, load_task, prepare_smollm2,
                                       synthetic_setup)
 from iapt_fast.atomic import atomic_write_text
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.quality_tasks_generative import GEN_TASKS, GenTask, load_generative
+from quality_tasks_generative import GEN_TASKS, GenTask, load_generative
 from iapt_fast.atomic import atomic_directory
 
 __all__ = ["Task", "TASKS", "GEN_TASKS", "GenTask", "find_task", "prepare_smollm2", "load_task", "load_splits",

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites.ratios import index
+from suites.ratios import index
 from iapt_fast.atomic import atomic_write_bytes, atomic_write_text
 
 LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "numpy", "matplotlib", "iapt_fast")
@@ -102,7 +102,7 @@ def machine_line(machine: dict[str, Any]) -> str:
 def compute_ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     """The headline ratios of every suite present in ``rows``, each declared by its suite module
     (``ratios(rows, device)``), with the design.md §5 targets where one applies."""
-    from benchmarks.suites import SUITES, suite_module
+    from suites import SUITES, suite_module
 
     present = {r["suite"] for r in rows}
     return [r for name in SUITES if name in present for r in suite_module(name).ratios(rows, device)]
@@ -381,7 +381,7 @@ def _train_figure(plt, rows, title):
 
 def _serve_figure(plt, rows, title):
     """Output tokens/s offline and online, and the online time to first token, per K."""
-    from benchmarks.suites.serve import adapter_counts
+    from suites.serve import adapter_counts
 
     sr = [r for r in rows if r["suite"] == "serve"]
     if not sr:

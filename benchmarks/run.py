@@ -49,11 +49,11 @@ import time
 import warnings
 from typing import Any
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # run as a script (python benchmarks/run.py): the checkout's packages
-    sys.path.insert(0, REPO_ROOT)
+# Run as a script, this folder is sys.path[0]: its modules import each other by their own names
+# (tests get the folder from pytest.ini's `pythonpath`), the library comes from the install.
+from suites import SUITES, SuiteOptions, suite_module
 
-from benchmarks.suites import SUITES, SuiteOptions, suite_module  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCHEMA_VERSION = 1
 # Whole-run wall-clock budgets: the GPU run must fit one device call (< 8 min), the default
@@ -75,8 +75,8 @@ SUITE_WEIGHTS = {"cuda": {"kernels": 0.4, "e2e": 0.3, "compiled": 0.2, "train": 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import torch
 
-    from benchmarks.suites.e2e import DEFAULT_LORA_TARGETS
-    from benchmarks.suites.models import DEFAULT_METHODS, METHODS
+    from suites.e2e import DEFAULT_LORA_TARGETS
+    from suites.models import DEFAULT_METHODS, METHODS
 
     head, _, rest = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(description=head, epilog=rest,
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    from benchmarks import report
-    from benchmarks.suites import serve
-    from benchmarks.suites.common import Budget, Recorder
+    import report
+    from suites import serve
+    from suites.common import Budget, Recorder
 
     suites = default_suites(serve.serve_python()[0] is not None, args.quick) if args.suite == "all" else [args.suite]
     opts = SuiteOptions(device=args.device, quick=args.quick, methods=tuple(args.methods),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.suites.kernels import KernelCase, make_inputs
+from suites.kernels import KernelCase, make_inputs
 from iapt_fast.generator import rational
 from iapt_fast.generator import reference
 from iapt_fast.generator.weights import GeneratorWeights

@@ -14,13 +14,11 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import report
+from lora_bmm import attach_gathered_lora
+from suites import common, models
 
-from benchmarks import report  # noqa: E402
-from benchmarks.lora_bmm import attach_gathered_lora  # noqa: E402
-from benchmarks.suites import common, models  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROW_KEYS = {"suite", "case", "method", "params", "status", "error", "traceback", "metrics", "seconds"}
 REQUIRED_METRICS = {
@@ -126,8 +124,8 @@ def test_quick_run_prints_the_tables(quick_run):
 
 
 def test_failing_baselines_are_reported_failed_never_dropped(tmp_path, monkeypatch, capsys):
-    from benchmarks import run
-    from benchmarks.suites import e2e
+    import run
+    from suites import e2e
 
     real_prepare = e2e.prepare
 
@@ -167,8 +165,8 @@ def test_failing_baselines_are_reported_failed_never_dropped(tmp_path, monkeypat
 
 def test_main_job_fails_when_iapt_fails(tmp_path, monkeypatch, capsys):
     """The main job never reports success when IAPT itself could not run: exit 1, summary names the row."""
-    from benchmarks import run
-    from benchmarks.suites import e2e
+    import run
+    from suites import e2e
 
     real_prepare = e2e.prepare
 
@@ -273,7 +271,7 @@ def test_ratios_from_rows():
 
 
 def test_compiled_suite_refuses_to_time_a_compiled_path_with_other_tokens():
-    from benchmarks.suites import compiled
+    from suites import compiled
 
     class Model:  # the compiled decode step of this model gets one token wrong
         def generate(self, input_ids, compile_config=None, max_new_tokens=1, **kwargs):
@@ -293,7 +291,7 @@ def test_compiled_suite_refuses_to_time_a_compiled_path_with_other_tokens():
 
 def test_kernel_suite_drives_the_triton_kernels_in_the_interpreter():
     """The CUDA rows' code path (Triton impl, all three modes, the correctness gate) on the CPU."""
-    from benchmarks.suites import kernels
+    from suites import kernels
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CUDA present: run.py times the kernels natively")
@@ -311,7 +309,7 @@ def test_kernel_suite_drives_the_triton_kernels_in_the_interpreter():
 
 
 def test_kernel_suite_refuses_to_time_a_wrong_forward():
-    from benchmarks.suites import kernels
+    from suites import kernels
 
     case = kernels.KernelCase(batch=2, seq=5, d=16, m=4, t=4, adapters=1, dtype="float32")
 
@@ -352,7 +350,7 @@ def test_gpu_kernel_ratios_and_targets():
 
 def test_gpu_plan_is_what_the_issue_asks():
     """The CUDA grid cannot run here; at least its plan is checked against the GPU benchmark plan (d = 4096, m = 320, LLaMA-7B shapes)."""
-    from benchmarks.suites import e2e, kernels, train
+    from suites import e2e, kernels, train
 
     grid = kernels.cases("cuda", quick=False)
     big = [c for c in grid if (c.d, c.m, c.t, c.dtype) == (4096, 320, 4, "bfloat16")]
@@ -472,7 +470,7 @@ def test_budget_matches_real_parameter_counts():
 # ---------------------------------------------------------------------------- serve suite (no vLLM needed)
 def _fake_serve_result(cfg, drop=(), fail=(), skip=()):
     """A worker result for every planned row of ``cfg``; IAPT at ``tps`` 100 · K-independent."""
-    from benchmarks.suites import serve
+    from suites import serve
 
     rows = []
     for case, method, params in serve.planned_rows(cfg):
@@ -491,7 +489,7 @@ def _fake_serve_result(cfg, drop=(), fail=(), skip=()):
 
 
 def test_serve_python_is_found_or_skipped_with_how_to_create_it(tmp_path):
-    from benchmarks.suites import serve
+    from suites import serve
 
     python, why = serve.serve_python({}, root=str(tmp_path))
     assert python is None and "bash tests/serve/run.sh" in why and ".venv-serve" in why
@@ -506,7 +504,7 @@ def test_serve_python_is_found_or_skipped_with_how_to_create_it(tmp_path):
 
 
 def test_all_includes_the_serve_suite_only_where_its_environment_exists():
-    from benchmarks import run
+    import run
 
     assert "serve" not in run.default_suites(serve_env=False, quick=False)
     assert run.default_suites(serve_env=True, quick=False)[-1] == "serve"
@@ -515,8 +513,8 @@ def test_all_includes_the_serve_suite_only_where_its_environment_exists():
 
 
 def test_serve_suite_without_its_environment_reports_every_row_skipped(tmp_path, monkeypatch, capsys):
-    from benchmarks import run
-    from benchmarks.suites import serve
+    import run
+    from suites import serve
 
     monkeypatch.setenv("IAPT_SERVE_PYTHON", str(tmp_path / "no-python"))
     assert run.main(["--quick", "--device", "cpu", "--suite", "serve", "--out", str(tmp_path), "--no-progress"]) == 0
@@ -531,8 +529,8 @@ def test_serve_suite_without_its_environment_reports_every_row_skipped(tmp_path,
 
 
 def test_serve_worker_output_contract():
-    from benchmarks.suites import serve
-    from benchmarks.suites.serve_worker import RESULT_MARKER
+    from suites import serve
+    from suites.serve_worker import RESULT_MARKER
 
     cfg = serve.settings("cpu", True)
     good = _fake_serve_result(cfg)
@@ -573,15 +571,15 @@ def test_serve_worker_output_contract():
 def test_serve_suite_runs_the_worker_with_the_serve_python_and_reports_it(tmp_path, monkeypatch, capsys):
     """The dispatch end to end with a stand-in for the serve environment's python, which prints a
     worker result among log lines: rows, ratios against the K = 4 targets, table and plot."""
-    from benchmarks import run
-    from benchmarks.suites import serve
-    from benchmarks.suites.serve_worker import RESULT_MARKER
+    import run
+    from suites import serve
+    from suites.serve_worker import RESULT_MARKER
 
     result = tmp_path / "result.txt"
     result.write_text("log line\n" + RESULT_MARKER + json.dumps(_fake_serve_result(serve.settings("cpu", True))) + "\n")
     fake = tmp_path / "python"
     # Checks that it is given the worker module and a config naming the rows' cases.
-    fake.write_text(f"#!/bin/sh\n[ \"$1 $2\" = \"-m benchmarks.suites.serve_worker\" ] || exit 3\n"
+    fake.write_text(f"#!/bin/sh\n[ \"$1 $2\" = \"-m suites.serve_worker\" ] || exit 3\n"
                     f"grep -q '\"offline_case\"' \"$3\" || exit 4\ncat {result}\n")
     fake.chmod(0o755)
     monkeypatch.setenv("IAPT_SERVE_PYTHON", str(fake))
@@ -607,7 +605,7 @@ def test_every_suite_is_on_the_suite_protocol():
     """run.py drives every suite the same way: count(opts), run(rec, opts), ratios(rows, device)."""
     import inspect
 
-    from benchmarks.suites import SUITES, Suite, suite_module
+    from suites import SUITES, Suite, suite_module
 
     for name in SUITES:
         module = suite_module(name)

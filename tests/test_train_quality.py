@@ -20,7 +20,7 @@ if REPO not in sys.path:
 
 def test_quick_synthetic_report(tmp_path, monkeypatch):
     pytest.importorskip("peft")
-    from benchmarks import quality, quality_methods, quality_report, quality_runner
+    import quality, quality_methods, quality_report, quality_runner
 
     root, tmp_path = tmp_path, tmp_path / "rotten_tomatoes"
     methods = ["zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt"]
@@ -82,7 +82,7 @@ def test_quick_synthetic_report(tmp_path, monkeypatch):
 # Generative tasks: greedy generate() scored by exact match, token F1 and chrF
 # ---------------------------------------------------------------------------------------------
 def test_generative_scores_on_hand_computed_answers():
-    from benchmarks.quality_generate import chrf, normalize, score_answers, token_f1
+    from quality_generate import chrf, normalize, score_answers, token_f1
     from iapt_fast.training.evaluation import wilson_interval
 
     assert normalize("  ELEPHANT \nand more") == "ELEPHANT" and normalize("a   b") == "a b"
@@ -102,8 +102,8 @@ def test_generative_scores_on_hand_computed_answers():
 def test_generate_answers_equals_a_manual_greedy_decode_of_the_iapt_forward():
     """Batched, left-padded IAPTModel.generate (KV cache, prefix at prefill) against one example
     at a time, re-running the whole sequence each step with the prompt as the instruction."""
-    from benchmarks import quality_tasks
-    from benchmarks.quality_generate import generate_answers
+    import quality_tasks
+    from quality_generate import generate_answers
     from iapt_fast import IAPTConfig, get_iapt_model
     from iapt_fast.training.data import tokenize_pair
 
@@ -131,9 +131,9 @@ def test_generate_answers_equals_a_manual_greedy_decode_of_the_iapt_forward():
 
 def test_quick_synthetic_generative_report(tmp_path):
     pytest.importorskip("peft")
-    from benchmarks import quality
-    from benchmarks.quality_gen_summary import summary
-    from benchmarks.quality_generate import normalize
+    import quality
+    from quality_gen_summary import summary
+    from quality_generate import normalize
 
     root, tmp_path = tmp_path, tmp_path / "caps"
 
@@ -175,7 +175,7 @@ def test_quick_synthetic_generative_report(tmp_path):
 def test_recipe_ablations_change_what_they_name(tmp_path, monkeypatch):
     """The report's ablations reach the adapter (T, target layers) and the trainer (bi-level on
     a held-out tenth of train, the anchors' own LR) — not just their labels."""
-    from benchmarks import quality
+    import quality
     from iapt_fast.training import trainer as trainer_module
 
     seen = {}

@@ -52,4 +52,4 @@ def suite_module(name: str) -> ModuleType:
     """The module of suite ``name`` (one of :data:`SUITES`), imported on first use."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; choose from {SUITES}")
-    return importlib.import_module(f"benchmarks.suites.{name}")
+    return importlib.import_module(f"suites.{name}")

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import cases, index, ratio
-from benchmarks.suites.common import Recorder, release_memory
-from benchmarks.suites.e2e import run_grid, settings as e2e_settings, time_generation
-from benchmarks.suites.models import BackboneSpec, Prepared, budget, build_backbone, prepare
+from suites import SuiteOptions
+from suites.ratios import cases, index, ratio
+from suites.common import Recorder, release_memory
+from suites.e2e import run_grid, settings as e2e_settings, time_generation
+from suites.models import BackboneSpec, Prepared, budget, build_backbone, prepare
 
 SUITE = "compiled"
 METHODS = ("base_static", "iapt_static", "base_compiled", "iapt_compiled")

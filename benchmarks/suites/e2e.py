@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import cases, index, ratio
-from benchmarks.suites.common import (MEMORY_NOTE, Recorder, estimate_seconds, measure_memory, module_mb, quantiles,
+from suites import SuiteOptions
+from suites.ratios import cases, index, ratio
+from suites.common import (MEMORY_NOTE, Recorder, estimate_seconds, measure_memory, module_mb, quantiles,
                                       release_memory, time_calls)
-from benchmarks.suites.models import LLAMA2_7B, METHOD_LABELS, BackboneSpec, Prepared, budget, \
+from suites.models import LLAMA2_7B, METHOD_LABELS, BackboneSpec, Prepared, budget, \
     build_backbone, prepare
 
 SUITE = "e2e"

@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import index, ratio, value
-from benchmarks.suites.common import Recorder, bandwidth_gbs, copy_bandwidth_gbs, time_fn
+from suites import SuiteOptions
+from suites.ratios import index, ratio, value
+from suites.common import Recorder, bandwidth_gbs, copy_bandwidth_gbs, time_fn
 from iapt_fast.generator.weights import GeneratorWeights
 
 SUITE = "kernels"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.lora_bmm import GatheredLoRA, attach_gathered_lora
+from lora_bmm import GatheredLoRA, attach_gathered_lora
 
 METHODS = ("base", "iapt", "iapt_single", "iapt_torch", "peft_lora", "bmm_lora", "merged_lora")
 # iapt_torch (IAPT with the PyTorch reference generator) differs from iapt only where "auto"

@@ -2,7 +2,7 @@
 
 vLLM pins its own transformers, so it lives in a separate environment (README "Serving":
 ``bash tests/serve/run.sh`` creates ``.venv-serve``). This suite runs in the main environment
-and starts ``python -m benchmarks.suites.serve_worker`` with the serve environment's python (``.venv-serve/bin/python``
+and starts ``python -m suites.serve_worker`` (from benchmarks/) with the serve environment's python (``.venv-serve/bin/python``
 or ``$IAPT_SERVE_PYTHON``); the worker prints its rows as JSON. Without a serve environment
 every row is skipped with the reason, and ``run.py``'s default run leaves the suite out.
 
@@ -26,17 +26,17 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import cases, index, ratio, value
-from benchmarks.suites.common import STATUSES, Recorder
-from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, budget
-from benchmarks.suites.serve_worker import RESULT_MARKER, SCHEMA, engine_of, k_of, offline_methods
+from suites import SuiteOptions
+from suites.ratios import cases, index, ratio, value
+from suites.common import STATUSES, Recorder
+from suites.models import LLAMA2_7B, BackboneSpec, budget
+from suites.serve_worker import RESULT_MARKER, SCHEMA, engine_of, k_of, offline_methods
 
 SUITE = "serve"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Started as a module from the checkout's root (never as a script: its folder would then be
 # sys.path[0], and this folder's kernels.py would shadow the `kernels` package transformers imports).
-WORKER_MODULE = "benchmarks.suites.serve_worker"
+WORKER_MODULE = "suites.serve_worker"
 CREATE_HINT = ("create it with `bash tests/serve/run.sh` (it makes .venv-serve), or set IAPT_SERVE_PYTHON to a "
                "python that has vLLM and iapt_fast")
 # Time the worker needs beyond its measuring budget before it is declared hung: imports and
@@ -227,7 +227,9 @@ def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         start = time.perf_counter()
         try:
-            proc = subprocess.run([python, "-m", WORKER_MODULE, path], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+            # From benchmarks/, so that the worker finds its sibling modules; iapt_fast is the serve
+            # environment's install of this checkout.
+            proc = subprocess.run([python, "-m", WORKER_MODULE, path], cwd=os.path.join(REPO_ROOT, "benchmarks"), env=env, capture_output=True, text=True,
                                   timeout=budget_s + GRACE_S)
             info["worker_s"] = time.perf_counter() - start
             if proc.returncode != 0:

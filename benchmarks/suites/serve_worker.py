@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The serve suite's measurements, run inside the serve environment (the one with vLLM).
 
-    .venv-serve/bin/python -m benchmarks.suites.serve_worker CONFIG.json    # from the checkout's root
+    .venv-serve/bin/python -m suites.serve_worker CONFIG.json    # from benchmarks/
 
 benchmarks/suites/serve.py writes CONFIG.json and starts this script with the serve
 environment's python (vLLM pins its own transformers, so it cannot run in the main

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.suites import SuiteOptions
-from benchmarks.suites.ratios import cases, index, ratio
-from benchmarks.suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
-from benchmarks.suites.e2e import settings as e2e_settings
-from benchmarks.suites.models import LLAMA2_7B, BackboneSpec, Prepared, budget, build_backbone, prepare
+from suites import SuiteOptions
+from suites.ratios import cases, index, ratio
+from suites.common import MEMORY_NOTE, Recorder, measure_memory, module_mb, quantiles, release_memory, time_calls
+from suites.e2e import settings as e2e_settings
+from suites.models import LLAMA2_7B, BackboneSpec, Prepared, budget, build_backbone, prepare
 
 SUITE = "train"
 METHODS = ("iapt", "peft_lora", "bmm_lora")

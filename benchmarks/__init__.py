@@ -1,1 +1,0 @@
-"""Benchmarks of iapt_fast. The one entry point is ``python benchmarks/run.py``."""
