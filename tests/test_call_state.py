@@ -22,7 +22,7 @@ from transformers import DynamicCache, StaticCache
 import iapt_fast
 import iapt_fast.model
 from iapt_fast import IAPTConfig
-from iapt_fast.model.iapt_cache import IAPTCache
+from iapt_fast.model.iapt_cache import IAPTCache, PrefillState, Request
 from iapt_fast.model.prefix_hooks import hooks_installed_on
 from slow_reference import padded_batch, tiny_model
 from test_model import wrap
@@ -156,17 +156,27 @@ PREFILL_FILES = {
 }
 
 
-def test_the_files_a_prefill_crosses_before_the_first_attention():
+# The files whose functions are handed the call's state (the Request, the PrefillState, the
+# IAPTCache): everything else on the path above takes tensors and weights only.
+STATE_FILES = {"iapt_fast/model/iapt_model.py", "iapt_fast/model/requests.py", "iapt_fast/model/iapt_cache.py",
+               "iapt_fast/model/prefix_hooks.py"}
+
+
+def _trace_prefill(until_first_attention: bool) -> tuple[set[str], set[str]]:
+    """Runs one prefill under a profiler: (library files entered, library files whose functions
+    were handed a state object as an argument)."""
     model = tiny_model("llama", "sdpa")
     wrapped = wrap(model)
     ids, mask, inst = padded_batch(2, 7, "left", seed=1)
     root = os.path.dirname(os.path.dirname(os.path.abspath(iapt_fast.__file__)))
     attention = type(model.model.layers[0].self_attn).forward.__code__
+    state_types = (IAPTCache, Request, PrefillState)
     seen: set[str] = set()
+    handed_state: set[str] = set()
     reached = []
 
     def profile(frame, event, arg):
-        if reached or event != "call":
+        if (reached and until_first_attention) or event != "call":
             return
         if frame.f_code is attention:
             reached.append(True)
@@ -174,6 +184,8 @@ def test_the_files_a_prefill_crosses_before_the_first_attention():
         path = os.path.relpath(frame.f_code.co_filename, root)
         if path.startswith("iapt_fast/") or path.startswith("kernels/"):
             seen.add(path)
+            if any(isinstance(value, state_types) for value in frame.f_locals.values()):
+                handed_state.add(path)
 
     with torch.no_grad():
         sys.setprofile(profile)
@@ -182,5 +194,19 @@ def test_the_files_a_prefill_crosses_before_the_first_attention():
         finally:
             sys.setprofile(None)
     assert reached, "the prefill never reached an attention"
+    return seen, handed_state
+
+
+def test_the_files_a_prefill_crosses_before_the_first_attention():
+    seen, _ = _trace_prefill(until_first_attention=True)
     assert seen <= PREFILL_FILES, f"new files on the prefill path: {sorted(seen - PREFILL_FILES)}"
     assert {"iapt_fast/model/iapt_cache.py", "iapt_fast/model/prefix_hooks.py"} <= seen
+
+
+def test_the_call_state_is_handed_to_four_files_only():
+    """Over the whole prefill (every layer, not only up to the first attention), no function
+    outside the four files of the state path receives the call's state: the family, the generator,
+    the packs and the bank are given tensors."""
+    _, handed_state = _trace_prefill(until_first_attention=False)
+    assert handed_state <= STATE_FILES, f"the call's state leaks into {sorted(handed_state - STATE_FILES)}"
+    assert {"iapt_fast/model/iapt_cache.py", "iapt_fast/model/prefix_hooks.py"} <= handed_state
