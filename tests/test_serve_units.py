@@ -83,7 +83,9 @@ def test_engine_options_that_would_serve_wrong_are_refused(option, value, messag
 def test_fresh_prefills_and_injection_match_the_generator_on_each_prompt(tmp_path):
     """A step of four segments: a fresh IAPT prefill, a decode row, a base prefill, and a fresh
     prefill recomputed after preemption (its generated tokens follow the prompt and must not be
-    pooled). The rows written are P_l of each prompt alone; no other row changes."""
+    pooled). The placeholder rows' layer input becomes P_l of each prompt alone (pooled from the
+    normed or the raw layer input, as the adapter says) and their normed input its norm; no other
+    row changes."""
     model = tiny_model("llama")
     cfg = model.config
     specs = _save(tmp_path, model, {"a": IAPTConfig(bottleneck_dim=8, init_std_up=0.5),
@@ -107,30 +109,29 @@ def test_fresh_prefills_and_injection_match_the_generator_on_each_prompt(tmp_pat
     fresh = find_fresh_prefills(torch.tensor(ids), torch.tensor(pos), torch.tensor(bounds), codec, adapters)
     assert [(f.start, f.slot, f.num_tokens, f.prompt_length) for f in fresh] == \
         [(0, 0, 4, 7), (bounds[3], 1, 4, 5)]
-    hidden = torch.randn(len(ids), cfg.hidden_size, generator=gen)
-    residual = torch.randn(len(ids), cfg.hidden_size, generator=gen)
+    layer_input = torch.randn(len(ids), cfg.hidden_size, generator=gen)
     norm = model.model.layers[1].input_layernorm
+    normed = norm(layer_input)
     injector = LayerInjector(adapters, fresh, len(ids), torch.device("cpu"))
     # Every row but the two fresh prefills' 4 placeholders keeps its MLP (serve/vllm_model.py).
     placeholders = set(range(0, 4)) | set(range(bounds[3], bounds[3] + 4))
     assert injector.kept_rows.tolist() == [r for r in range(len(ids)) if r not in placeholders]
-    out_h, out_r = injector(1, hidden.clone(), residual.clone(), norm)
-    layer_input = hidden + residual
+    out_normed, out_input = normed.clone(), layer_input.clone()
+    injector(1, out_normed, out_input, norm)
     touched = torch.zeros(len(ids), dtype=torch.bool)
     for item, name, length in ((fresh[0], "a", 7), (fresh[1], "c", 5)):
         rows = slice(item.start + 4, item.start + 4 + length)
-        source = layer_input[rows][None]
         config = adapters.configs[name]
-        if config.pool_input == "normed":
-            source = norm(source)
+        source = (normed if config.pool_input == "normed" else layer_input)[rows][None]
         slot = adapters.slots[adapters.slot_of(name)]
         weights = {w: t[slot.index:slot.index + 1] for w, t in slot.pack.weights[1].items()}
         expect = functional.prompt_generator(source, torch.ones(1, length, dtype=torch.long), **weights, backend="torch",
                                              rational_version=config.rational_version)[0]
-        got = out_h[item.start:item.start + 4] + out_r[item.start:item.start + 4]
-        assert (got - expect).abs().max().item() <= 1e-5
-        touched[item.start:item.start + 4] = True
-    assert torch.equal(out_h[~touched], hidden[~touched]) and torch.equal(out_r[~touched], residual[~touched])
+        placeholder_rows = slice(item.start, item.start + 4)
+        assert (out_input[placeholder_rows] - expect).abs().max().item() <= 1e-5
+        assert (out_normed[placeholder_rows] - norm(expect)).abs().max().item() <= 1e-5
+        touched[placeholder_rows] = True
+    assert torch.equal(out_input[~touched], layer_input[~touched]) and torch.equal(out_normed[~touched], normed[~touched])
 
 
 def test_base_prompts_that_look_like_a_header_are_refused():

@@ -3,8 +3,10 @@
 The literal reference (generator/reference.py) stays the oracle. This path computes the same
 function in the order of the kernels (design.md §4): U = H·W_dp with W_dp = W_down·W_pool [d, T],
 the masked softmax on the scores only, Ph = Aᵀ·H [T, d] and p = Ph·W_down. The forward reads H
-twice and never copies it (float32 input); per-row weights are gathered only where a batch
-mixes adapters, and the weight products then touch [B, T, ·] tensors, not [B, N, ·] ones.
+twice and never copies it (float32 input). A batch that mixes adapters pools all its rows in one
+pass (each row with its adapter's W_dp, [T, d] per row: the only per-row weight), then runs the
+rest — p = Ph·W_down, R, ·W_up, the anchor — per adapter group on [rows, T, ·] tensors, so no
+[d, m] weight is ever copied per row.
 Differentiable w.r.t. hidden, every weight and the anchor: autograd, except the pooling over H,
 whose backward is written out (_PooledHidden).
 
@@ -35,37 +37,48 @@ def prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, ad
         [B, T, d] = anchor[a] + anchor_scale[a] · R(p)·W_up[a] in ``hidden.dtype``, accumulated in
         float32 (float64 for float64 input). An all-masked row (or N = 0) pools to p = 0.
     """
-    w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale = weights
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    batch = hidden.shape[0]
     h = hidden.to(cdt)
     keep = mask.to(torch.bool)
-    single = _single_adapter(adapter_ids, batch)
-
-    def pick(w: Tensor) -> Tensor:
-        """Per-row weights in ``cdt``: one adapter's [...], or a [B, ...] gather for a mixed batch."""
-        if single is not None:
-            return w[single].to(cdt)
-        if w.requires_grad and torch.is_grad_enabled():
-            # Cast before the gather: the rows' gradients of one adapter then add up in cdt.
-            w = w.to(cdt)
-        return w.index_select(0, adapter_ids).to(cdt)
-
-    wd = pick(w_down)  # [d, m] or [B, d, m]
-    w_dp_t = torch.matmul(wd, pick(w_pool)).transpose(-1, -2)  # W_dpᵀ: [T, d] or [B, T, d]
+    single = _single_adapter(adapter_ids, hidden.shape[0])
+    if single is not None:
+        one = GeneratorWeights(*(None if w is None else w[single].to(cdt) for w in weights))
+        w_dp_t = torch.matmul(one.w_down, one.w_pool).transpose(-1, -2)  # W_dpᵀ [T, d]
+        pooled = torch.matmul(_PooledHidden.apply(h, w_dp_t, keep), one.w_down)  # p: [B, T, m]
+        out = torch.matmul(rational(pooled, one.rat_num, one.rat_den, version), one.w_up)
+        if one.anchor_scale is not None:
+            out = out * one.anchor_scale
+        return (out if one.anchor is None else out + one.anchor).to(hidden.dtype)
+    # Cast before any selection: the rows' gradients of one adapter then add up in cdt.
+    w = GeneratorWeights(*(None if t is None else t.to(cdt) for t in weights))
+    # Selected as [B, d, T] and then transposed: each row's W_dpᵀ has the layout of the one-adapter
+    # path, so a row's result does not depend on whether its batch mixes adapters (bit for bit).
+    w_dp_t = torch.matmul(w.w_down, w.w_pool).index_select(0, adapter_ids).transpose(-1, -2)  # [B, T, d]
     pooled_hidden = _PooledHidden.apply(h, w_dp_t, keep)  # [B, T, d]
-    pooled = torch.matmul(pooled_hidden, wd)  # [B, T, m]
-    num, den = pick(rat_num), pick(rat_den)
-    if single is None:
-        num, den = num[:, None, None, :], den[:, None, None, :]
-    act = rational(pooled, num, den, version)
-    out = torch.matmul(act, pick(w_up))  # [B, T, d]
-    if anchor_scale is not None:
-        scale = pick(anchor_scale)
-        out = out * (scale if single is not None else scale[:, None, None])
-    if anchor is not None:
-        out = out + pick(anchor)
+    groups = _groups(adapter_ids)
+    pooled = _per_group(pooled_hidden, w.w_down, groups)  # p: [B, T, m]
+    num, den = w.rat_num.index_select(0, adapter_ids), w.rat_den.index_select(0, adapter_ids)
+    out = _per_group(rational(pooled, num[:, None, None, :], den[:, None, None, :], version), w.w_up, groups)
+    if w.anchor_scale is not None:
+        out = out * w.anchor_scale.index_select(0, adapter_ids)[:, None, None]
+    if w.anchor is not None:
+        out = out + w.anchor.index_select(0, adapter_ids)
     return out.to(hidden.dtype)
+
+
+def _groups(adapter_ids: Tensor) -> tuple[list[tuple[int, Tensor]], Tensor]:
+    """([(adapter, its rows)], the permutation that puts the groups' concatenated rows back in
+    batch order) of a mixed batch's [B] adapter ids."""
+    groups = [(a, torch.nonzero(adapter_ids == a).flatten()) for a in torch.unique(adapter_ids).tolist()]
+    return groups, torch.argsort(torch.cat([rows for _, rows in groups]))
+
+
+def _per_group(x: Tensor, stacked: Tensor, groups: tuple[list[tuple[int, Tensor]], Tensor]) -> Tensor:
+    """[B, T, k] x times its row's adapter's [k, n] matrix of ``stacked`` [A, k, n] → [B, T, n]: one
+    product per adapter present (a per-row gather of the matrices would copy [B, k, n])."""
+    rows_of, inverse = groups
+    parts = [torch.matmul(x.index_select(0, rows), stacked[a]) for a, rows in rows_of]
+    return torch.cat(parts).index_select(0, inverse)
 
 
 def _single_adapter(adapter_ids: Tensor | None, batch: int) -> int | None:

@@ -5,9 +5,11 @@ The engine hands a decoder loop one flat batch of rows (all requests' new tokens
 request; ``query_start_loc`` bounds the segments). A segment that starts at position 0 with a
 placeholder header (placeholders.py) is a fresh IAPT prefill: its rows are the T placeholders,
 the prompt, and after a preemption the tokens generated before it. Before layer l, the
-placeholder rows get hidden = P_l and residual = 0, so the layer's input there is exactly P_l —
-the soft tokens enter a layer as its input, at the positions just before the prompt — and the
-layer itself computes their keys and values into the paged cache. Segments that do not start at
+placeholder rows' layer input becomes exactly P_l — the soft tokens enter a layer as its input,
+at the positions just before the prompt — and the layer itself computes their keys and values into
+the paged cache. The injection runs after the layer's own input norm (vllm_model.py), which
+already formed every row's input and its norm: the generators pool those, and only the T rows per
+request are overwritten (input P_l, normed input norm(P_l)). Segments that do not start at
 0 (decode steps, prompts whose placeholders a salted prefix-cache hit already holds) run the
 plain layers: their placeholder keys and values are in the cache.
 """
@@ -110,26 +112,23 @@ class LayerInjector:
             self._launches.append((pack, gather.to(device), mask.to(device), targets.to(device),
                                    ids.to(device) if len(pack.names) > 1 else None, len(items), longest))
 
-    def __call__(self, layer: int, hidden: Tensor, residual: Tensor | None,
-                 input_norm: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Write P_layer into the placeholder rows of ``hidden`` [R, d] (and zero ``residual``
-        there: the layer's input is hidden + residual).
+    def __call__(self, layer: int, normed: Tensor, layer_input: Tensor,
+                 input_norm: Callable[[Tensor], Tensor]) -> None:
+        """Make P_layer the placeholder rows' layer input, in place: ``layer_input`` [R, d] (the
+        residual stream entering the layer) gets P_l there and ``normed`` [R, d] (the layer's input
+        norm of it) gets input_norm(P_l). The generators pool the prompt rows of ``normed`` or of
+        ``layer_input``, as each adapter was trained (``pool_input``).
 
         Args:
-            input_norm: the layer's own input norm (for adapters that pool the normed input).
+            input_norm: the layer's own input norm (one tensor in, its norm out).
         """
         for pack, gather, mask, targets, ids, batch, longest in self._launches:
-            rows = hidden.index_select(0, gather)
-            if residual is not None:
-                rows = rows + residual.index_select(0, gather)
-            source = rows.view(batch, longest, -1)
-            if pack.key.pool_input == "normed":
-                source = input_norm(source)
+            pooled_from = normed if pack.key.pool_input == "normed" else layer_input
+            source = pooled_from.index_select(0, gather).view(batch, longest, -1)
             products = pack.inference_products(layer, "auto", source.device)
             soft = functional.prompt_generator(source, mask, **pack.weights[layer], adapter_ids=ids,
                                                backend="auto", rational_version=pack.key.rational_version,
                                                check_ids=False, weight_products=products)
-            hidden.index_copy_(0, targets, soft.reshape(-1, soft.shape[-1]).to(hidden.dtype))
-            if residual is not None:
-                residual.index_fill_(0, targets, 0)
-        return hidden, residual
+            soft = soft.reshape(-1, soft.shape[-1]).to(layer_input.dtype)
+            layer_input.index_copy_(0, targets, soft)
+            normed.index_copy_(0, targets, input_norm(soft))

@@ -27,7 +27,7 @@ from iapt_fast.serve.options import ADAPTERS_KEY, check_engine_config, codec_for
 from iapt_fast.serve.placeholders import PlaceholderCodec
 
 __all__ = ["IAPTLlamaForCausalLM", "IAPTMistralForCausalLM", "IAPTQwen2ForCausalLM", "IAPTQwen3ForCausalLM",
-           "iapt_decoder_loop", "layer_with_sparse_mlp"]
+           "iapt_decoder_loop", "layer_with_injection"]
 
 
 class ServingState:
@@ -88,18 +88,19 @@ def iapt_decoder_loop(decoder: nn.Module, state: ServingState, input_ids: torch.
                                   start=decoder.start_layer):
         if injector is None:
             hidden, residual = layer(positions, hidden, residual)
-            continue
-        hidden, residual = injector(index, hidden, residual, state.input_norm(layer).forward_native)
-        hidden, residual = layer_with_sparse_mlp(layer, positions, hidden, residual, injector.kept_rows)
+        else:
+            hidden, residual = layer_with_injection(layer, index, positions, hidden, residual, injector,
+                                                    state.input_norm(layer))
     hidden, _ = decoder.norm(hidden, residual)
     return hidden
 
 
-def layer_with_sparse_mlp(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tensor,
-                          residual: torch.Tensor | None, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_with_injection(layer: nn.Module, index: int, positions: torch.Tensor, hidden: torch.Tensor,
+                         residual: torch.Tensor | None, injector: LayerInjector,
+                         input_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of the served families' vLLM decoder layer (llama, mistral, qwen2, qwen3 share
-    it: fused-residual input norm, attention, fused-residual post-attention norm, MLP), with the
-    MLP run on the ``kept`` rows only.
+    it: fused-residual input norm, attention, fused-residual post-attention norm, MLP), with P_l
+    injected after the input norm and the MLP run on the injector's kept rows only.
 
     The placeholder rows of a fresh prefill are computed for their keys and values, which the
     attention writes into the paged cache; what the layer outputs for them is overwritten by the
@@ -107,19 +108,22 @@ def layer_with_sparse_mlp(layer: nn.Module, positions: torch.Tensor, hidden: tor
     their MLP — most of a layer's work per row — is skipped (they output zeros).
 
     Args:
+        index: the layer's index (which P_l).
         hidden, residual: [R, d] the step's rows; ``residual`` None before the first layer.
-        kept: [R'] indices of the rows whose outputs are read.
+        input_norm: ``layer``'s input norm as the family defines it (``Architecture.input_norm``).
     Returns:
         (hidden, residual) [R, d], as the layer's own forward returns them.
     """
     if residual is None:
         residual = hidden
-        hidden = layer.input_layernorm(hidden)
+        hidden = input_norm(hidden)
     else:
-        hidden, residual = layer.input_layernorm(hidden, residual)
+        hidden, residual = input_norm(hidden, residual)
+    injector(index, hidden, residual, input_norm)
     hidden = layer.self_attn(positions=positions, hidden_states=hidden)
     hidden, residual = layer.post_attention_layernorm(hidden, residual)
     out = torch.zeros_like(hidden)
+    kept = injector.kept_rows
     out.index_copy_(0, kept, layer.mlp(hidden.index_select(0, kept)))
     return out, residual
 
