@@ -10,7 +10,7 @@ import torch
 
 from quality_tasks import Task
 
-__all__ = ["DEFAULT_LR", "IAPT_ABLATIONS", "TRAIN_OVERRIDES", "MAIN_METHODS", "METHODS", "METHOD_LABELS",
+__all__ = ["DEFAULT_LR", "DEFAULTS_METHOD", "IAPT_ABLATIONS", "RUN_RECIPE", "TRAIN_OVERRIDES", "MAIN_METHODS", "METHODS", "METHOD_LABELS",
            "count_trainable", "iapt_config", "iapt_param_count", "lora_rank_for", "build_method"]
 
 # Default learning rates: the usual choice of each method's literature / PEFT examples; the
@@ -29,14 +29,21 @@ IAPT_ABLATIONS = {
     "iapt_t16": dict(num_soft_tokens=16),            # 4× the soft tokens
     "iapt_t16_m39": dict(num_soft_tokens=16, bottleneck_dim=39),  # T = 16 at the defaults' budget (m 45 → 39)
     "iapt_top_half": dict(target_layers="top_half"),  # soft tokens in the upper half of the layers only
-    "iapt_lr3e-3": {},                               # the library defaults since 2026-12-07: lr 3e-3
+    "iapt_lr3e-3": {},                               # lr 3e-3, W_pool at the LR (the defaults before iapt_pool_lr3)
     "iapt_bilevel": {},                              # the paper's bi-level training (TRAIN_OVERRIDES)
     "iapt_anchor_lr": {},                            # the anchors at anchors-only's LR (TRAIN_OVERRIDES)
     "iapt_cosine": {},                               # cosine decay instead of linear (TRAIN_OVERRIDES)
     "iapt_pool_lr": {},                              # sharper pooling: W_pool at 10× the LR (TRAIN_OVERRIDES)
-    "iapt_pool_lr3": {},                             # moderately sharper pooling: W_pool at 3× the LR
+    "iapt_pool_lr3": {},                             # the library defaults: lr 3e-3, W_pool at 3× the LR
 }
 
+
+# What every run of the report trains with unless its method changes it: W_pool at the LR, as all
+# runs before the pooling scale became a default (TrainConfig's default is now 3, measured here as
+# iapt_pool_lr3), so that every stored run can be reproduced under its own name.
+RUN_RECIPE = {"pool_lr_scale": 1.0}
+# The method whose runs are the library defaults (IAPTConfig(), TrainConfig()'s lr and pooling scale).
+DEFAULTS_METHOD = "iapt_pool_lr3"
 
 # Ablations of the training recipe rather than the adapter: TrainConfig fields changed.
 TRAIN_OVERRIDES = {
@@ -60,7 +67,7 @@ METHOD_LABELS = {
     "prefix_tuning": "prefix tuning (PEFT, no projection)",
     "lora": "LoRA q,v (PEFT; rank matched to IAPT)",
     "iapt_paper": "IAPT, paper form (IAPTConfig.paper())",
-    "iapt": "IAPT (IAPTConfig()), LR as the sweep chose",
+    "iapt": "IAPT (IAPTConfig(), W_pool at the LR), LR as the sweep chose",
     "iapt_text_init": "ablation: IAPT, anchor from the init text",
     "iapt_unscaled": "ablation: IAPT, s = 1",
     "iapt_hidden_pool": "ablation: IAPT, pool_input hidden",
@@ -70,12 +77,12 @@ METHOD_LABELS = {
     "iapt_t16": "ablation: IAPT, T = 16",
     "iapt_t16_m39": "ablation: IAPT, T = 16, m = 39 (the defaults' parameter budget)",
     "iapt_top_half": "ablation: IAPT, upper half of the layers only",
-    "iapt_lr3e-3": "IAPT defaults (IAPTConfig(), lr 3e-3)",
+    "iapt_lr3e-3": "IAPT, lr 3e-3, W_pool at the LR (the former defaults)",
     "iapt_bilevel": "ablation: IAPT, bi-level training (the paper's)",
     "iapt_anchor_lr": "ablation: IAPT, anchors at lr 3e-2",
     "iapt_cosine": "ablation: IAPT, cosine LR decay",
     "iapt_pool_lr": "ablation: IAPT, W_pool at 10× the LR (pooling temperature 0.1)",
-    "iapt_pool_lr3": "ablation: IAPT, W_pool at 3× the LR (pooling temperature 1/3)",
+    "iapt_pool_lr3": "IAPT defaults (IAPTConfig(), lr 3e-3, W_pool at 3× the LR: pooling temperature 1/3)",
 }
 
 

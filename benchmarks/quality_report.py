@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from quality_methods import METHOD_LABELS, METHODS
+from quality_methods import DEFAULTS_METHOD, METHOD_LABELS, METHODS
 from report import save_figure
 from iapt_fast.atomic import atomic_write_text
 
@@ -73,7 +73,7 @@ def summarize(folder: str) -> str:
     for task, r in tasks.items():
         got = r["methods"]
         margin = -0.01 if r.get("kind", "classification") == "classification" else -0.02
-        for name in ("iapt", "iapt_lr3e-3"):
+        for name in ("iapt", DEFAULTS_METHOD):
             if name not in got:
                 continue
             iapt = got[name]["mean"]

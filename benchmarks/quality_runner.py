@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from quality_generate import generative_score, mean_interval
-from quality_methods import DEFAULT_LR, METHOD_LABELS, METHODS, TRAIN_OVERRIDES, build_method, count_trainable
+from quality_methods import DEFAULT_LR, METHOD_LABELS, METHODS, RUN_RECIPE, TRAIN_OVERRIDES, build_method, count_trainable
 from quality_report import write_outputs
 from quality_tasks import (TASKS, GenTask, Task, find_task, load_splits, load_task, prepare_smollm2,
                                       synthetic_setup)
@@ -78,7 +78,7 @@ def train_method(model, tokenizer, splits, args, task: Task, lr: float, seed: in
     from iapt_fast.training.trainer import TrainConfig, Trainer
 
     pairs = [(task.prompt.format(text=t), lab) for t, lab in splits["train"]]
-    overrides = TRAIN_OVERRIDES.get(method, {})
+    overrides = {**RUN_RECIPE, **TRAIN_OVERRIDES.get(method, {})}
     cfg = TrainConfig(output_dir=out_dir, max_steps=args.steps, batch_size=args.batch_size, lr=lr,
                       warmup_ratio=0.1, seed=seed, progress=args.progress, save_every=None,
                       overwrite_output_dir=True, **overrides)  # runs/work/<key>: this report's own scratch folder

@@ -115,6 +115,32 @@ def test_pool_lr_scale_scales_only_the_pooling_steps(tok, examples, tmp_path):
     assert sorted(g["initial_lr"] for g in tr.optimizers["joint"].param_groups) == [1e-4, 1e-4, 1e-4, 1e-2]
 
 
+def test_pool_lr_scale_defaults_to_3_where_there_is_a_pooling(tok, examples, tmp_path):
+    """Left unset, W_pool trains at 3× the LR; a model without pooling weights (anchors only)
+    trains as before, while an explicit scale there is refused."""
+    from iapt_fast import IAPTConfig, get_iapt_model
+    from iapt_fast.training.train_config import DEFAULT_POOL_LR_SCALE
+
+    from train_fixtures import make_llama
+
+    assert TrainConfig().pool_lr_scale is None and DEFAULT_POOL_LR_SCALE == 3.0
+    tr = _trainer(tok, examples, tmp_path, lr=1e-4, rational_lr=1e-4, warmup_ratio=0.0, max_grad_norm=None,
+                  max_steps=10)
+    assert sorted(g["initial_lr"] for g in tr.optimizers["joint"].param_groups) == pytest.approx([1e-4, 1e-4, 3e-4])
+    before = _snapshot(tr.model)
+    tr.train_step()
+    moved = {n: (before[n] - p.detach()).abs().max().item() for n, p in tr.model.named_parameters() if p.requires_grad}
+    pools = [n for n in moved if n.endswith(".w_pool")]
+    assert pools and all(2e-4 < moved[n] < 6e-4 for n in pools)
+    anchors_only = get_iapt_model(make_llama(len(tok)), IAPTConfig(num_soft_tokens=2, anchors_only=True))
+    tr = Trainer(anchors_only, TrainConfig(output_dir=str(tmp_path / "a"), lr=1e-3, progress=False), examples,
+                 IAPTCollator.from_tokenizer(tok))
+    assert [g["initial_lr"] for g in tr.optimizers["joint"].param_groups] == [1e-3]
+    with pytest.raises(ValueError, match="pool_lr_scale"):
+        Trainer(anchors_only, TrainConfig(output_dir=str(tmp_path / "b"), pool_lr_scale=3.0, progress=False),
+                examples, IAPTCollator.from_tokenizer(tok))
+
+
 def test_anchor_lr_without_anchors_is_refused(tok, examples, tmp_path):
     from iapt_fast import IAPTConfig, get_iapt_model
 

@@ -16,7 +16,7 @@ from iapt_fast.training.data import IAPTCollator, tokenize_records
 from iapt_fast.training.evaluation import evaluate_loss
 from iapt_fast.train import build_parser, main
 from iapt_fast.training.trainer import TrainConfig, Trainer
-from train_fixtures import make_llama, save_tiny_model, sentiment_rows, write_jsonl
+from train_fixtures import initial_lrs_by_kind, make_llama, save_tiny_model, sentiment_rows, write_jsonl
 
 PROMPT = "Review: {text}\\nSentiment:"  # as typed in a shell: \n arrives as two characters
 
@@ -151,6 +151,9 @@ def test_hf_trainer_trains_and_resumes(tok, examples, tmp_path):
                            data_collator=IAPTCollator.from_tokenizer(tok))
         hf.train(resume_from_checkpoint=None if resume is None else str(tmp_path / "iapt" / resume))
         runs[name] = model
+        # W_pool at 3× the LR, as iapt-train's default (IAPTPoolingLR).
+        lrs = initial_lrs_by_kind(hf.optimizer, model)
+        assert lrs["other"] == {args.learning_rate} and list(lrs["w_pool"]) == [pytest.approx(3 * args.learning_rate)]
     ckpt = tmp_path / "iapt" / "checkpoint-2"
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
     for (n, a), (_, b) in zip(runs["straight"].named_parameters(), runs["resumed"].named_parameters()):
@@ -270,7 +273,9 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 def test_iapt_learns_the_content_not_only_the_answer_format(tok, tmp_path, form, lr):
     # The label depends on the review's first word: only a prefix that reads the instruction can
     # beat 50 %. (Guards against a pipeline that learns the label prior and nothing else.)
-    # On this tiny random model the anchored form reached 0.86 at lr 3e-3 and 1.0 at 1e-2.
+    # On this tiny random model the anchored form reached 0.86 at lr 3e-3 and 1.0 at 1e-2 with W_pool
+    # at the LR; with the default W_pool at 3× the LR (measured best on SmolLM2, quality-2026-12-07)
+    # it reached 0.76 and 0.67 here, so the pipeline check pins the scale to 1.
     from iapt_fast.training.evaluation import score_choices
 
     rows, test = sentiment_rows(320, seed=7), sentiment_rows(100, seed=8)
@@ -279,8 +284,8 @@ def test_iapt_learns_the_content_not_only_the_answer_format(tok, tmp_path, form,
     cfg = IAPTConfig(num_soft_tokens=4, bottleneck_dim=16) if form == "anchored" else \
         IAPTConfig.paper(num_soft_tokens=4, bottleneck_dim=16)
     model = get_iapt_model(make_llama(len(tok)), cfg, seed=0)
-    Trainer(model, TrainConfig(output_dir=str(tmp_path), batch_size=16, lr=lr, max_steps=100, progress=False),
-            exs, IAPTCollator.from_tokenizer(tok)).train()
+    Trainer(model, TrainConfig(output_dir=str(tmp_path), batch_size=16, lr=lr, max_steps=100, progress=False,
+                               pool_lr_scale=1.0), exs, IAPTCollator.from_tokenizer(tok)).train()
     choices = [" positive", " negative"]
     scores = score_choices(model, tok, [f"Review: {r['text']}\nSentiment:" for r in test], choices)
     gold = torch.tensor([choices.index(" " + r["label"]) for r in test])

@@ -72,7 +72,7 @@ def test_quick_synthetic_report(tmp_path, monkeypatch):
     # The cross-task summary quotes every method and checks the targets against these numbers.
     text = quality_report.summarize(str(root))
     iapt, pt, lora = (saved["methods"][m]["mean"] for m in ("iapt", "prompt_tuning", "lora"))
-    assert f"**{iapt:.3f}**" in text and "IAPT (IAPTConfig())" in text
+    assert f"**{iapt:.3f}**" in text and quality_methods.METHOD_LABELS["iapt"] in text
     assert ("prompt tuning + 3 = %.3f: %s" % (pt + 0.03, "met" if iapt >= pt + 0.03 else "missed")) in text
     assert ("LoRA − 1 = %.3f: %s" % (lora - 0.01, "met" if iapt >= lora - 0.01 else "missed")) in text
     assert (root / "summary.png").stat().st_size > 1000
@@ -168,7 +168,9 @@ def test_quick_synthetic_generative_report(tmp_path):
     f1 = {(r["method"], r["seed"]): r["test"]["f1_scores"]
           for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
     diffs = [a - b for s in (0, 1) for a, b in zip(f1[("iapt", s)], f1[("lora", s)])]
-    row = next(line for line in summary(str(root)).splitlines() if line.startswith("| IAPT (IAPTConfig())"))
+    from quality_methods import METHOD_LABELS
+
+    row = next(line for line in summary(str(root)).splitlines() if line.startswith(f"| {METHOD_LABELS['iapt']} |"))
     assert f"| {sum(diffs) / len(diffs):+.3f} [" in row
 
 

@@ -16,7 +16,7 @@ from trl import SFTConfig
 
 from iapt_fast import IAPTConfig, IAPTModel, get_iapt_model
 from iapt_fast.training.trl import FusedHeadModel, IAPTSFTTrainer, instruction_mask_from_rows
-from train_fixtures import make_llama, make_tokenizer, sentiment_rows
+from train_fixtures import initial_lrs_by_kind, make_llama, make_tokenizer, sentiment_rows
 from slow_reference import padded_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -188,6 +188,9 @@ def test_sft_trainer_trains_and_saves_the_adapter(tok, tmp_path):
     loss_before = held_loss()
     trainer.train()
     assert all(layer.gradient_checkpointing for layer in model.decoder_layers)  # TRL's default, non-reentrant
+    lr = trainer.args.learning_rate  # W_pool at 3× the LR, as iapt-train's default (IAPTPoolingLR)
+    lrs = initial_lrs_by_kind(trainer.optimizer, model)
+    assert lrs["other"] == {lr} and list(lrs["w_pool"]) == [pytest.approx(3 * lr)]
     assert held_loss() < loss_before
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}

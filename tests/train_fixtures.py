@@ -101,3 +101,13 @@ class ToyIAPT(nn.Module):
         h = self.embed(input_ids)
         p = prompt_generator(h, instruction_mask, **self.gens[0].weights())
         return types.SimpleNamespace(logits=(h + p.mean(1, keepdim=True)) @ self.embed.weight.T)
+
+
+def initial_lrs_by_kind(optimizer, model) -> dict[str, set[float]]:
+    """{"w_pool": the starting LRs of the groups holding pooling weights, "other": of the rest}."""
+    kind = {id(p): ("w_pool" if name.endswith(".w_pool") else "other") for name, p in model.named_parameters()}
+    out: dict[str, set[float]] = {"w_pool": set(), "other": set()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            out[kind[id(p)]].add(group.get("initial_lr", group["lr"]))
+    return out

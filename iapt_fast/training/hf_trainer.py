@@ -23,8 +23,10 @@ from transformers import Trainer
 
 from iapt_fast.model.adapter_io import WEIGHTS_NAME, read_adapter
 from iapt_fast.model.iapt_model import IAPTModel
+from iapt_fast.training.bilevel import is_pool_parameter
+from iapt_fast.training.train_config import DEFAULT_POOL_LR_SCALE
 
-__all__ = ["IAPTAdapterSaving", "IAPTHFTrainer", "load_adapter_weights_"]
+__all__ = ["IAPTAdapterSaving", "IAPTHFTrainer", "IAPTPoolingLR", "load_adapter_weights_"]
 
 
 def load_adapter_weights_(model: IAPTModel, path: str | os.PathLike, adapter_name: str | None = None) -> None:
@@ -81,5 +83,30 @@ class IAPTAdapterSaving:
             load_adapter_weights_(self._iapt_model(), best)
 
 
-class IAPTHFTrainer(IAPTAdapterSaving, Trainer):
+class IAPTPoolingLR:
+    """Mixin for ``transformers.Trainer`` subclasses: the pooling weights W_pool train at the
+    Trainer's learning rate × ``pool_lr_scale``, as with ``iapt-train`` (``TrainConfig.pool_lr_scale``;
+    the library's default 3; set the attribute to 1 to train them at the LR). An optimizer the caller
+    passes in (``optimizers=``) is left as it is.
+    """
+
+    pool_lr_scale: float = DEFAULT_POOL_LR_SCALE
+
+    def create_optimizer(self, *args, **kwargs):
+        given = self.optimizer is not None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if given or self.pool_lr_scale == 1:
+            return optimizer
+        pools = {id(p) for name, p in self._iapt_model().named_parameters() if is_pool_parameter(name)}
+        # Before the first step the optimizer holds no state, so its groups can still be split.
+        for group in list(optimizer.param_groups):
+            mine = [p for p in group["params"] if id(p) in pools]
+            if mine:
+                group["params"] = [p for p in group["params"] if id(p) not in pools]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                                           "lr": group["lr"] * self.pool_lr_scale})
+        return optimizer
+
+
+class IAPTHFTrainer(IAPTPoolingLR, IAPTAdapterSaving, Trainer):
     """``transformers.Trainer`` that saves/loads the IAPT adapter instead of the whole model."""

@@ -42,7 +42,7 @@ from iapt_fast.training.fingerprint import examples_digest
 from iapt_fast.training.parallel import ddp_wrap, full_tensor, is_dtensor, save_adapter
 from iapt_fast.training.preemption import StopSignals
 from iapt_fast.training.sharded import ShardedBatchStream, sharded_eval_loss
-from iapt_fast.training.train_config import TrainConfig
+from iapt_fast.training.train_config import DEFAULT_POOL_LR_SCALE, TrainConfig
 from iapt_fast.training.trainer_checkpoints import (RunSetup, RunState, Trainables, adopt_output_dir, load_checkpoint,
                                                     resolve_resume, save_checkpoint, start_fresh)
 
@@ -170,9 +170,13 @@ class Trainer:
         run without them keeps its layout."""
         config = self.config
         names = dict(zip(map(id, self.weight_params), self.param_names))
+        pool_scale = config.pool_lr_scale
+        if pool_scale is None:  # the default: applies where there are pooling weights (none: anchors only, LoRA)
+            has_pool = any(is_pool_parameter(names[id(p)]) for p in self.weight_params)
+            pool_scale = DEFAULT_POOL_LR_SCALE if has_pool else 1.0
         own = [(name, lr, test) for name, lr, test in (("anchor_lr", config.anchor_lr, is_anchor_parameter),
-                                                      ("pool_lr_scale", config.lr * config.pool_lr_scale
-                                                       if config.pool_lr_scale != 1 else None, is_pool_parameter))
+                                                      ("pool_lr_scale", config.lr * pool_scale
+                                                       if pool_scale != 1 else None, is_pool_parameter))
                if lr is not None]
         groups, rest = [], list(self.weight_params)
         for name, lr, test in own:

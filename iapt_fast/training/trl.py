@@ -39,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from trl import SFTConfig, SFTTrainer
 
 from iapt_fast.model.iapt_model import IAPTModel
-from iapt_fast.training.hf_trainer import IAPTAdapterSaving
+from iapt_fast.training.hf_trainer import IAPTAdapterSaving, IAPTPoolingLR
 
 __all__ = ["FusedHeadModel", "IAPTSFTTrainer", "InstructionMaskCollator", "instruction_mask_from_rows",
            "MASK_COLUMNS"]
@@ -177,7 +177,7 @@ class InstructionMaskCollator:
         return batch
 
 
-class IAPTSFTTrainer(IAPTAdapterSaving, SFTTrainer):
+class IAPTSFTTrainer(IAPTPoolingLR, IAPTAdapterSaving, SFTTrainer):
     """TRL's ``SFTTrainer`` training an IAPT adapter (see the module's docstring).
 
     Args:

@@ -29,11 +29,11 @@ M_GEN=zero_shot,lora,iapt,iapt_lr3e-3,iapt_anchors_only
 ABL=iapt_pool_lr,iapt_pool_lr3,iapt_anchor_lr,iapt_t8,iapt_top_half,iapt_bilevel,iapt_t16_m39,iapt_text_init,iapt_cosine
 "$PY" benchmarks/quality.py --task caps $GEN --methods $M_GEN,$ABL --out $D/caps
 "$PY" benchmarks/quality.py --task region_record $GEN --methods $M_GEN,$ABL --out $D/region_record
-[ -d $D/region_country/runs ] && "$PY" benchmarks/quality.py --task region_country $GEN --methods $M_GEN --out $D/region_country
+[ -d $D/region_country/runs ] && "$PY" benchmarks/quality.py --task region_country $GEN --methods $M_GEN,iapt_pool_lr,iapt_pool_lr3 --out $D/region_country
 [ -d $D/spell/runs ] && "$PY" benchmarks/quality.py --task spell $GEN --methods zero_shot,lora,iapt,iapt_lr3e-3,iapt_anchors_only,iapt_pool_lr,iapt_pool_lr3 --out $D/spell
 "$PY" benchmarks/quality.py --task rotten_tomatoes $CLS --n-test 1000 --n-dev 200 --tune-examples 200 \
     --methods zero_shot,lora,iapt,iapt_lr3e-3,iapt_anchors_only,$ABL --out $D/rotten_tomatoes
 "$PY" benchmarks/quality.py --task subjectivity $CLS --n-test 500 --n-dev 0 \
-    --methods zero_shot,lora,iapt,iapt_lr3e-3,iapt_anchors_only --out $D/subjectivity
+    --methods zero_shot,lora,iapt,iapt_lr3e-3,iapt_anchors_only,iapt_pool_lr,iapt_pool_lr3 --out $D/subjectivity
 "$PY" benchmarks/quality_gen_summary.py $D
 "$PY" benchmarks/quality.py --summary $D
