@@ -20,3 +20,13 @@ chosen_lr() {  # chosen_lr <task> <method>: the LR its dev sweep chose
   "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['tuning'][sys.argv[2]]['chosen'])" \
     "$OUT/$1/results.json" "$2"
 }
+cli_spell() {  # cli_spell <log name>: iapt-train with its defaults (model, data, steps, batch size, output folder)
+  local data="$OUT/spell/cli/data" adapter="$OUT/spell/cli/adapter"
+  echo "$(date -u +%FT%T) start $1" >> "$OUT/grid.log"
+  (cd "$SRC" && OMP_NUM_THREADS=1 taskset -c "$CORE" "$PY" benchmarks/quality.py --task spell $GEN --export "$data" \
+   && OMP_NUM_THREADS=1 taskset -c "$CORE" "$PY" -m iapt_fast.train --model "$HOME/.cache/iapt_fast/SmolLM2-135M-Instruct" \
+        --train-file "$data/spell-train.jsonl" --max-steps 150 --batch-size 8 --output-dir "$adapter" --no-progress \
+   && OMP_NUM_THREADS=1 taskset -c "$CORE" "$PY" benchmarks/quality.py --task spell $GEN --score-adapter "$adapter" \
+        --out "$OUT/spell/cli") > "$OUT/log-$1.txt" 2>&1
+  echo "$(date -u +%FT%T) end $1 rc=$?" >> "$OUT/grid.log"
+}

@@ -12,17 +12,7 @@ run lr3e-3-caps caps 0,1 iapt $GEN --lrs iapt=0.003
 run iapt_pool_lr-rotten_tomatoes rotten_tomatoes 0,1 iapt_pool_lr $RT --lrs iapt_pool_lr=0.003
 run zero_shot-spell spell 0 zero_shot $GEN
 run spell spell 0,1 lora,iapt,iapt_anchors_only $GEN --lrs "lora=0.003,iapt=0.003,iapt_anchors_only=0.03"
-cli_spell() {  # the CLI with its defaults: model, data, steps, batch size, output folder and nothing else
-  local data="$OUT/spell/cli/data" adapter="$OUT/spell/cli/adapter"
-  (cd "$SRC" && OMP_NUM_THREADS=1 taskset -c "$CORE" "$PY" benchmarks/quality.py --task spell $GEN --export "$data" \
-   && OMP_NUM_THREADS=1 taskset -c "$CORE" "$PY" -m iapt_fast.train --model "$HOME/.cache/iapt_fast/SmolLM2-135M-Instruct" \
-        --train-file "$data/spell-train.jsonl" --max-steps 150 --batch-size 8 --output-dir "$adapter" --no-progress \
-   && OMP_NUM_THREADS=1 taskset -c "$CORE" "$PY" benchmarks/quality.py --task spell $GEN --score-adapter "$adapter" \
-        --out "$OUT/spell/cli")
-}
-echo "$(date -u +%FT%T) start cli-spell" >> "$OUT/grid.log"
-cli_spell > "$OUT/log-cli-spell.txt" 2>&1
-echo "$(date -u +%FT%T) end cli-spell rc=$?" >> "$OUT/grid.log"
+cli_spell cli-spell  # the CLI with its defaults: model, data, steps, batch size, output folder and nothing else
 for m in iapt_pool_lr iapt_anchor_lr iapt_t8 iapt_top_half iapt_bilevel iapt_t16_m39 iapt_text_init iapt_cosine; do
   run "$m-caps" caps 0,1 "$m" $GEN --lrs "$m=0.003"
 done
