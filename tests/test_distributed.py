@@ -21,9 +21,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKER = os.path.join(HERE, "test_distributed_worker.py")
-sys.path.insert(0, HERE)
 
-import test_distributed_worker as W  # noqa: E402
+import test_distributed_worker as W  # noqa: E402  (tests/ is on the path under pytest)
 
 from iapt_fast.training.data import IAPTCollator  # noqa: E402
 from iapt_fast.training.distributed import (  # noqa: E402

@@ -15,7 +15,6 @@ import random
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 60.0  # generous for a loaded CI machine; the hang mode overrides it
 
 
@@ -23,8 +22,7 @@ def build_data(tok):
     """Train/eval/dev examples whose responses differ in length, so ranks hold unequal label
     counts and a per-rank loss normalisation would show."""
     from iapt_fast.training.data import tokenize_records
-    sys.path.insert(0, HERE)
-    from train_fixtures import sentiment_rows
+    from train_fixtures import sentiment_rows  # tests/ is on the path: pytest's, or the script's own folder
 
     rng = random.Random(0)
     pairs = [(f"Review: {r['text']}\nSentiment:", " " + " ".join([r["label"]] * rng.randint(1, 4)))
@@ -36,14 +34,12 @@ def build_data(tok):
 
 
 def build_tokenizer():
-    sys.path.insert(0, HERE)
     from train_fixtures import make_tokenizer
     return make_tokenizer()
 
 
 def make_llama_for(tok):
     """The frozen backbone every run shares (seeded: identical on every rank)."""
-    sys.path.insert(0, HERE)
     from train_fixtures import make_llama
     return make_llama(len(tok), seed=0)
 

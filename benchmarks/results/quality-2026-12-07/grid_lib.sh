@@ -1,5 +1,6 @@
 # Shared by the run_grid*.sh scripts: SRC (a frozen copy of the tree), OUT (this folder), PY, CORE and
-# run <log name> <task> <seeds> <methods> [quality.py options...], one run at a time per core.
+# run <log name> <task> <seeds> <methods> [quality.py options...], one run at a time per core, into
+# <task>/ (or $OUT_TASK/).
 SRC=${SRC:-$(cd "$(dirname "$0")/../../.." && pwd)}
 OUT=$(cd "$(dirname "$0")" && pwd)
 PY=${PY:-/work/main/.venv/bin/python}
@@ -10,7 +11,7 @@ run() {
   local name=$1 task=$2 seeds=$3 methods=$4; shift 4
   echo "$(date -u +%FT%T) start $name" >> "$OUT/grid.log"
   (cd "$SRC" && OMP_NUM_THREADS=1 taskset -c "$CORE" "$PY" benchmarks/quality.py --task "$task" --seeds "$seeds" \
-     --methods "$methods" "$@" --out "$OUT/$task") > "$OUT/log-$name.txt" 2>&1
+     --methods "$methods" "$@" --out "$OUT/${OUT_TASK:-$task}") > "$OUT/log-$name.txt" 2>&1
   echo "$(date -u +%FT%T) end $name rc=$?" >> "$OUT/grid.log"
 }
 wait_for() {  # wait_for <pid>: one run at a time on the core
