@@ -33,13 +33,20 @@ def direct(prob):
                                                     prob.version)
 
 
+# Two adapters over five rows: one product per adapter group; three: one per row (cpu_fast._groups).
+MIXES = {"groups": ([2, 0, 2, 0, 2], 3), "rows": ([2, 0, 3, 0, 3], 4)}
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
 @pytest.mark.parametrize("anchored", [False, True], ids=["paper", "anchored"])
 @pytest.mark.parametrize("version", ["A", "B"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_mixed_adapters_odd_shapes_empty_row(dtype, version, anchored):
+def test_mixed_adapters_odd_shapes_empty_row(dtype, version, anchored, mix):
     # Adapter 1 is unused (its weight gradients must be exactly zero); row 1 is all-masked.
+    ids, adapters = MIXES[mix]
+    assert (cpu_fast._groups(torch.unique(torch.tensor(ids), return_inverse=True)[1]) is None) == (mix == "rows")
     prob = make_problem(batch=5, seq=37, dim=50, bottleneck=13, tokens=3, dtype=dtype, version=version,
-                        ids=torch.tensor([2, 0, 2, 0, 2]), anchored=anchored)
+                        ids=torch.tensor(ids), adapters=adapters, anchored=anchored)
     assert not prob.mask[1].any()
     check(prob, via_functional(prob), rel_slack=COEFFICIENTS)
     grads = torch.autograd.grad(via_functional(prob)(leaves := prob.inputs()).float().sum(), leaves[1:6])

@@ -6,7 +6,8 @@ the masked softmax on the scores only, Ph = Aᵀ·H [T, d] and p = Ph·W_down. T
 twice and never copies it (float32 input). A batch that mixes adapters pools all its rows in one
 pass (each row with its adapter's W_dp, [T, d] per row: the only per-row weight), then runs the
 rest — p = Ph·W_down, R, ·W_up, the anchor — per adapter group on [rows, T, ·] tensors, so no
-[d, m] weight is ever copied per row.
+[d, m] weight is copied per row (unless most rows have an adapter of their own: then one product
+per row is cheaper than one per group).
 Differentiable w.r.t. hidden, every weight and the anchor: autograd, except the pooling over H,
 whose backward is written out (_PooledHidden).
 
@@ -49,33 +50,42 @@ def prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, ad
         if one.anchor_scale is not None:
             out = out * one.anchor_scale
         return (out if one.anchor is None else out + one.anchor).to(hidden.dtype)
-    # Cast before any selection: the rows' gradients of one adapter then add up in cdt.
-    w = GeneratorWeights(*(None if t is None else t.to(cdt) for t in weights))
+    # Only the U adapters present, each once (a pack may hold many more); ``local`` [B] indexes them.
+    # Cast right after that selection: the rows' gradients of one adapter then add up in cdt.
+    present, local = torch.unique(adapter_ids, return_inverse=True)
+    w = GeneratorWeights(*(None if t is None else t.index_select(0, present).to(cdt) for t in weights))
     # Selected as [B, d, T] and then transposed: each row's W_dpᵀ has the layout of the one-adapter
     # path, so a row's result does not depend on whether its batch mixes adapters (bit for bit).
-    w_dp_t = torch.matmul(w.w_down, w.w_pool).index_select(0, adapter_ids).transpose(-1, -2)  # [B, T, d]
+    w_dp_t = torch.matmul(w.w_down, w.w_pool).index_select(0, local).transpose(-1, -2)  # [B, T, d]
     pooled_hidden = _PooledHidden.apply(h, w_dp_t, keep)  # [B, T, d]
-    groups = _groups(adapter_ids)
-    pooled = _per_group(pooled_hidden, w.w_down, groups)  # p: [B, T, m]
-    num, den = w.rat_num.index_select(0, adapter_ids), w.rat_den.index_select(0, adapter_ids)
-    out = _per_group(rational(pooled, num[:, None, None, :], den[:, None, None, :], version), w.w_up, groups)
+    groups = _groups(local)
+    pooled = _per_group(pooled_hidden, w.w_down, local, groups)  # p: [B, T, m]
+    num, den = w.rat_num.index_select(0, local), w.rat_den.index_select(0, local)
+    out = _per_group(rational(pooled, num[:, None, None, :], den[:, None, None, :], version), w.w_up, local, groups)
     if w.anchor_scale is not None:
-        out = out * w.anchor_scale.index_select(0, adapter_ids)[:, None, None]
+        out = out * w.anchor_scale.index_select(0, local)[:, None, None]
     if w.anchor is not None:
-        out = out + w.anchor.index_select(0, adapter_ids)
+        out = out + w.anchor.index_select(0, local)
     return out.to(hidden.dtype)
 
 
-def _groups(adapter_ids: Tensor) -> tuple[list[tuple[int, Tensor]], Tensor]:
+def _groups(local: Tensor) -> tuple[list[tuple[int, Tensor]], Tensor] | None:
     """([(adapter, its rows)], the permutation that puts the groups' concatenated rows back in
-    batch order) of a mixed batch's [B] adapter ids."""
-    groups = [(a, torch.nonzero(adapter_ids == a).flatten()) for a in torch.unique(adapter_ids).tolist()]
+    batch order) of a mixed batch's [B] adapter indices into the present adapters; None when most
+    rows have an adapter of their own (one product per row is then cheaper than one per group)."""
+    adapters = torch.unique(local).tolist()
+    if 2 * len(adapters) > local.shape[0]:
+        return None
+    groups = [(a, torch.nonzero(local == a).flatten()) for a in adapters]
     return groups, torch.argsort(torch.cat([rows for _, rows in groups]))
 
 
-def _per_group(x: Tensor, stacked: Tensor, groups: tuple[list[tuple[int, Tensor]], Tensor]) -> Tensor:
-    """[B, T, k] x times its row's adapter's [k, n] matrix of ``stacked`` [A, k, n] → [B, T, n]: one
-    product per adapter present (a per-row gather of the matrices would copy [B, k, n])."""
+def _per_group(x: Tensor, stacked: Tensor, local: Tensor,
+               groups: tuple[list[tuple[int, Tensor]], Tensor] | None) -> Tensor:
+    """[B, T, k] x times its row's adapter's [k, n] matrix of ``stacked`` [U, k, n] → [B, T, n]: one
+    product per adapter present (a per-row gather copies [B, k, n]: only when groups is None)."""
+    if groups is None:
+        return torch.matmul(x, stacked.index_select(0, local))
     rows_of, inverse = groups
     parts = [torch.matmul(x.index_select(0, rows), stacked[a]) for a, rows in rows_of]
     return torch.cat(parts).index_select(0, inverse)
