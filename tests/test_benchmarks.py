@@ -94,7 +94,11 @@ def test_quick_run_json_has_every_field(quick_run):
     assert methods["e2e"] == set(models.DEFAULT_METHODS["cpu"])
     assert methods["train"] == {"iapt", "peft_lora", "bmm_lora"}
     assert methods["compiled"] == {"base_static", "iapt_static", "base_compiled", "iapt_compiled"}
-    assert methods["kernels"] == {"copy"} | {f"{i}/{m}" for i in ("eager", "compile") for m in ("fwd", "bwd", "fwdbwd")}
+    assert methods["kernels"] == {"copy"} | {f"{i}/{m}" for i in ("eager", "compile", "cpu_fast", "plain")
+                                             for m in ("fwd", "bwd", "fwdbwd")}
+    # The CPU path is held to the plain matmul pipeline of the same math (both checked against the reference).
+    cpu_ratio = next(r for r in res["ratios"] if r["name"] == "fwd: CPU path time over the plain matmul pipeline")
+    assert cpu_ratio["value"] is not None and cpu_ratio["target"] == "≤ 1.5"
     e2e_ok = {r["method"]: r for r in res["rows"] if r["suite"] == "e2e" and r["status"] == "ok"}
     batch = res["settings"]["e2e"]["batches"][0]
     for method in ("peft_lora", "bmm_lora"):
@@ -321,6 +325,20 @@ def test_kernel_suite_refuses_to_time_a_wrong_forward():
         kernels.measure(case, "broken", "fwd", "cpu", off_by_a_bit, copy_gbs=None, quick=True)
     m = kernels.measure(case, "eager", "fwd", "cpu", kernels.generator_fn("eager", "cpu"), copy_gbs=None, quick=True)
     assert m["max_abs_err"] == 0.0 and m["frac_copy_bw"] is None
+
+
+@pytest.mark.parametrize("adapters", [1, 3])
+def test_cpu_path_and_its_plain_yardstick_pass_the_forward_check(adapters):
+    """Both CPU rows time correct code: their forward passes the suite's check against the reference."""
+    from suites import kernels
+
+    case = kernels.KernelCase(batch=4, seq=9, d=24, m=6, t=4, adapters=adapters, dtype="float32")
+    for impl in ("cpu_fast", "plain"):
+        for mode in kernels.MODES:
+            m = kernels.measure(case, impl, mode, "cpu", kernels.generator_fn(impl, "cpu"), copy_gbs=None, quick=True)
+            assert m["median_ms"] > 0
+            if mode == "fwd":
+                assert m["max_abs_err"] <= m["err_bound"]
 
 
 def test_gpu_kernel_ratios_and_targets():

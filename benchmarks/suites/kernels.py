@@ -74,11 +74,33 @@ def cases(device: str, quick: bool) -> list[KernelCase]:
         KernelCase(8, 256, 512, 40, 4, 1, f32),       # 2k tokens
         KernelCase(32, 512, 512, 40, 4, 1, f32),      # 16k tokens
         KernelCase(32, 512, 512, 40, 4, 32, f32),     # 16k tokens, every row its own adapter
+        KernelCase(32, 48, 512, 40, 4, 4, f32),       # a serving prefill: 32 short prompts over 4 adapters
     ]
 
 
 def impls(device: str) -> list[str]:
-    return ["eager", "compile", "triton"] if device == "cuda" else ["eager", "compile"]
+    # CPU: the literal reference and its compile, the library's CPU path, and the plain matmul
+    # pipeline of the same math that the CPU path is held to (within 1.5× in fwd).
+    return ["eager", "compile", "triton"] if device == "cuda" else ["eager", "compile", "cpu_fast", "plain"]
+
+
+def plain_pipeline(hidden: torch.Tensor, mask: torch.Tensor, weights: GeneratorWeights,
+                   adapter_ids: torch.Tensor | None) -> torch.Tensor:
+    """The generator's math as a plain chain of matmuls — the yardstick of the CPU path: scores
+    H·W_down·W_pool [B, N, T], masked softmax over N, pooled ·H ·W_down, rational, ·W_up. Each row's
+    weights gathered when the batch mixes adapters. [B, N, d] → [B, T, d]."""
+    from iapt_fast.generator.rational import rational
+
+    w = GeneratorWeights(*(None if t is None else (t[0] if adapter_ids is None else t.index_select(0, adapter_ids))
+                           for t in weights))
+    scores = torch.matmul(hidden, torch.matmul(w.w_down, w.w_pool))  # [B, N, T]
+    attn = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=1).nan_to_num()
+    pooled = torch.matmul(torch.matmul(attn.transpose(1, 2), hidden), w.w_down)  # p: [B, T, m]
+    num, den = (w.rat_num, w.rat_den) if adapter_ids is None else (w.rat_num[:, None, None], w.rat_den[:, None, None])
+    out = torch.matmul(rational(pooled, num, den), w.w_up)
+    if w.anchor_scale is not None:
+        out = out * (w.anchor_scale if adapter_ids is None else w.anchor_scale[:, None, None])
+    return out if w.anchor is None else out + w.anchor
 
 
 def count(opts: SuiteOptions) -> int:
@@ -125,6 +147,12 @@ def generator_fn(impl: str, device: str) -> Callable[..., torch.Tensor]:
         if hasattr(functorch_config, "donated_buffer"):
             functorch_config.donated_buffer = False
         return torch.compile(reference.prompt_generator)
+    if impl == "cpu_fast":
+        from iapt_fast.generator import cpu_fast
+
+        return cpu_fast.prompt_generator
+    if impl == "plain":
+        return plain_pipeline
     if impl == "triton":
         if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             # run.py never lists Triton on the CPU; the tests drive this path in the interpreter.
@@ -254,6 +282,8 @@ def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
         "notes": [
             "eager = iapt_fast.generator.reference.prompt_generator; compile = torch.compile of it, B and N marked "
             "dynamic (one graph per d, m, A and grad mode; its compile time is in first_call_s)",
+            "CPU: cpu_fast = iapt_fast.generator.cpu_fast.prompt_generator (the library's CPU path); plain = the "
+            "same math as a plain chain of matmuls (suites/kernels.py plain_pipeline), its yardstick",
             "triton = iapt_fast.kernels.triton_prompt_generator, called without the functional API's validation"
             if device == "cuda" else "CPU: no Triton rows (the interpreter is a correctness tool, not a backend)",
             "bytes = minimal DRAM traffic of the mode; frac_copy_bw = achieved GB/s over a measured "
@@ -267,7 +297,8 @@ def run(rec: Recorder, opts: SuiteOptions) -> dict[str, Any]:
 
 def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
     """The kernels suite's ratios: on CUDA, Triton's speed-up over eager and torch.compile and its
-    fraction of copy bandwidth (targets at the fwd/bwd shapes of design.md §5); on the CPU, compile vs eager."""
+    fraction of copy bandwidth (targets at the fwd/bwd shapes of design.md §5); on the CPU, the library's
+    CPU path against the plain matmul pipeline of the same math (≤ 1.5× in fwd) and eager, compile vs eager."""
     out: list[dict[str, Any]] = []
     k = index(rows, "kernels")
     kcases = list(dict.fromkeys(r["case"] for r in rows if r["suite"] == "kernels" and r["method"] != "copy"))
@@ -286,6 +317,11 @@ def ratios(rows: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
                 out.append(value(f"{mode}: Triton fraction of copy bandwidth", "kernels", case, tri, "frac_copy_bw",
                                   ("ge", 0.8) if (mode == "fwd" and big) else None))
             else:
+                fast, plain = (k.get((case, f"{impl}/{mode}")) for impl in ("cpu_fast", "plain"))
+                out.append(ratio(f"{mode}: CPU path time over the plain matmul pipeline", "kernels", case, fast,
+                                  plain, "median_ms", ("le", 1.5) if mode == "fwd" else None))
+                out.append(ratio(f"{mode}: CPU path speed-up over eager", "kernels", case, fast, eager,
+                                  "median_ms", None, invert=True))
                 out.append(ratio(f"{mode}: torch.compile speed-up over eager", "kernels", case, comp, eager,
                                   "median_ms", None, invert=True))
                 out.append(value(f"{mode}: eager fraction of copy bandwidth", "kernels", case, eager,
