@@ -28,10 +28,10 @@ import torch
 from iapt_fast.generator import functional, reference
 from iapt_fast.generator.inputs import random_inputs
 from iapt_fast.generator.op import prompt_generator_op
+from iapt_fast.generator.weights import GeneratorWeights
 from suites.common import bandwidth_gbs, copy_bandwidth_gbs
 
 ROOT = Path(__file__).resolve().parents[1]
-from iapt_fast.generator.weights import GeneratorWeights  # noqa: E402
 
 # (batch, instruction length): B·N from 2k to 64k tokens; the last two are few long rows,
 # where the forward splits N (flash-decoding) to fill the GPU.

@@ -50,9 +50,9 @@ import sys
 from quality_methods import DEFAULT_LR, MAIN_METHODS, METHODS
 from quality_report import summarize
 from quality_runner import diagnose, export_task, run, score_adapter
+from quality_tasks import GEN_TASKS, TASKS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from quality_tasks import GEN_TASKS, TASKS  # noqa: E402
 
 __all__ = ["parse_args", "main"]
 

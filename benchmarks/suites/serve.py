@@ -34,8 +34,8 @@ from suites.serve_worker import RESULT_MARKER, SCHEMA, engine_of, k_of, offline_
 
 SUITE = "serve"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Started as a module from the checkout's root (never as a script: its folder would then be
-# sys.path[0], and this folder's kernels.py would shadow the `kernels` package transformers imports).
+# Started as a module from benchmarks/ (never as a script: suites/ would then be sys.path[0], and
+# suites/kernels.py would shadow the `kernels` package transformers imports).
 WORKER_MODULE = "suites.serve_worker"
 CREATE_HINT = ("create it with `bash tests/serve/run.sh` (it makes .venv-serve), or set IAPT_SERVE_PYTHON to a "
                "python that has vLLM and iapt_fast")

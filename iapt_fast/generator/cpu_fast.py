@@ -58,7 +58,7 @@ def prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, ad
     # path, so a row's result does not depend on whether its batch mixes adapters (bit for bit).
     w_dp_t = torch.matmul(w.w_down, w.w_pool).index_select(0, local).transpose(-1, -2)  # [B, T, d]
     pooled_hidden = _PooledHidden.apply(h, w_dp_t, keep)  # [B, T, d]
-    groups = _groups(local)
+    groups = _groups(local, len(present))
     pooled = _per_group(pooled_hidden, w.w_down, local, groups)  # p: [B, T, m]
     num, den = w.rat_num.index_select(0, local), w.rat_den.index_select(0, local)
     out = _per_group(rational(pooled, num[:, None, None, :], den[:, None, None, :], version), w.w_up, local, groups)
@@ -69,14 +69,13 @@ def prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, ad
     return out.to(hidden.dtype)
 
 
-def _groups(local: Tensor) -> tuple[list[tuple[int, Tensor]], Tensor] | None:
+def _groups(local: Tensor, present: int) -> tuple[list[tuple[int, Tensor]], Tensor] | None:
     """([(adapter, its rows)], the permutation that puts the groups' concatenated rows back in
-    batch order) of a mixed batch's [B] adapter indices into the present adapters; None when most
-    rows have an adapter of their own (one product per row is then cheaper than one per group)."""
-    adapters = torch.unique(local).tolist()
-    if 2 * len(adapters) > local.shape[0]:
+    batch order) of a mixed batch's [B] indices into its ``present`` adapters (each used); None when
+    most rows have an adapter of their own (one product per row is then cheaper than one per group)."""
+    if 2 * present > local.shape[0]:
         return None
-    groups = [(a, torch.nonzero(local == a).flatten()) for a in adapters]
+    groups = [(a, torch.nonzero(local == a).flatten()) for a in range(present)]
     return groups, torch.argsort(torch.cat([rows for _, rows in groups]))
 
 
