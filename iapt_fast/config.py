@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from iapt_fast.atomic import atomic_write_text
+
 
 RATIONAL_INITS = ("gelu", "relu", "silu", "tanh", "identity")
 RATIONAL_VERSIONS = ("A", "B")
@@ -252,10 +254,9 @@ class IAPTConfig:
         return cls.from_dict(data)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
-        os.makedirs(directory, exist_ok=True)
+        """Write ``adapter_config.json`` into ``directory``; a crash leaves the old file or the new one."""
         path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(self.to_json_string())
+        atomic_write_text(path, self.to_json_string())
         return path
 
     @classmethod

@@ -138,6 +138,23 @@ def test_a_save_killed_after_any_step_leaves_the_old_or_the_new_adapter(tmp_path
     assert seen == ({"none", "new"} if layout == "new_folder" else {"old", "new"})
 
 
+def test_a_config_save_killed_after_any_step_leaves_the_old_or_the_new_config(tmp_path):
+    old, new = IAPTConfig(num_soft_tokens=2), IAPTConfig(num_soft_tokens=3, bottleneck_dim=12)
+    seen = set()
+
+    def reset():
+        shutil.rmtree(tmp_path / "cfg", ignore_errors=True)
+        old.save_pretrained(tmp_path / "cfg")
+
+    def check(k):
+        got = IAPTConfig.from_pretrained(tmp_path / "cfg")
+        assert got in (old, new), f"killed after step {k}: {got}"
+        seen.add("old" if got == old else "new")
+
+    assert _every_crash_point(reset, lambda: new.save_pretrained(tmp_path / "cfg"), check) >= 2
+    assert seen == {"old", "new"}
+
+
 # ------------------------------------------------------------------------------ checkpoints
 @pytest.fixture(scope="module")
 def examples(tok):
