@@ -37,6 +37,16 @@ IAPT_ABLATIONS = {
     "iapt_pool_lr3": {},                             # the library defaults: lr 3e-3, W_pool at 3× the LR
 }
 
+# One change each to the library defaults (W_pool at 3× the LR, lr 3e-3), where a task trails LoRA.
+DEFAULTS_ABLATIONS = {
+    "iapt_dot_anchor": dict(anchor_init="text", prompt_init_text="."),  # anchors from T × "." (a neutral start)
+    "iapt_d_text_init": dict(anchor_init="text"),                      # anchors from the task's init text
+    "iapt_d_t8_m43": dict(num_soft_tokens=8, bottleneck_dim=43),      # T = 8 at the defaults' budget
+    "iapt_d_t16_m39": dict(num_soft_tokens=16, bottleneck_dim=39),    # T = 16 at the defaults' budget
+    "iapt_d_bilevel": {},                                              # the paper's bi-level training
+}
+IAPT_ABLATIONS.update(DEFAULTS_ABLATIONS)
+
 
 # What every run of the report trains with unless its method changes it: W_pool at the LR, as all
 # runs before the pooling scale became a default (TrainConfig's default is now 3, measured here as
@@ -53,8 +63,11 @@ TRAIN_OVERRIDES = {
     "iapt_pool_lr": dict(pool_lr_scale=10.0),  # under Adam: scores × 10 (temperature 0.1), same start
     "iapt_pool_lr3": dict(pool_lr_scale=3.0),
 }
+TRAIN_OVERRIDES.update({name: dict(pool_lr_scale=3.0) for name in DEFAULTS_ABLATIONS})
+TRAIN_OVERRIDES["iapt_d_bilevel"] = dict(pool_lr_scale=3.0, bilevel=True)
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
+DEFAULT_LR.update({name: 3e-3 for name in DEFAULTS_ABLATIONS})
 MAIN_METHODS = ("zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt")
 
 
@@ -83,6 +96,11 @@ METHOD_LABELS = {
     "iapt_cosine": "ablation: IAPT, cosine LR decay",
     "iapt_pool_lr": "ablation: IAPT, W_pool at 10× the LR (pooling temperature 0.1)",
     "iapt_pool_lr3": "IAPT defaults (IAPTConfig(), lr 3e-3, W_pool at 3× the LR: pooling temperature 1/3)",
+    "iapt_dot_anchor": "defaults ablation: anchors from T × \".\" instead of T × BOS",
+    "iapt_d_text_init": "defaults ablation: anchors from the task's init text",
+    "iapt_d_t8_m43": "defaults ablation: T = 8, m = 43 (the defaults' parameter budget)",
+    "iapt_d_t16_m39": "defaults ablation: T = 16, m = 39 (the defaults' parameter budget)",
+    "iapt_d_bilevel": "defaults ablation: bi-level training (the paper's)",
 }
 
 
@@ -97,7 +115,7 @@ def iapt_config(name: str, args: argparse.Namespace, task: Task | None = None, n
     if name == "iapt_paper":
         return IAPTConfig.paper(num_soft_tokens=args.num_soft_tokens, bottleneck_dim=args.bottleneck_dim)
     overrides = dict(IAPT_ABLATIONS.get(name, {}))
-    if overrides.get("anchor_init") == "text":
+    if overrides.get("anchor_init") == "text" and "prompt_init_text" not in overrides:
         overrides["prompt_init_text"] = task.init_text
     if overrides.get("target_layers") == "top_half":
         overrides["target_layers"] = list(range(num_layers // 2, num_layers))
