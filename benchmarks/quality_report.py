@@ -96,17 +96,19 @@ def _plot_summary(tasks: dict[str, Any], methods: list[str], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.6 * len(methods)), 4.2))
     width = 0.8 / max(len(tasks), 1)
     for t, (task, r) in enumerate(tasks.items()):
+        labelled = False  # a task's first bar names it, whichever methods ran on it
         for i, m in enumerate(methods):
             e = r["methods"].get(m)
             if e is None:
                 continue
             x = i + (t - (len(tasks) - 1) / 2) * width
             lo, hi = e["ci95_pooled"]  # pooled over seeds: it may not straddle the mean of the seeds
-            ax.bar(x, e["mean"], width * 0.9, color=f"C{t}", label=task if i == 0 or m == methods[0] else None,
+            ax.bar(x, e["mean"], width * 0.9, color=f"C{t}", label=None if labelled else task,
                    yerr=[[max(0.0, e["mean"] - lo)], [max(0.0, hi - e["mean"])]], capsize=2)
+            labelled = True
             ax.scatter([x] * len(e["test_accuracy"]), e["test_accuracy"], color="black", s=6, zorder=3)
     ax.set_xticks(range(len(methods)), [METHOD_LABELS[m].split(" (")[0] for m in methods], rotation=25,
                   ha="right", fontsize=7)
