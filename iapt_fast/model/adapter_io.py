@@ -133,17 +133,12 @@ def save_adapter(adapter: AdapterGenerators, directory: str | os.PathLike) -> No
             tensors[f"layers.{layer}.{w}"] = getattr(gen, w).detach().to("cpu").contiguous().clone()
     with atomic_files(directory, (WEIGHTS_NAME, CONFIG_NAME)) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "IAPT"})
-        adapter.config.save_pretrained(tmp)
+        # One plain write: the stage is flushed and committed as a whole by atomic_files.
+        record = adapter.config.to_dict()
         if adapter.backbone is not None:
-            _add_backbone_record(os.path.join(tmp, CONFIG_NAME), adapter.backbone)
-
-
-def _add_backbone_record(config_path: str, record: dict[str, Any]) -> None:
-    with open(config_path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    data[BACKBONE_KEY] = record
-    with open(config_path, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True))
+            record[BACKBONE_KEY] = adapter.backbone
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, indent=2, sort_keys=True))
 
 
 def read_adapter(directory: str | os.PathLike, hidden_size: int, num_layers: int, *,
