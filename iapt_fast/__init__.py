@@ -6,12 +6,13 @@ The public entry points:
     rational, Rational, fit_rational   the learned rational activation (generator/rational.py)
     GeneratorBank                      generator parameters of all layers × adapters (generator/bank.py)
     IAPTModel, get_iapt_model          a causal LM with IAPT adapters (model/)
+    IAPTCache                          the cache an IAPT call returns: continue decoding with it
     training/                          Trainer, data, checkpoints, DDP/FSDP; the CLI is iapt_fast.train
 """
 from iapt_fast.config import IAPTConfig
 from iapt_fast.generator import (AdapterGenerators, GeneratorBank, LayerGenerator, Rational, fit_rational,
                                  prompt_generator, rational)
-from iapt_fast.model import IAPTModel, get_iapt_model
+from iapt_fast.model import IAPTCache, IAPTModel, get_iapt_model
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "LayerGenerator",
     "IAPTModel",
     "get_iapt_model",
+    "IAPTCache",
 ]

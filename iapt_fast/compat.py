@@ -46,7 +46,7 @@ def decode_compile_config(device: Any, fullgraph: bool = True) -> Any:
     compile at all unless the config says to compile on every device (``_compile_all_devices``,
     the flag transformers 5.17–5.24 give their own CPU tests); there the mode is ``"default"``
     (CUDA graphs need CUDA). An ``IAPTModel.generate`` that may compile runs alone among
-    concurrent calls (``iapt_fast.model.compile_gate``).
+    concurrent calls (the compile gate of ``iapt_fast.model.iapt_model``).
     """
     import torch
     from transformers.generation import CompileConfig

@@ -22,7 +22,8 @@ from transformers import DynamicCache, StaticCache
 import iapt_fast
 import iapt_fast.model
 from iapt_fast import IAPTConfig
-from iapt_fast.model.iapt_cache import IAPTCache, PrefillState, Request
+from iapt_fast.generator import functional
+from iapt_fast.model.call_state import IAPTCache, PrefillState, Request
 from iapt_fast.model.prefix_hooks import hooks_installed_on
 from slow_reference import padded_batch, tiny_model
 from test_model import wrap
@@ -30,8 +31,8 @@ from test_model import wrap
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The one process-wide object of the model package: the gate that keeps a compiling generate()
-# apart from eager calls mirrors torch's compile flag, which is process-wide (compile_gate.py).
-ALLOWED_MUTABLE = {"iapt_fast.model.compile_gate.GATE"}
+# apart from eager calls mirrors torch's compile flag, which is process-wide (iapt_model.py).
+ALLOWED_MUTABLE = {"iapt_fast.model.iapt_model.GATE"}
 IMMUTABLE = (str, bytes, int, float, bool, type(None), frozenset, types.MappingProxyType, range)
 
 
@@ -143,37 +144,47 @@ def _checkpointed_step(model: torch.nn.Module, **batch) -> None:
     model.eval()
 
 
-# What a prefill crosses in the library up to the first attention: the call (iapt_model.py), its
-# validation and plan (requests.py; the bank's snapshot, the packs' lookup), its carrier
-# (iapt_cache.py), the hooks (prefix_hooks.py), the family (architectures/), the compile gate, and
-# the generator op (functional.py → cpu_fast.py / op.py, rational.py).
+# What a prefill crosses in the library up to the first attention: the call and the compile gate
+# (iapt_model.py); its validation, plan and carrier (call_state.py); the hooks (prefix_hooks.py);
+# the family (architectures.py); the adapters' weights and serving packs (generator/bank.py); the
+# generator op's entry (generator/functional.py). Six files.
 PREFILL_FILES = {
-    "iapt_fast/model/iapt_model.py", "iapt_fast/model/requests.py", "iapt_fast/model/iapt_cache.py",
-    "iapt_fast/model/prefix_hooks.py", "iapt_fast/model/architectures/base.py",
-    "iapt_fast/model/architectures/llama.py", "iapt_fast/model/compile_gate.py", "iapt_fast/model/packing.py",
-    "iapt_fast/generator/bank.py", "iapt_fast/generator/functional.py", "iapt_fast/generator/op.py",
-    "iapt_fast/generator/cpu_fast.py", "iapt_fast/generator/rational.py",
+    "iapt_fast/model/iapt_model.py", "iapt_fast/model/call_state.py", "iapt_fast/model/prefix_hooks.py",
+    "iapt_fast/model/architectures.py", "iapt_fast/generator/bank.py", "iapt_fast/generator/functional.py",
 }
+# The generator op's implementation on the CPU (the registered operator, the CPU host functions,
+# the rational activation): entered only from inside the op's entry, ``functional.prompt_generator``,
+# tensors in and soft tokens out, as a kernel is (on CUDA: the Triton kernels instead).
+OP_FILES = {"iapt_fast/generator/op.py", "iapt_fast/generator/cpu_fast.py", "iapt_fast/generator/rational.py"}
 
 
 # The files whose functions are handed the call's state (the Request, the PrefillState, the
 # IAPTCache): everything else on the path above takes tensors and weights only.
-STATE_FILES = {"iapt_fast/model/iapt_model.py", "iapt_fast/model/requests.py", "iapt_fast/model/iapt_cache.py",
-               "iapt_fast/model/prefix_hooks.py"}
+STATE_FILES = {"iapt_fast/model/iapt_model.py", "iapt_fast/model/call_state.py", "iapt_fast/model/prefix_hooks.py"}
 
 
-def _trace_prefill(until_first_attention: bool) -> tuple[set[str], set[str]]:
-    """Runs one prefill under a profiler: (library files entered, library files whose functions
-    were handed a state object as an argument)."""
+def _trace_prefill(until_first_attention: bool) -> tuple[set[str], set[str], set[str]]:
+    """Runs one prefill under a profiler: (library files entered outside the generator op,
+    library files entered inside it, library files whose functions were handed a state object)."""
     model = tiny_model("llama", "sdpa")
     wrapped = wrap(model)
     ids, mask, inst = padded_batch(2, 7, "left", seed=1)
     root = os.path.dirname(os.path.dirname(os.path.abspath(iapt_fast.__file__)))
     attention = type(model.model.layers[0].self_attn).forward.__code__
+    op_entry = functional.prompt_generator.__code__
     state_types = (IAPTCache, Request, PrefillState)
     seen: set[str] = set()
+    inside_op: set[str] = set()
     handed_state: set[str] = set()
     reached = []
+
+    def in_op(frame) -> bool:
+        caller = frame.f_back
+        while caller is not None:
+            if caller.f_code is op_entry:
+                return True
+            caller = caller.f_back
+        return False
 
     def profile(frame, event, arg):
         if (reached and until_first_attention) or event != "call":
@@ -183,7 +194,7 @@ def _trace_prefill(until_first_attention: bool) -> tuple[set[str], set[str]]:
             return
         path = os.path.relpath(frame.f_code.co_filename, root)
         if path.startswith("iapt_fast/") or path.startswith("kernels/"):
-            seen.add(path)
+            (inside_op if in_op(frame) else seen).add(path)
             if any(isinstance(value, state_types) for value in frame.f_locals.values()):
                 handed_state.add(path)
 
@@ -194,19 +205,23 @@ def _trace_prefill(until_first_attention: bool) -> tuple[set[str], set[str]]:
         finally:
             sys.setprofile(None)
     assert reached, "the prefill never reached an attention"
-    return seen, handed_state
+    return seen, inside_op, handed_state
 
 
 def test_the_files_a_prefill_crosses_before_the_first_attention():
-    seen, _ = _trace_prefill(until_first_attention=True)
-    assert seen <= PREFILL_FILES, f"new files on the prefill path: {sorted(seen - PREFILL_FILES)}"
-    assert {"iapt_fast/model/iapt_cache.py", "iapt_fast/model/prefix_hooks.py"} <= seen
+    seen, inside_op, _ = _trace_prefill(until_first_attention=True)
+    assert len(PREFILL_FILES) <= 6
+    assert seen == PREFILL_FILES, (f"new files on the prefill path: {sorted(seen - PREFILL_FILES)}; "
+                                   f"files no longer on it: {sorted(PREFILL_FILES - seen)}")
+    beneath = inside_op - {"iapt_fast/generator/functional.py"}  # the entry's own helpers
+    assert beneath <= OP_FILES, f"the generator op reaches into {sorted(beneath - OP_FILES)}"
+    assert "iapt_fast/generator/cpu_fast.py" in inside_op  # the op ran (on the CPU path)
 
 
-def test_the_call_state_is_handed_to_four_files_only():
+def test_the_call_state_is_handed_to_three_files_only():
     """Over the whole prefill (every layer, not only up to the first attention), no function
-    outside the four files of the state path receives the call's state: the family, the generator,
-    the packs and the bank are given tensors."""
-    _, handed_state = _trace_prefill(until_first_attention=False)
+    outside the three files of the state path receives the call's state: the family, the
+    generator op and the bank are given tensors and weights."""
+    _, _, handed_state = _trace_prefill(until_first_attention=False)
     assert handed_state <= STATE_FILES, f"the call's state leaks into {sorted(handed_state - STATE_FILES)}"
-    assert {"iapt_fast/model/iapt_cache.py", "iapt_fast/model/prefix_hooks.py"} <= handed_state
+    assert {"iapt_fast/model/call_state.py", "iapt_fast/model/prefix_hooks.py"} <= handed_state

@@ -193,7 +193,7 @@ def test_a_decode_step_compiling_while_other_threads_call_eagerly(family):
 def test_the_compile_gate_keeps_an_exclusive_holder_apart_from_shared_ones():
     """Shared holders overlap; an exclusive one waits for those in flight, and shared ones that
     come while it waits or runs wait for it (it cannot be starved)."""
-    from iapt_fast.model.compile_gate import CompileGate
+    from iapt_fast.model.iapt_model import CompileGate
 
     gate, log, lock = CompileGate(), [], threading.Lock()
     inside, release = threading.Event(), threading.Event()

@@ -16,12 +16,11 @@ import torch
 
 from iapt_fast.config import IAPTConfig
 from iapt_fast.generator import functional
-from iapt_fast.generator.bank import GeneratorBank
+from iapt_fast.generator.bank import GeneratorBank, ServingPacks
 from iapt_fast.generator.limits import MAX_SOFT_TOKENS
 from iapt_fast.generator.weights import GeneratorWeights
 from iapt_fast.kernels import poison_buffers, record_launches, triton_prompt_generator
 from iapt_fast.kernels.autograd import fused_generator_forward, generator_weight_products
-from iapt_fast.model.packing import ServingPacks
 from kernels_cases import check, make_problem
 
 pytestmark = pytest.mark.skipif(not functional.triton_available(), reason="triton not importable")

@@ -228,7 +228,7 @@ def test_model_calls_error_clearly_or_match_the_slow_reference(host, batch, leng
     weights = {layer: {w: torch.cat([host.generators[r or first][layer].weights()[w] for r in used])
                        for w in host.generators[first][layer].names} for layer in layers}
     if inst is None:
-        from iapt_fast.model.requests import prompt_before_labels
+        from iapt_fast.model.call_state import prompt_before_labels
         inst = prompt_before_labels(labels, mask) if labels is not None else mask
     ref = slow_logits(host.base_model, weights, ids, mask, inst,
                       prefix_rows=torch.tensor([r is not None for r in used]))

@@ -153,7 +153,7 @@ def test_which_generate_calls_may_compile_their_decode_step():
     """The calls that hold the compile gate exclusively: a static cache that transformers
     compiles (an accelerator, or a compile config for every device), never a dynamic cache."""
     from iapt_fast.compat import decode_compile_config
-    from iapt_fast.model.requests import decode_step_may_compile
+    from iapt_fast.model.call_state import decode_step_may_compile
 
     model = tiny_model("llama")
     cpu_config = decode_compile_config("cpu")

@@ -1,45 +1,43 @@
 """IAPT on Hugging Face causal LMs: ``get_iapt_model`` / ``IAPTModel``, the front users call.
 
-Where each part lives (design.md §7):
+A call crosses five files of this package and the generator op (design.md §9):
 
 * ``IAPTModel`` (here): adapter lifecycle, save/load, ``forward``, ``generate`` and manual
-  decode steps, delegation of everything else to the wrapped model;
-* ``requests.py``: validating a call and planning its generator launches;
-* ``iapt_cache.py``: the carrier of a call's state, the ``IAPTCache`` the backbone is called with;
+  decode steps, delegation of everything else to the wrapped model; and the compile gate (a
+  generate() that may compile runs alone among concurrent calls);
+* ``call_state.py``: a call validated into a ``Request``, planned into generator launches, and
+  carried by the ``IAPTCache`` the backbone is called with;
 * ``prefix_hooks.py``: the hooks that put the soft tokens into the KV cache;
-* ``architectures/``: what differs between model families;
-* ``packing.py``: the serving packs (same-shape adapters stacked once);
-* ``compile_gate.py``: a generate() that may compile runs alone among concurrent calls.
+* ``architectures.py``: what differs between model families;
+* ``generator/bank.py``: the adapters' generator weights and the serving packs (same-shape
+  adapters stacked once); ``generator/functional.py``: the generator op.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from iapt_fast.config import IAPTConfig
 from iapt_fast.generator import functional as _functional
+from iapt_fast.generator.bank import GeneratorBank, ServingPacks, check_adapter_name
 from iapt_fast.model.adapter_io import (backbone_record, build_adapter, read_adapter, save_adapter,
                                         saved_backbone_record)
 from iapt_fast.model.anchor import anchor_states, anchor_token_ids
 from iapt_fast.model.architectures import get_architecture
-from iapt_fast.config import IAPTConfig
-from iapt_fast.generator.bank import GeneratorBank, check_adapter_name
-from iapt_fast.model.packing import ServingPacks
-from iapt_fast.model.compile_gate import gate
-from iapt_fast.model.iapt_cache import IAPTCache
+from iapt_fast.model.call_state import (BASE_ADAPTER, VERIFIED_ATTENTION, IAPTCache, cache_implementation,
+                                        check_checkpointing, check_generate_kwargs, check_inputs, check_labels,
+                                        check_mask, decode_step_may_compile, make_request, max_new_tokens,
+                                        positions, prompt_before_labels, require_active, static_cache_length)
 from iapt_fast.model.prefix_hooks import PrefixHooks, hooks_installed_on
-from iapt_fast.model.requests import (BASE_ADAPTER, VERIFIED_ATTENTION, cache_implementation, check_checkpointing,
-                                      check_generate_kwargs, check_inputs, check_labels, check_mask,
-                                      decode_step_may_compile, make_request,
-                                      max_new_tokens, positions, prompt_before_labels, require_active,
-                                      static_cache_length)
 
-__all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER", "VERIFIED_ATTENTION"]
-
+__all__ = ["IAPTModel", "get_iapt_model", "BASE_ADAPTER", "VERIFIED_ATTENTION", "CompileGate", "GATE", "gate"]
 
 
 class IAPTModel(nn.Module):
@@ -145,7 +143,7 @@ class IAPTModel(nn.Module):
         self._check_supported(config, "config")
         anchors = None
         if config.anchored:
-            with gate():  # a backbone call like any other (compile_gate.py)
+            with gate():  # a backbone call like any other (the compile gate below)
                 anchors = anchor_states(self.base_model, anchor_token_ids(config, self.base_model, tokenizer), layers)
         adapter = self.generators.add_adapter(adapter_name, config, seed=seed, anchors=anchors)
         for layer in adapter.layer_indices:  # each generator lives with its layer (device_map="auto")
@@ -359,7 +357,7 @@ class IAPTModel(nn.Module):
         if position_ids is None:
             position_ids = positions(mask)
         generate_kwargs[self._hooks.model_cache_kw] = carrier
-        # A decode step that may compile runs alone (compile_gate.py: torch's compile flag is process-wide).
+        # A decode step that may compile runs alone (the compile gate below: torch's compile flag is process-wide).
         with gate(exclusive=exclusive):
             return self.base_model.generate(input_ids=input_ids, attention_mask=request.attention_mask,
                                             position_ids=position_ids, **generate_kwargs)
@@ -395,3 +393,95 @@ def get_iapt_model(model: nn.Module, config: IAPTConfig | None = None, adapter_n
     if not isinstance(config, IAPTConfig):
         raise TypeError(f"config must be an IAPTConfig, got {type(config).__name__}")
     return IAPTModel(model, config, adapter_name=adapter_name, backend=backend, seed=seed, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------- the compile gate
+# Compiled decode steps beside concurrent eager calls: a compile never overlaps an eager call.
+#
+# While any thread compiles, torch holds one process-wide flag (``torch.compiler.is_compiling()``
+# is True in *every* thread, torch 2.13), and transformers and the ``kernels`` distribution take
+# their compile-only paths in every thread that reads it. The attention classes transformers 5.25
+# decorates with ``kernels``' ``use_kernelized_func`` (Llama, Qwen3, Mistral...) keep their
+# routing in a ``CompileableContextVar``, which then switches a module-wide variable under the
+# feet of eager calls in other threads: ``TypeError: expected an instance of Token`` in the eager
+# thread, or dynamo's "Guard failed on the same frame it was created" in the compiling one.
+#
+# Neither class can be fixed from here, so the calls are kept apart instead: a ``generate()``
+# whose decode step may compile holds :data:`GATE` exclusively (it waits for the eager calls in
+# flight and holds off new ones until it returns); eager calls hold it shared and run side by
+# side as before. IAPT's own hooks read ``torch.compiler.is_dynamo_compiling()``, which is true
+# only in the frame dynamo traces, never the process-wide flag.
+
+
+class CompileGate:
+    """A readers-writer gate: ``shared()`` blocks may overlap each other; an ``exclusive()``
+    block overlaps nothing. A waiting exclusive holder is served before new shared ones (a
+    stream of eager calls cannot starve a compiled one). Nested blocks in a thread that already
+    holds the gate (a call made from inside another) pass straight through, and so does code
+    that dynamo is tracing (a lock cannot enter a graph; the traced call's caller holds the gate
+    if it is an IAPT call)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive holders waiting
+        self._depth = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._hold(exclusive=False):
+            yield
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._hold(exclusive=True):
+            yield
+
+    @contextlib.contextmanager
+    def _hold(self, exclusive: bool) -> Iterator[None]:
+        depth = getattr(self._depth, "value", 0)
+        if depth or torch.compiler.is_dynamo_compiling():
+            yield
+            return
+        self._acquire(exclusive)
+        self._depth.value = 1
+        try:
+            yield
+        finally:
+            self._depth.value = 0
+            self._release(exclusive)
+
+    def _acquire(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._waiting += 1
+                try:
+                    while self._exclusive or self._shared:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
+                self._exclusive = True
+            else:
+                while self._exclusive or self._waiting:
+                    self._cond.wait()
+                self._shared += 1
+
+    def _release(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
+GATE = CompileGate()
+
+
+def gate(exclusive: bool = False) -> contextlib.AbstractContextManager:
+    """``GATE.exclusive()`` or ``GATE.shared()``; nothing in a frame dynamo traces (checked
+    here, so the traced code never meets the gate's lock)."""
+    if torch.compiler.is_dynamo_compiling():
+        return contextlib.nullcontext()
+    return GATE.exclusive() if exclusive else GATE.shared()

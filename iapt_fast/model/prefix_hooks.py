@@ -1,7 +1,7 @@
 """The hooks that put IAPT's soft tokens into a transformers causal LM (design.md §7).
 
 Every hook reads the call's state from the cache argument it is called with, an
-:class:`~iapt_fast.model.iapt_cache.IAPTCache` (transformers hands the model's cache to every
+:class:`~iapt_fast.model.call_state.IAPTCache` (transformers hands the model's cache to every
 decoder layer and attention); anything else (no cache, a plain one) is a call of the bare backbone.
 
 1. **model** pre-hook: at a prefill (the IAPTCache still holds its request), plan the generator
@@ -29,14 +29,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from iapt_fast.generator import functional
-from iapt_fast.model.architectures import Architecture
 from iapt_fast.compat import cache_kwarg_name
-from iapt_fast.generator.bank import GeneratorBank, stack_layers
-from iapt_fast.model.packing import ServingPacks
-from iapt_fast.model.iapt_cache import (IAPTCache, Launch, PrefillState, PrefixOnlyCache, check_cache_room,
-                                        write_prefix)
-from iapt_fast.model.requests import plan_launches, positions
+from iapt_fast.generator import functional
+from iapt_fast.generator.bank import GeneratorBank, ServingPacks, stack_layers
+from iapt_fast.model.architectures import Architecture
+from iapt_fast.model.call_state import (IAPTCache, Launch, PrefillState, PrefixOnlyCache, check_cache_room,
+                                        plan_launches, positions, write_prefix)
 
 __all__ = ["PrefixHooks", "PREFILL_KW", "hooks_installed_on"]
 

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from iapt_fast.config import IAPTConfig
-from iapt_fast.generator.bank import AdapterGenerators, check_adapter_name
+from iapt_fast.generator.bank import AdapterGenerators, AdapterPack, build_packs, check_adapter_name
 from iapt_fast.model.adapter_io import build_adapter, read_adapter
-from iapt_fast.model.packing import AdapterPack, build_packs
-from iapt_fast.model.requests import BASE_ADAPTER
+from iapt_fast.model.call_state import BASE_ADAPTER
 
 __all__ = ["AdapterSpec", "ServedAdapters", "SERVED_FAMILIES", "parse_adapter_spec"]
 

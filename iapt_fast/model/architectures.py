@@ -1,19 +1,26 @@
-"""The interface every model family implements, and what is common to all of them.
+"""Per-family knowledge of Hugging Face causal LMs: where the soft tokens enter a layer.
 
-A family (``config.model_type``) is one small subclass of :class:`Architecture` in its own
-file, listed in ``FAMILIES`` (architectures/__init__.py): it says where the decoder layers are, which module is
-a layer's input norm and attention, its key/value shape, and how to turn the soft tokens
-P_l [B, T, d] of layer l into that layer's prefix keys and values (design.md §1).
+One small class per family behind the common interface of :class:`Architecture`, found by
+``config.model_type`` in ``FAMILIES``: it says where the decoder layers are, which module is a
+layer's input norm and attention, its key/value shape, and how to turn the soft tokens
+P_l [B, T, d] of layer l into that layer's prefix keys and values (design.md §1). The vLLM host
+(iapt_fast/serve/) asks the same classes.
+
+Adding a family: subclass Architecture (or a close relative such as LlamaLike) here, add its
+``model_type`` to ``FAMILIES`` at the end, and add the family to the slow-reference tests.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import ClassVar
+from types import MappingProxyType
+from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Architecture"]
+__all__ = ["Architecture", "FAMILIES", "SUPPORTED_FAMILIES", "get_architecture"]
+
 
 @dataclass
 class Architecture:
@@ -145,3 +152,116 @@ class Architecture:
             if keywords.get("use_reentrant", True) is not False:
                 return True
         return False
+
+
+# ---------------------------------------------------------------------- llama, mistral, qwen2, qwen3
+# qwen3 adds a per-head k-norm.
+class LlamaLike(Architecture):
+    """``model.model.layers``; pre-norm ``input_layernorm``; ``self_attn`` with k/v projections
+    (grouped-query heads) and a rotary embedding at the decoder level."""
+
+    @classmethod
+    def locate(cls, model: nn.Module):
+        decoder = getattr(model, "model", None)
+        return decoder, getattr(decoder, "layers", None)
+
+    @staticmethod
+    def input_norm(layer: nn.Module) -> nn.Module:
+        return layer.input_layernorm
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def kv_shape(self, layer: nn.Module) -> tuple[int, int]:
+        attn = layer.self_attn
+        return attn.k_proj.out_features // attn.head_dim, attn.head_dim
+
+    def rotary(self, reference: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(-num_tokens, 0, device=reference.device)[None]
+        return self.decoder.rotary_emb(reference, positions)
+
+    def prefix_kv(self, layer: nn.Module, soft: Tensor, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        batch, num_tokens, _ = soft.shape
+        normed = layer.input_layernorm(soft)
+        attn = layer.self_attn
+        shape = (batch, num_tokens, -1, attn.head_dim)
+        key = attn.k_proj(normed).view(shape)
+        k_norm = getattr(attn, "k_norm", None)
+        if k_norm is not None:  # qwen3: RMSNorm over each head before the rotary embedding
+            key = k_norm(key)
+        key = key.transpose(1, 2)
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = rotary
+        if cos.device != key.device:
+            cos, sin = cos.to(key.device), sin.to(key.device)
+        # The family's own apply_rotary_pos_emb, so partial-rotary or interleaved variants of a
+        # family stay right; it rotates (q, k) and we only need k.
+        apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        _, key = apply(key, key, cos, sin)
+        return key, value
+
+
+class Mistral(LlamaLike):
+    """Llama-like; its sliding window is verified against literal prepending (the soft tokens
+    leave the window like real prepended tokens)."""
+
+    sliding_window_verified = True
+
+
+# ---------------------------------------------------------------------- gpt2
+class GPT2(Architecture):
+    """``model.transformer.h``; a fused ``c_attn`` projection; learned absolute positions, so the
+    prefix gets no rotary embedding (its positions live in the input embeddings only)."""
+
+    @classmethod
+    def locate(cls, model: nn.Module):
+        decoder = getattr(model, "transformer", None)
+        return decoder, getattr(decoder, "h", None)
+
+    @staticmethod
+    def input_norm(layer: nn.Module) -> nn.Module:
+        return layer.ln_1
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.attn
+
+    def kv_shape(self, layer: nn.Module) -> tuple[int, int]:
+        return layer.attn.num_heads, layer.attn.head_dim
+
+    def prefix_kv(self, layer: nn.Module, soft: Tensor, rotary=None) -> tuple[Tensor, Tensor]:
+        batch, num_tokens, _ = soft.shape
+        attn = layer.attn
+        _, key, value = attn.c_attn(layer.ln_1(soft)).split(attn.split_size, dim=2)
+        shape = (batch, num_tokens, -1, attn.head_dim)
+        return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
+
+
+# model_type → its Architecture subclass (read-only; llama-like first in listings)
+FAMILIES: Mapping[str, type[Architecture]] = MappingProxyType(
+    {"llama": LlamaLike, "qwen2": LlamaLike, "qwen3": LlamaLike, "mistral": Mistral, "gpt2": GPT2})
+SUPPORTED_FAMILIES = tuple(FAMILIES)
+
+
+def get_architecture(model: nn.Module) -> Architecture:
+    """Recognise a transformers causal LM and return its family's accessors.
+
+    Raises:
+        TypeError: ``model`` is not a module with a transformers config.
+        ValueError: the family is not supported (the message names the supported ones).
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers causal LM (nn.Module with .config), got {type(model).__name__}")
+    family = getattr(model.config, "model_type", None)
+    cls = FAMILIES.get(family)
+    if cls is None:
+        raise ValueError(f"unsupported model family {family!r} ({type(model).__name__}); IAPT supports {list(FAMILIES)}")
+    decoder, layers = cls.locate(model)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"{type(model).__name__} does not look like a {family} causal LM with a language-model head "
+            "(pass the *ForCausalLM / *LMHeadModel, not the bare decoder)"
+        )
+    if getattr(model.config, "add_cross_attention", False):
+        raise ValueError("IAPT supports decoder-only models; this model has cross-attention layers")
+    return cls(family=family, model=model, decoder=decoder, layers=layers,
+               hidden_size=int(model.config.hidden_size), num_layers=len(layers))
