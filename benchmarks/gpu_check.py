@@ -27,7 +27,7 @@ import torch
 
 from iapt_fast.generator import functional, reference
 from iapt_fast.generator.inputs import random_inputs
-from iapt_fast.generator.op import prompt_generator_op
+from iapt_fast.generator.functional import prompt_generator_op
 from iapt_fast.generator.weights import GeneratorWeights
 from suites.common import bandwidth_gbs, copy_bandwidth_gbs
 

@@ -387,7 +387,7 @@ def generator_backward(state: ForwardState, grad_out: Tensor, wants: dict[str, b
 
 def recompute_backward(hidden: Tensor, mask: Tensor, weights: GeneratorWeights, adapter_ids: Tensor | None,
                        version: str, grad_out: Tensor, wants: dict[str, bool]) -> dict[str, Tensor | None]:
-    """The gradients of a stateless caller (the registered operator, generator/op.py): the
+    """The gradients of a stateless caller (the registered operator, generator/functional.py): the
     multi-launch forward once more for its state, then :func:`generator_backward` — the same host
     functions :class:`PromptGeneratorFunction` runs.
 

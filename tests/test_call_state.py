@@ -152,10 +152,10 @@ PREFILL_FILES = {
     "iapt_fast/model/iapt_model.py", "iapt_fast/model/call_state.py", "iapt_fast/model/prefix_hooks.py",
     "iapt_fast/model/architectures.py", "iapt_fast/generator/bank.py", "iapt_fast/generator/functional.py",
 }
-# The generator op's implementation on the CPU (the registered operator, the CPU host functions,
-# the rational activation): entered only from inside the op's entry, ``functional.prompt_generator``,
-# tensors in and soft tokens out, as a kernel is (on CUDA: the Triton kernels instead).
-OP_FILES = {"iapt_fast/generator/op.py", "iapt_fast/generator/cpu_fast.py", "iapt_fast/generator/rational.py"}
+# The generator op's implementation on the CPU (its host functions and the rational activation):
+# entered only from inside the op's entry, ``functional.prompt_generator``, tensors in and soft
+# tokens out, as a kernel is (on CUDA: the Triton kernels instead).
+OP_FILES = {"iapt_fast/generator/cpu_fast.py", "iapt_fast/generator/rational.py"}
 
 
 # The files whose functions are handed the call's state (the Request, the PrefillState, the

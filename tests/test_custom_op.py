@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from iapt_fast.generator import functional
-from iapt_fast.generator.op import prompt_generator_op
+from iapt_fast.generator.functional import prompt_generator_op
 
 # On a GPU the operator's CUDA implementation (the Triton kernels) is checked; else the CPU one.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +101,7 @@ def test_operator_backward_on_the_kernels_is_the_autograd_functions(dtype, ancho
     the Triton interpreter, on fresh random inputs: its gradients equal the eager
     autograd.Function's bit for bit (the same host functions and launches), and output and every
     gradient pass the tolerance rule against the float64 reference (tests/kernels_cases.check)."""
-    from iapt_fast.generator import op
+    from iapt_fast.generator import functional as op
     from iapt_fast.kernels import PromptGeneratorFunction
     from kernels_cases import NAMES, check, make_problem
 
