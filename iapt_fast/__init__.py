@@ -6,7 +6,7 @@ The public entry points:
     rational, Rational, fit_rational   the learned rational activation (generator/rational.py)
     GeneratorBank                      generator parameters of all layers × adapters (generator/bank.py)
     IAPTModel, get_iapt_model          a causal LM with IAPT adapters (model/)
-    IAPTCache                          the cache an IAPT call returns: continue decoding with it
+    IAPTCache                          the cache an IAPT call returns (model/call_state.py)
     training/                          Trainer, data, checkpoints, DDP/FSDP; the CLI is iapt_fast.train
 """
 from iapt_fast.config import IAPTConfig

@@ -427,7 +427,8 @@ class PromptGeneratorFunction(torch.autograd.Function):
 def generator_weight_products(w_down: Tensor, w_pool: Tensor) -> Tensor:
     """W_dp [A, d, 16] float32 = W_down[a]·W_pool[a] (columns >= T zero), the per-adapter product
     the forwards stream H against. One launch; inference callers compute it once per weights
-    version and pass it to :func:`fused_generator_forward` (the serving packs of iapt_fast/generator/bank.py cache it).
+    version and pass it to :func:`fused_generator_forward` (the serving packs of
+    iapt_fast/generator/bank.py cache it).
 
     Args:
         w_down [A, d, m], w_pool [A, m, T] of one float dtype, T <= 16.

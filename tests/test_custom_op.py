@@ -101,11 +101,10 @@ def test_operator_backward_on_the_kernels_is_the_autograd_functions(dtype, ancho
     the Triton interpreter, on fresh random inputs: its gradients equal the eager
     autograd.Function's bit for bit (the same host functions and launches), and output and every
     gradient pass the tolerance rule against the float64 reference (tests/kernels_cases.check)."""
-    from iapt_fast.generator import functional as op
     from iapt_fast.kernels import PromptGeneratorFunction
     from kernels_cases import NAMES, check, make_problem
 
-    monkeypatch.setattr(op, "kernels_differentiate", lambda device: True)
+    monkeypatch.setattr(functional, "kernels_differentiate", lambda device: True)
     prob = make_problem(batch=3, seq=9, dim=16, bottleneck=8, adapters=2, dtype=dtype, anchored=anchored)
 
     def through_op(leaves):

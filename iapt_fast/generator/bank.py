@@ -16,9 +16,9 @@ Initialisation (every parameter gets a non-zero gradient on the first backward):
                                   init sequence of T tokens (computed by the caller, see
                                   iapt_fast.model.anchor); anchor_scale s = RMS(B), a fixed buffer
 
-Serving packs. A mixed batch gathers each row's adapter out of an [A, ...] stack (design.md
-§3). Stacking the adapters a batch uses at every prefill would copy A·(2·d·m + …) floats per layer per request
-(gigabytes for 64 adapters on a 7B model), so serving keeps one stack per *group* of
+Serving packs. A mixed batch gathers each row's adapter out of an [A, ...] stack (design.md §3).
+Stacking the adapters a batch uses at every prefill would copy A·(2·d·m + …) floats per layer
+per request (gigabytes for 64 adapters on a 7B model), so serving keeps one stack per *group* of
 adapters with identical generator shapes, built once.
 
 The stack is the only copy: after packing, every adapter's Parameters are re-pointed to be
@@ -55,6 +55,7 @@ from iapt_fast.generator.weights import ANCHOR_NAMES, WEIGHT_NAMES  # the names 
 __all__ = ["LayerGenerator", "AdapterGenerators", "GeneratorBank", "WEIGHT_NAMES", "ANCHOR_NAMES", "tensor_names",
            "anchor_scale_of", "stack_layers",
            "AdapterPack", "GroupKey", "ServingPacks", "group_key", "build_packs"]
+
 
 def tensor_names(config: IAPTConfig) -> tuple[str, ...]:
     """Names of the per-layer tensors of an adapter with ``config`` (weights file order)."""

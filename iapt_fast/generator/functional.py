@@ -3,7 +3,7 @@ operator ``iapt_fast::prompt_generator`` that torch.compile sees.
 
 ``prompt_generator`` validates every argument, then dispatches: the Triton kernels, the fast
 PyTorch path for CPU tensors (generator/cpu_fast.py), or the literal PyTorch reference (float64,
-other devices); while torch.compile traces, the registered operator instead.
+other devices).
 
 The operator. ``torch.compile`` cannot trace into the Triton autograd.Function or the
 reference's Python; as a registered operator the generator is one opaque node with a fake (meta)
@@ -252,7 +252,7 @@ def _names(dtypes) -> str:
     return "(" + ", ".join(str(d).replace("torch.", "") for d in dtypes) + ")"
 
 
-# ---------------------------------------------------------------------- the registered operator
+# ------------------------------------------------------ the PyTorch path and the registered operator
 # Inputs of the operator that can have a gradient (hidden, the five weights, the anchor).
 _DIFFERENTIABLE = (0, 2, 3, 4, 5, 6, 8)
 
@@ -270,8 +270,8 @@ def torch_prompt_generator(hidden: Tensor, mask: Tensor, weights: GeneratorWeigh
 def prompt_generator_op(hidden: Tensor, mask: Tensor, w_down: Tensor, w_pool: Tensor, rat_num: Tensor, rat_den: Tensor,
                         w_up: Tensor, adapter_ids: Tensor | None, anchor: Tensor | None, anchor_scale: Tensor | None,
                         version: str, weight_products: Tensor | None = None) -> Tensor:
-    """[B, T, d] soft tokens; inputs validated by ``iapt_fast.generator.functional``.
-    ``weight_products``: see ``functional.prompt_generator`` (only the kernels read it)."""
+    """[B, T, d] soft tokens; inputs validated by :func:`prompt_generator`.
+    ``weight_products``: see :func:`prompt_generator` (only the kernels read it)."""
     weights = GeneratorWeights(w_down, w_pool, rat_num, rat_den, w_up, anchor, anchor_scale)
     return torch_prompt_generator(hidden, mask, weights, adapter_ids, version)
 

@@ -31,7 +31,8 @@ from iapt_fast.model.architectures import Architecture
 __all__ = ["Request", "Launch", "PrefillState", "IAPTCache", "PrefixOnlyCache", "check_cache_room",
            "write_prefix", "BASE_ADAPTER", "VERIFIED_ATTENTION", "SUPPORTED_CACHES", "check_inputs",
            "check_labels", "check_checkpointing", "check_generate_kwargs", "cache_implementation",
-           "static_cache_length", "check_mask", "decode_step_may_compile", "make_request", "plan_launches",
+           "static_cache_length", "check_mask", "decode_step_may_compile", "make_request", "require_active",
+           "plan_launches",
            "prompt_before_labels", "positions", "max_new_tokens"]
 
 # Name a row of a mixed batch can use to run the bare backbone (its prefix slots are masked).
@@ -244,7 +245,7 @@ def write_prefix(cache: Cache, index: int, keys: Tensor, values: Tensor) -> None
     slot.keys, slot.values = keys, values
 
 
-# ---------------------------------------------------------------------- validating a call, planning its launches
+# ------------------------------------------------------------ validating a call, planning its launches
 def check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
     """The batch's input tensor, after checking it is [B, N] ids (or [B, N, d] embeddings), B, N >= 1."""
     if input_ids is None and inputs_embeds is None:

@@ -1,6 +1,7 @@
 """IAPT on Hugging Face causal LMs: ``get_iapt_model`` / ``IAPTModel``, the front users call.
 
-A call crosses five files of this package and the generator op (design.md §9):
+A prefill crosses six files (design.md §9): four of this package, ``generator/bank.py`` and
+the generator op in ``generator/functional.py``:
 
 * ``IAPTModel`` (here): adapter lifecycle, save/load, ``forward``, ``generate`` and manual
   decode steps, delegation of everything else to the wrapped model; and the compile gate (a
@@ -383,7 +384,6 @@ class IAPTModel(nn.Module):
         return self.base_model
 
 
-
 def get_iapt_model(model: nn.Module, config: IAPTConfig | None = None, adapter_name: str = "default",
                    backend: str = "auto", seed: int | None = None, tokenizer: Any | None = None) -> IAPTModel:
     """Wrap a transformers causal LM with IAPT: freezes the backbone, adds one generator per
@@ -407,7 +407,7 @@ def get_iapt_model(model: nn.Module, config: IAPTConfig | None = None, adapter_n
 # thread, or dynamo's "Guard failed on the same frame it was created" in the compiling one.
 #
 # Neither class can be fixed from here, so the calls are kept apart instead: a ``generate()``
-# whose decode step may compile holds :data:`GATE` exclusively (it waits for the eager calls in
+# whose decode step may compile holds GATE exclusively (it waits for the eager calls in
 # flight and holds off new ones until it returns); eager calls hold it shared and run side by
 # side as before. IAPT's own hooks read ``torch.compiler.is_dynamo_compiling()``, which is true
 # only in the frame dynamo traces, never the process-wide flag.
