@@ -63,11 +63,12 @@ TRAIN_OVERRIDES = {
     "iapt_pool_lr": dict(pool_lr_scale=10.0),  # under Adam: scores × 10 (temperature 0.1), same start
     "iapt_pool_lr3": dict(pool_lr_scale=3.0),
 }
-TRAIN_OVERRIDES.update({name: dict(pool_lr_scale=3.0) for name in DEFAULTS_ABLATIONS})
-TRAIN_OVERRIDES["iapt_d_bilevel"] = dict(pool_lr_scale=3.0, bilevel=True)
+# The ablations of the defaults train as the defaults do, plus their own change.
+TRAIN_OVERRIDES.update({name: dict(TRAIN_OVERRIDES[DEFAULTS_METHOD]) for name in DEFAULTS_ABLATIONS})
+TRAIN_OVERRIDES["iapt_d_bilevel"].update(TRAIN_OVERRIDES["iapt_bilevel"])
 DEFAULT_LR.update({name: DEFAULT_LR["iapt"] for name in IAPT_ABLATIONS})
 DEFAULT_LR["iapt_lr3e-3"] = 3e-3
-DEFAULT_LR.update({name: 3e-3 for name in DEFAULTS_ABLATIONS})
+DEFAULT_LR.update({name: DEFAULT_LR["iapt_lr3e-3"] for name in DEFAULTS_ABLATIONS})
 MAIN_METHODS = ("zero_shot", "prompt_tuning", "prefix_tuning", "lora", "iapt_paper", "iapt")
 
 

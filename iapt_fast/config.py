@@ -240,8 +240,10 @@ class IAPTConfig:
                 data[key] = tuple(data[key])
         return cls(**data)
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    def to_json_string(self, **records: Any) -> str:
+        """The config as ``adapter_config.json`` holds it; ``records``: extra top-level entries
+        (the adapter's backbone record, iapt_fast/model/adapter_io.py)."""
+        return json.dumps({**self.to_dict(), **records}, indent=2, sort_keys=True)
 
     @classmethod
     def from_json_string(cls, text: str) -> "IAPTConfig":

@@ -134,11 +134,9 @@ def save_adapter(adapter: AdapterGenerators, directory: str | os.PathLike) -> No
     with atomic_files(directory, (WEIGHTS_NAME, CONFIG_NAME)) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "peft_type": "IAPT"})
         # One plain write: the stage is flushed and committed as a whole by atomic_files.
-        record = adapter.config.to_dict()
-        if adapter.backbone is not None:
-            record[BACKBONE_KEY] = adapter.backbone
+        records = {} if adapter.backbone is None else {BACKBONE_KEY: adapter.backbone}
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, indent=2, sort_keys=True))
+            fh.write(adapter.config.to_json_string(**records))
 
 
 def read_adapter(directory: str | os.PathLike, hidden_size: int, num_layers: int, *,

@@ -40,27 +40,36 @@ class Architecture:
     hidden_size: int
     num_layers: int
 
+    # Where a family keeps its modules: the causal LM's decoder attribute, the decoder's layer
+    # list, and each layer's input norm and attention.
+    decoder_name: ClassVar[str]
+    layers_name: ClassVar[str]
+    norm_name: ClassVar[str]
+    attention_name: ClassVar[str]
     # Sliding-window attention verified against literal prepending for this family.
     sliding_window_verified: ClassVar[bool] = False
 
-    # ------------------------------------------------------------------ what a family implements
+    # ------------------------------------------------------------------ the modules, by name
     @classmethod
     def locate(cls, model: nn.Module) -> tuple[nn.Module | None, nn.ModuleList | None]:
-        """(decoder module, decoder layers) of a causal LM of this family."""
-        raise NotImplementedError
+        """(decoder module, decoder layers) of a causal LM of this family (None where absent)."""
+        decoder = getattr(model, cls.decoder_name, None)
+        return decoder, getattr(decoder, cls.layers_name, None)
 
-    @staticmethod
-    def input_norm(layer: nn.Module) -> nn.Module:
+    @classmethod
+    def input_norm(cls, layer: nn.Module) -> nn.Module:
         """The layer's own input norm (applied to H_l before attention; the generators pool its
         output). The soft tokens enter a layer as its input at positions −T…−1: this norm, then
         the layer's own key/value projections (:meth:`prefix_kv` here; vLLM's layers compute them
         from placeholder rows, iapt_fast/serve/injection.py). vLLM's decoder layers of the served
         families name their modules as transformers' do, so the serving host asks this method too."""
-        raise NotImplementedError
+        return getattr(layer, cls.norm_name)
 
-    def attention(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+    @classmethod
+    def attention(cls, layer: nn.Module) -> nn.Module:
+        return getattr(layer, cls.attention_name)
 
+    # ------------------------------------------------------------------ what a family implements
     def kv_shape(self, layer: nn.Module) -> tuple[int, int]:
         """(number of key/value heads, head dim) of ``layer``'s attention."""
         raise NotImplementedError
@@ -160,20 +169,10 @@ class LlamaLike(Architecture):
     """``model.model.layers``; pre-norm ``input_layernorm``; ``self_attn`` with k/v projections
     (grouped-query heads) and a rotary embedding at the decoder level."""
 
-    @classmethod
-    def locate(cls, model: nn.Module):
-        decoder = getattr(model, "model", None)
-        return decoder, getattr(decoder, "layers", None)
-
-    @staticmethod
-    def input_norm(layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
+    decoder_name, layers_name, norm_name, attention_name = "model", "layers", "input_layernorm", "self_attn"
 
     def kv_shape(self, layer: nn.Module) -> tuple[int, int]:
-        attn = layer.self_attn
+        attn = self.attention(layer)
         return attn.k_proj.out_features // attn.head_dim, attn.head_dim
 
     def rotary(self, reference: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
@@ -182,8 +181,8 @@ class LlamaLike(Architecture):
 
     def prefix_kv(self, layer: nn.Module, soft: Tensor, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         batch, num_tokens, _ = soft.shape
-        normed = layer.input_layernorm(soft)
-        attn = layer.self_attn
+        normed = self.input_norm(layer)(soft)
+        attn = self.attention(layer)
         shape = (batch, num_tokens, -1, attn.head_dim)
         key = attn.k_proj(normed).view(shape)
         k_norm = getattr(attn, "k_norm", None)
@@ -213,25 +212,16 @@ class GPT2(Architecture):
     """``model.transformer.h``; a fused ``c_attn`` projection; learned absolute positions, so the
     prefix gets no rotary embedding (its positions live in the input embeddings only)."""
 
-    @classmethod
-    def locate(cls, model: nn.Module):
-        decoder = getattr(model, "transformer", None)
-        return decoder, getattr(decoder, "h", None)
-
-    @staticmethod
-    def input_norm(layer: nn.Module) -> nn.Module:
-        return layer.ln_1
-
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.attn
+    decoder_name, layers_name, norm_name, attention_name = "transformer", "h", "ln_1", "attn"
 
     def kv_shape(self, layer: nn.Module) -> tuple[int, int]:
-        return layer.attn.num_heads, layer.attn.head_dim
+        attn = self.attention(layer)
+        return attn.num_heads, attn.head_dim
 
     def prefix_kv(self, layer: nn.Module, soft: Tensor, rotary=None) -> tuple[Tensor, Tensor]:
         batch, num_tokens, _ = soft.shape
-        attn = layer.attn
-        _, key, value = attn.c_attn(layer.ln_1(soft)).split(attn.split_size, dim=2)
+        attn = self.attention(layer)
+        _, key, value = attn.c_attn(self.input_norm(layer)(soft)).split(attn.split_size, dim=2)
         shape = (batch, num_tokens, -1, attn.head_dim)
         return key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
 

@@ -179,16 +179,17 @@ class IAPTCache(Cache):
             return keys[:, :, self.num_tokens:], values[:, :, self.num_tokens:]
         return keys, values
 
-    def start_prefill(self, state: PrefillState, prefix_mask: Tensor, arch: Architecture) -> None:
+    def start_prefill(self, state: PrefillState, prefix_mask: Tensor, arch: Architecture,
+                      dtype: torch.dtype) -> None:
         """Take the request: seed every layer with T zero slots and hold ``state`` for the
         layer hooks.
 
         Args:
             prefix_mask: [B, T] the mask columns of the slots, B after expansion.
             arch: the backbone's accessors (architectures.py).
+            dtype: the backbone's activation dtype (``arch.activation_dtype()``), of the slots.
         """
         batch, num_tokens = prefix_mask.shape
-        dtype = arch.activation_dtype()
         for index, layer in enumerate(arch.layers):
             heads, head_dim = arch.kv_shape(layer)
             slots = torch.zeros(batch, heads, num_tokens, head_dim, dtype=dtype, device=arch.layer_device(index))

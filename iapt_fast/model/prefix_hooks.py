@@ -136,7 +136,7 @@ class PrefixHooks:
         state = PrefillState(instruction_mask=inst, launches=launches, num_tokens=request.num_tokens,
                              rotary=self.arch.rotary(reference, request.num_tokens), row_adapters=rows,
                              hidden_layers=request.hidden_layers)
-        cache.start_prefill(state, prompt_mask[:, :request.num_tokens], self.arch)
+        cache.start_prefill(state, prompt_mask[:, :request.num_tokens], self.arch, reference.dtype)
         mask = kwargs.get("attention_mask")
         if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 2):
             # generate() builds the 4D mask of a static cache before this hook seeds the T slots,
